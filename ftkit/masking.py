@@ -1,0 +1,101 @@
+"""Stage 02, part two: render with the model's chat template and build assistant-only labels.
+
+The mask works for any chat template, without ``{% generation %}`` tags: each assistant turn
+is located by rendering the conversation turn by turn (the prompt up to that turn with the
+generation prompt, then the prompt plus the turn) and taking the characters in between. The
+trained span is the reply *and* the template's end-of-turn marker (``<|im_end|>``,
+``<|eot_id|>``, ``</s>``…), so the model learns to stop; whitespace the template prints after
+the marker is not trained. Token ids come from one tokenisation of the whole conversation
+(the same string the server renders), mapped to the spans by character offsets.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+IGNORE_INDEX = -100
+
+
+class TemplateError(ValueError):
+    """The chat template does not render a conversation as a growing prefix."""
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]
+
+    @property
+    def n_trained(self) -> int:
+        return sum(1 for x in self.labels if x != IGNORE_INDEX)
+
+    def to_dict(self) -> dict:
+        return {"input_ids": self.input_ids, "labels": self.labels}
+
+
+def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    """The exact text the model sees (training and serving both call this)."""
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def encode_prompt(tokenizer, messages: list[dict]) -> list[int]:
+    """Token ids of a prompt ending with the assistant generation prompt."""
+    return tokenizer(render(tokenizer, messages, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+
+
+def assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the character spans of each trained assistant turn."""
+    text = render(tokenizer, messages)
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant" or m.get("weight", 1) == 0:
+            continue
+        before = render(tokenizer, messages[:i], add_generation_prompt=True)
+        upto = render(tokenizer, messages[: i + 1])
+        if not upto.startswith(before) or not text.startswith(upto):
+            raise TemplateError(
+                f"the chat template does not render messages[:{i + 1}] as a prefix of the whole conversation, "
+                "so assistant turns cannot be located; use a template without history-dependent rewriting"
+            )
+        end = len(before) + len(upto[len(before):].rstrip())
+        spans.append((len(before), end))
+    return text, spans
+
+
+def build_example(tokenizer, messages: list[dict]) -> Example:
+    """Tokenise one conversation with labels on assistant tokens (end-of-turn included) only."""
+    text, spans = assistant_spans(tokenizer, messages)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    labels = [IGNORE_INDEX] * len(ids)
+    for start, end in spans:
+        for k, (a, b) in enumerate(offsets):
+            if a >= start and b <= end and b > a:
+                labels[k] = ids[k]
+    return Example(ids, labels)
+
+
+def end_of_turn_token_id(tokenizer) -> int:
+    """The token the chat template closes an assistant turn with (what generation must stop on)."""
+    probe = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]
+    ex = build_example(tokenizer, probe)
+    trained = [t for t in ex.labels if t != IGNORE_INDEX]
+    if not trained:
+        raise TemplateError("the chat template rendered no assistant tokens for a probe conversation")
+    last = trained[-1]
+    if last not in tokenizer.all_special_ids:
+        raise TemplateError(
+            f"the chat template ends an assistant turn with {tokenizer.decode([last])!r}, not a special token: "
+            "the model would have no token to stop on. Use a template that closes turns with an end-of-turn/EOS token."
+        )
+    return last
+
+
+def describe_mask(tokenizer, example: Example) -> list[tuple[str, bool]]:
+    """(token text, trained?) pairs, for showing a person what is learned."""
+    return [(tokenizer.decode([t]), lab != IGNORE_INDEX) for t, lab in zip(example.input_ids, example.labels)]
+
+
+def trained_text(tokenizer, example: Example) -> str:
+    """Decode only the trained tokens (a test checks this equals the assistant replies)."""
+    return tokenizer.decode([t for t in example.labels if t != IGNORE_INDEX])

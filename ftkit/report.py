@@ -1,0 +1,210 @@
+"""What the report notebooks show: provenance, tables and seaborn plots (no logic of the stages)."""
+
+from __future__ import annotations
+
+import html
+import platform
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+
+from .masking import IGNORE_INDEX
+
+PACKAGES = ("ftkit", "torch", "transformers", "peft", "accelerate", "datasets", "papermill")
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for p in PACKAGES:
+        try:
+            out[p] = metadata.version(p)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def git_commit() -> str | None:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if sha.returncode != 0:
+        return None
+    return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def provenance(cfg, data_file: str | Path | None = None) -> dict:
+    """Everything a reader needs to reproduce the run: config, seed, versions, commit, data hash."""
+    from .data import file_sha256
+
+    out = {
+        "experiment": cfg.experiment, "seed": cfg.seed, "git_commit": git_commit(), "versions": versions(),
+        "platform": f"{platform.system()} {platform.machine()}", "argv": " ".join(sys.argv[:1]),
+    }
+    if data_file and Path(data_file).exists():
+        out["data_file"] = str(data_file)
+        out["data_sha256"] = file_sha256(data_file)
+    return out
+
+
+def show_provenance(cfg, data_file=None) -> None:
+    import yaml
+    from IPython.display import Markdown, display
+
+    prov = provenance(cfg, data_file)
+    display(Markdown("**Provenance**\n\n```yaml\n" + yaml.safe_dump(prov, sort_keys=False)
+                     + "```\n\n<details><summary>Resolved config</summary>\n\n```yaml\n"
+                     + yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True) + "```\n</details>"))
+
+
+def mask_html(tokenizer, input_ids: list[int], labels: list[int]) -> str:
+    """HTML of a tokenised example: trained tokens on green, masked tokens grey."""
+    spans = []
+    for t, lab in zip(input_ids, labels):
+        text = html.escape(tokenizer.decode([t])).replace("\n", "↵<br>")
+        style = "background:#c8f7c5;color:#000" if lab != IGNORE_INDEX else "color:#888"
+        spans.append(f'<span style="{style}" title="id {t}">{text}</span>')
+    legend = ('<p><span style="background:#c8f7c5">trained (loss)</span> · '
+              '<span style="color:#888">masked (context only)</span></p>')
+    return legend + '<div style="font-family:monospace;line-height:1.6">' + "".join(spans) + "</div>"
+
+
+def plot_lengths(lengths: dict[str, list[int]], max_seq_len: int):
+    import matplotlib.pyplot as plt
+    import pandas as pd
+    import seaborn as sns
+
+    df = pd.DataFrame([{"split": s, "tokens": n} for s, lens in lengths.items() for n in lens])
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    sns.histplot(df, x="tokens", hue="split", element="step", bins=40, ax=ax)
+    ax.axvline(max_seq_len, color="red", linestyle="--", label=f"max_seq_len={max_seq_len}")
+    ax.set_title("Tokens per example (chat template applied)")
+    ax.legend()
+    return fig
+
+
+def plot_losses(history: list[dict]):
+    import matplotlib.pyplot as plt
+    import pandas as pd
+    import seaborn as sns
+
+    rows = [{"step": h["step"], "loss": h["loss"], "split": "train"} for h in history if "loss" in h]
+    rows += [{"step": h["step"], "loss": h["eval_loss"], "split": "val"} for h in history if "eval_loss" in h]
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    sns.lineplot(pd.DataFrame(rows), x="step", y="loss", hue="split", marker="o", ax=ax)
+    ax.set_title("Loss per trained (assistant) token")
+    return fig
+
+
+def plot_comparison(metrics: dict, keys=("loss", "rougeL", "rule_pass_rate", "stop_rate")):
+    import matplotlib.pyplot as plt
+    import pandas as pd
+    import seaborn as sns
+
+    df = pd.DataFrame([{"metric": k, "model": m, "value": metrics[m][k]} for k in keys for m in ("base", "tuned")])
+    g = sns.catplot(df, x="model", y="value", col="metric", kind="bar", sharey=False, height=3, aspect=0.8)
+    g.set_titles("{col_name}")
+    return g.figure
+
+
+def quarantine_table(rows: list[dict], limit: int = 20):
+    import pandas as pd
+
+    return pd.DataFrame([{"source": r["source"], "reason": r["reason"]} for r in rows[:limit]])
+
+
+def setup_notebook() -> None:
+    """Readable logs and plots in a report notebook."""
+    import logging
+
+    import seaborn as sns
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", force=True)
+    for noisy in ("httpx", "httpx2", "httpcore", "urllib3", "bitsandbytes"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    sns.set_theme(style="whitegrid")
+
+
+def _frame(rows):
+    import pandas as pd
+
+    return pd.DataFrame(rows)
+
+
+def counts_table(metrics: dict):
+    rows = [{"what": "rows in", "count": metrics["rows_in"]}, {"what": "rows kept", "count": metrics["rows_kept"]},
+            {"what": "rows quarantined", "count": metrics["rows_quarantined"]}]
+    rows += [{"what": f"  · {k}", "count": v} for k, v in metrics["quarantine_reasons"].items()]
+    rows += [{"what": "rows with whitespace fixed", "count": metrics["whitespace_fixed"]}]
+    rows += [{"what": f"{k} conversations ({metrics['rows'][k]} rows)", "count": v}
+             for k, v in metrics["conversations"].items()]
+    return _frame(rows).set_index("what")
+
+
+def conversations_table(convs: list[dict]):
+    rows = []
+    for c in convs:
+        for t in c.get("turns", []):
+            rows.append({"conversation": c["conversation_id"], "turn": t.get("turn"), "user": t["user"],
+                         "assistant": t["assistant"]})
+    return _frame(rows)
+
+
+def token_stats_table(metrics: dict):
+    rows = [{"split": s, "in": metrics["records_in"][s], "kept": metrics["kept"][s], **st}
+            for s, st in metrics["token_stats"].items()]
+    return _frame(rows).set_index("split").round(3)
+
+
+def show_mask(tokenizer, example) -> None:
+    from IPython.display import HTML, Markdown, display
+
+    from .masking import trained_text
+
+    display(HTML(mask_html(tokenizer, example.input_ids, example.labels)))
+    display(Markdown(f"Trained text, decoded: `{trained_text(tokenizer, example)!r}`"))
+
+
+def metrics_table(metrics: dict):
+    flat = {k: v for k, v in metrics.items() if not isinstance(v, (dict, list))}
+    return _frame([{"metric": k, "value": v} for k, v in flat.items()]).set_index("metric")
+
+
+def comparison_table(metrics: dict, keys=("loss", "perplexity", "rougeL", "rule_pass_rate", "stop_rate",
+                                          "mean_new_tokens")):
+    rows = [{"metric": k, "base": metrics["base"][k], "tuned": metrics["tuned"][k],
+             "tuned − base": metrics["tuned"][k] - metrics["base"][k]} for k in keys]
+    return _frame(rows).set_index("metric").round(4)
+
+
+def verdict(metrics: dict) -> None:
+    from IPython.display import Markdown, display
+
+    b, t = metrics["base"], metrics["tuned"]
+    lines = [
+        f"- Held-out loss per assistant token: **{b['loss']:.3f} → {t['loss']:.3f}** "
+        f"({100 * metrics['loss_reduction']:.1f}% lower) on {metrics['test_examples']} test conversations.",
+        f"- House-style rules passed: **{100 * b['rule_pass_rate']:.0f}% → {100 * t['rule_pass_rate']:.0f}%** "
+        f"of {metrics['generations']} generated replies.",
+        f"- ROUGE-L against the reference replies: {b['rougeL']:.3f} → {t['rougeL']:.3f}; "
+        f"replies that stop by themselves: {100 * b['stop_rate']:.0f}% → {100 * t['stop_rate']:.0f}%.",
+    ]
+    display(Markdown("\n".join(lines)))
+
+
+def generations_table(rows: list[dict]):
+    import pandas as pd
+
+    df = pd.DataFrame([{"prompt": r["prompt"], "reference": r["reference"], "base": r["base"], "tuned": r["tuned"],
+                        "tuned rule failures": "; ".join(r["tuned_rules"]) or "—"} for r in rows])
+    return df.style.set_properties(**{"white-space": "pre-wrap", "text-align": "left", "vertical-align": "top"})
+
+
+def answers_table(answers: list[dict]):
+    df = _frame([{"prompt": a["prompt"], "reply": a["reply"], "finish": a["finish_reason"],
+                  "streamed chunks": a["stream_chunks"], "time to first token (s)": a["time_to_first_token_s"],
+                  "seconds": a["seconds"]} for a in answers])
+    return df.style.set_properties(**{"white-space": "pre-wrap", "text-align": "left"})

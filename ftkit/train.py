@@ -1,0 +1,193 @@
+"""Stage 03: LoRA fine-tuning on the transformers Trainer, loss on assistant tokens only.
+
+The labels built in stage 02 already mask everything but the assistant replies and their
+end-of-turn token; the collator only pads (labels with -100, never by token id, so EOS stays
+trained even where pad == EOS). The Trainer normalises the loss by the number of trained tokens
+across the whole accumulated batch (``num_items_in_batch``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .config import ExperimentConfig
+from .masking import IGNORE_INDEX
+from .modeling import count_parameters, load_model, load_tokenizer, resolve_device, resolve_model_path
+from .paths import RunPaths, read_jsonl, write_json
+
+log = logging.getLogger("ftkit")
+
+TRAIN_INFO = "ftkit_train.json"  # written next to the adapter: which base it belongs to
+
+
+class TokenizedDataset(torch.utils.data.Dataset):
+    def __init__(self, rows: list[dict]):
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.rows[i]
+
+
+@dataclass
+class PadCollator:
+    """Right-pad a batch to its longest example; labels are padded with -100."""
+
+    pad_token_id: int
+
+    def __call__(self, batch: list[dict]) -> dict:
+        n = max(len(b["input_ids"]) for b in batch)
+        ids = torch.full((len(batch), n), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(batch), n), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((len(batch), n), dtype=torch.long)
+        for i, b in enumerate(batch):
+            k = len(b["input_ids"])
+            ids[i, :k] = torch.tensor(b["input_ids"])
+            labels[i, :k] = torch.tensor(b["labels"])
+            mask[i, :k] = 1
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def load_tokens(path: Path, limit: int | None = None) -> list[dict]:
+    rows = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in read_jsonl(path)]
+    return rows[:limit] if limit else rows
+
+
+def set_seed(seed: int, deterministic: bool = False) -> None:
+    from transformers import enable_full_determinism
+    from transformers import set_seed as hf_set_seed
+
+    if deterministic:
+        enable_full_determinism(seed)
+    else:
+        hf_set_seed(seed)
+
+
+def build_trainer(cfg: ExperimentConfig, paths: RunPaths, model, tokenizer, train_rows, val_rows):
+    """A configured transformers Trainer; kept separate so tests can inspect it."""
+    from transformers import Trainer, TrainingArguments
+
+    t = cfg.train
+    device = resolve_device(cfg.model)
+    args = TrainingArguments(
+        output_dir=str(paths.checkpoints_dir),
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        learning_rate=t.learning_rate,
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_ratio,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        logging_steps=t.logging_steps,
+        logging_first_step=True,
+        eval_strategy="steps" if t.eval_steps > 0 and val_rows else "no",
+        eval_steps=t.eval_steps or None,
+        save_strategy="no",
+        report_to="none",
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        full_determinism=t.deterministic,
+        use_cpu=device.type == "cpu",
+        bf16=next(model.parameters()).dtype == torch.bfloat16,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        disable_tqdm=False,
+    )
+    return Trainer(
+        model=model,
+        args=args,
+        train_dataset=TokenizedDataset(train_rows),
+        eval_dataset=TokenizedDataset(val_rows) if val_rows else None,
+        data_collator=PadCollator(tokenizer.pad_token_id),
+    )
+
+
+def add_lora(model, cfg: ExperimentConfig):
+    from peft import LoraConfig, get_peft_model
+
+    lc = cfg.train.lora
+    peft_cfg = LoraConfig(
+        r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=lc.target_modules,
+        task_type="CAUSAL_LM", bias="none",
+    )
+    return get_peft_model(model, peft_cfg)
+
+
+def train(cfg: ExperimentConfig, paths: RunPaths) -> dict:
+    """Run stage 03: LoRA training, adapter saved to ``paths.adapter_dir``; returns metrics."""
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
+    set_seed(cfg.seed, cfg.train.deterministic)
+    base_path = resolve_model_path(cfg.model.name)
+    tokenizer = load_tokenizer(base_path, cfg.model)
+    train_rows = load_tokens(paths.require(paths.tokens("train"), "02_format_conversion"))
+    val_rows = load_tokens(paths.require(paths.tokens("val"), "02_format_conversion"), cfg.train.max_eval_examples)
+    model = load_model(base_path, cfg.model)
+    model.config.use_cache = False
+    model = add_lora(model, cfg)
+    trainable, total = count_parameters(model)
+    log.info("trainable parameters: %s of %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
+
+    trainer = build_trainer(cfg, paths, model, tokenizer, train_rows, val_rows)
+    start = time.perf_counter()
+    result = trainer.train()
+    seconds = time.perf_counter() - start
+    final_eval = trainer.evaluate() if val_rows else {}
+
+    model.save_pretrained(paths.adapter_dir)
+    tokenizer.save_pretrained(paths.adapter_dir)
+    write_json(paths.adapter_dir / TRAIN_INFO, {"base_model": cfg.model.name, "base_path": base_path})
+    history = trainer.state.log_history
+    write_json(paths.train_log, history)
+
+    steps = trainer.state.global_step
+    batch = cfg.train.batch_size * cfg.train.gradient_accumulation_steps
+    seen = min(steps * batch, len(train_rows) * math.ceil(max(cfg.train.epochs, 1)))
+    tokens = sum(len(r["input_ids"]) for r in train_rows) * seen / max(len(train_rows), 1)
+    losses = [h["loss"] for h in history if "loss" in h]
+    return {
+        "method": cfg.train.method,
+        "base_model": cfg.model.name,
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+        "train_examples": len(train_rows),
+        "steps": steps,
+        "epochs_done": trainer.state.epoch,
+        "train_loss_first": losses[0] if losses else None,
+        "train_loss_last": losses[-1] if losses else None,
+        "train_loss_mean": result.training_loss,
+        "val_loss": final_eval.get("eval_loss"),
+        "train_seconds": seconds,
+        "tokens_per_second": tokens / seconds if seconds else None,
+        "device": str(resolve_device(cfg.model)),
+    }
+
+
+def load_adapter_model(cfg: ExperimentConfig, paths: RunPaths):
+    """Base model with the trained adapter attached (adapter can be disabled for base scores)."""
+    from peft import PeftModel
+
+    adapter = paths.require(paths.adapter_dir, "03_train")
+    info = json.loads((adapter / TRAIN_INFO).read_text())
+    if info["base_model"] != cfg.model.name:
+        raise ValueError(
+            f"{adapter} was trained on {info['base_model']!r} but model.name is {cfg.model.name!r}; "
+            "use the same model.name as stage 03 or retrain"
+        )
+    base_path = resolve_model_path(cfg.model.name)
+    tokenizer = load_tokenizer(str(adapter), cfg.model)
+    model = load_model(base_path, cfg.model)
+    model = PeftModel.from_pretrained(model, adapter)
+    return model.eval(), tokenizer
