@@ -296,12 +296,25 @@ def _build(cls: type, values: Any, prefix: str, errors: list[str]) -> Any:
         if dataclasses.is_dataclass(hint):
             kwargs[key] = _build(hint, value, f"{prefix}{key}.", errors)
             continue
+        value = _coerce_float_string(value, hint)
         problem = _type_problem(value, hint)
         if problem:
             errors.append(f"{prefix}{key}: {problem}")
             continue
         kwargs[key] = float(value) if hint is float and isinstance(value, int) else value
     return cls(**kwargs)
+
+
+def _coerce_float_string(value: Any, hint: Any) -> Any:
+    """YAML 1.1 reads `1e-4` (no dot) as a string; accept it where a number is expected."""
+    wants_float = hint is float or (typing.get_origin(hint) in (typing.Union, types.UnionType)
+                                    and float in typing.get_args(hint))
+    if wants_float and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 def _type_problem(value: Any, hint: Any) -> str | None:
@@ -338,7 +351,7 @@ def _type_problem(value: Any, hint: Any) -> str | None:
         return None if ok else f"expected an integer, got {value!r}"
     if hint is float:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        return None if ok else f"expected a number, got {value!r} (write 1e-4 as 1.0e-4 in YAML 1.1)"
+        return None if ok else f"expected a number, got {value!r}"
     if hint is str:
         return None if isinstance(value, str) else f"expected a string, got {value!r}"
     return None

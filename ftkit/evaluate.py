@@ -64,7 +64,7 @@ def generate(model, tokenizer, prompts: list[list[dict]], *, max_new_tokens: int
                 if stopped:
                     row = row[: next(k for k, t in enumerate(row) if t in stop_ids)]
                 out.append({"text": tokenizer.decode(row, skip_special_tokens=True).strip(),
-                            "stopped": stopped, "new_tokens": len(row)})
+                            "stopped": stopped, "new_tokens": len(row), "token_ids": row})
     finally:
         tokenizer.padding_side = side
     return out

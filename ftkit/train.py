@@ -127,6 +127,11 @@ def add_lora(model, cfg: ExperimentConfig):
 
 def train(cfg: ExperimentConfig, paths: RunPaths) -> dict:
     """Run stage 03: LoRA training, adapter saved to ``paths.adapter_dir``; returns metrics."""
+    return run_training(cfg, paths)[1]
+
+
+def run_training(cfg: ExperimentConfig, paths: RunPaths):
+    """Stage 03, returning ``(trainer, metrics)`` so callers can inspect the trained model."""
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     set_seed(cfg.seed, cfg.train.deterministic)
@@ -157,7 +162,7 @@ def train(cfg: ExperimentConfig, paths: RunPaths) -> dict:
     seen = min(steps * batch, len(train_rows) * math.ceil(max(cfg.train.epochs, 1)))
     tokens = sum(len(r["input_ids"]) for r in train_rows) * seen / max(len(train_rows), 1)
     losses = [h["loss"] for h in history if "loss" in h]
-    return {
+    return trainer, {
         "method": cfg.train.method,
         "base_model": cfg.model.name,
         "trainable_parameters": trainable,

@@ -1,0 +1,139 @@
+import json
+
+import pytest
+import yaml
+
+from ftkit.config import SECTIONS, ConfigError, ExperimentConfig, check_top_level, load_config, read_yaml
+
+NOTEBOOKS = ["01_data_prep", "02_format_conversion", "03_train", "04_evaluate", "05_host"]
+
+
+def test_defaults_are_valid():
+    cfg = load_config()
+    assert isinstance(cfg, ExperimentConfig)
+    assert cfg.model.name == "smollm2-135m-instruct"
+    assert cfg.train.lora.target_modules == "all-linear"
+
+
+def test_deep_merge_keeps_other_defaults():
+    cfg = load_config(train={"lora": {"r": 8}, "max_steps": 3})
+    assert cfg.train.lora.r == 8
+    assert cfg.train.lora.alpha == 32  # untouched default
+    assert cfg.train.max_steps == 3
+    assert cfg.train.learning_rate == 2e-4
+
+
+def test_unknown_key_names_key_and_suggests():
+    with pytest.raises(ConfigError) as e:
+        load_config(train={"learnin_rate": 1e-4})
+    msg = str(e.value)
+    assert "train.learnin_rate" in msg and "did you mean 'learning_rate'" in msg
+
+
+def test_all_errors_reported_at_once():
+    with pytest.raises(ConfigError) as e:
+        load_config(train={"learnin_rate": 1e-4, "batch_size": "four"}, model={"dtype": "bfloat61"})
+    assert len(e.value.errors) == 3
+    msg = str(e.value)
+    assert "train.batch_size: expected an integer" in msg
+    assert "model.dtype: invalid value 'bfloat61' (did you mean 'bfloat16'?)" in msg
+
+
+def test_types_checked():
+    assert load_config(train={"learning_rate": 1}).train.learning_rate == 1.0  # int is a fine float
+    assert load_config(train={"learning_rate": "1e-4"}).train.learning_rate == 1e-4  # YAML 1.1 reads 1e-4 as str
+    with pytest.raises(ConfigError, match="expected a number, got 'fast'"):
+        load_config(train={"learning_rate": "fast"})
+    with pytest.raises(ConfigError, match="expected true or false"):
+        load_config(train={"deterministic": "yes"})
+    with pytest.raises(ConfigError, match="expected an integer"):
+        load_config(train={"batch_size": True})
+    with pytest.raises(ConfigError, match="list item 3"):
+        load_config(evaluate={"rules": {"required_phrases": ["ok", 3]}})
+
+
+def test_cross_field_checks():
+    with pytest.raises(ConfigError, match="together below 1"):
+        load_config(data={"val_fraction": 0.6, "test_fraction": 0.5})
+    with pytest.raises(ConfigError, match="target_modules"):
+        load_config(train={"lora": {"target_modules": 5}})
+
+
+def test_dotted_overrides_apply_last():
+    cfg = load_config({"train": {"max_steps": 10}, "overrides": {"train.max_steps": 2}},
+                      overrides={"train.lora.r": 4})
+    assert cfg.train.max_steps == 2 and cfg.train.lora.r == 4
+    with pytest.raises(ConfigError, match="train.lora.rr: unknown key; did you mean 'r'"):
+        load_config(overrides={"train.lora.rr": 4})
+
+
+def test_top_level_unknown_key():
+    with pytest.raises(ConfigError, match="trian: unknown key; did you mean 'train'"):
+        check_top_level({"trian": {}}, "x.yaml")
+    with pytest.raises(ConfigError, match="trian"):
+        load_config({"trian": {}})
+
+
+def test_yaml_syntax_error_names_file_and_line(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("train:\n  max_steps: 3\n  lora: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml:\d+: invalid YAML"):
+        read_yaml(p)
+
+
+@pytest.mark.parametrize("name", ["demo", "smoke", "bitext"])
+def test_shipped_parameter_files_validate(root, name):
+    path = root / "parameters" / f"{name}.yaml"
+    params = read_yaml(path)
+    check_top_level(params, str(path))
+    cfg = load_config(params, source=str(path))
+    assert cfg.experiment == name
+
+
+def _cells(root, name):
+    return json.loads((root / "notebooks" / f"{name}.ipynb").read_text())["cells"]
+
+
+def test_parameters_cell_identical_and_complete(root):
+    sources = []
+    for name in NOTEBOOKS:
+        tagged = [c for c in _cells(root, name) if "parameters" in c.get("metadata", {}).get("tags", [])]
+        assert len(tagged) == 1, f"{name}: needs exactly one cell tagged 'parameters'"
+        sources.append("".join(tagged[0]["source"]))
+    assert all(s == sources[0] for s in sources), "parameters cells differ between notebooks"
+    names = {line.split(":")[0] for line in sources[0].splitlines() if line and not line.startswith("#")}
+    assert names == set(SECTIONS) | {"overrides"}
+
+
+def test_papermill_lists_parameters(root):
+    import papermill
+
+    params = papermill.inspect_notebook(str(root / "notebooks" / "03_train.ipynb"))
+    assert params["train"]["inferred_type_name"] == "dict"
+    assert "learning_rate" in params["train"]["help"]
+    assert params["seed"]["default"] == "42"
+
+
+def test_notebooks_committed_without_outputs(root):
+    for name in NOTEBOOKS:
+        for c in _cells(root, name):
+            if c["cell_type"] == "code":
+                assert not c.get("outputs") and c.get("execution_count") is None, f"{name} has outputs"
+
+
+def test_notebook_parameter_defaults_match_code(root):
+    src = "".join(next(c for c in _cells(root, "01_data_prep") if c["cell_type"] == "code")["source"])
+    ns: dict = {}
+    exec(src, ns)  # plain literals only
+    cfg = ExperimentConfig()
+    assert (ns["experiment"], ns["seed"], ns["outputs_dir"]) == (cfg.experiment, cfg.seed, cfg.outputs_dir)
+
+
+def test_parameters_yaml_only_differs_from_defaults(root):
+    defaults = ExperimentConfig().to_dict()
+    params = yaml.safe_load((root / "parameters" / "demo.yaml").read_text())
+    for section, values in params.items():
+        if isinstance(values, dict):
+            for k, v in values.items():
+                if not isinstance(v, dict):
+                    assert defaults[section][k] != v, f"demo.yaml repeats the default {section}.{k}={v!r}"

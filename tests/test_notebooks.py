@@ -1,0 +1,69 @@
+"""The five notebooks through papermill, as `make run` runs them, on the smoke experiment."""
+
+import json
+
+import pytest
+
+from conftest import run_make
+
+STAGES = ["01_data_prep", "02_format_conversion", "03_train", "04_evaluate", "05_host"]
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    out = tmp_path_factory.mktemp("outputs")
+    proc = run_make("run", "EXP=smoke", f"OUTPUTS={out}")
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return out / "smoke"
+
+
+def _metrics(root, stage):
+    return json.loads((root / "metrics" / f"{stage}.json").read_text())
+
+
+def test_reports_written(smoke):
+    for stage in STAGES:
+        assert (smoke / "reports" / f"{stage}.ipynb").exists()
+        html = (smoke / "reports" / f"{stage}.html").read_text()
+        assert "Provenance" in html
+        assert "import ftkit" not in html  # code cells are hidden in the HTML report
+        assert not (smoke / "reports" / f"{stage}.partial.ipynb").exists()
+
+
+def test_stage_metrics(smoke):
+    m1 = _metrics(smoke, "01_data_prep")
+    assert m1["rows_in"] == m1["rows_kept"] + m1["rows_quarantined"] and m1["rows_quarantined"] > 0
+    m2 = _metrics(smoke, "02_format_conversion")
+    assert m2["kept"]["train"] == m1["conversations"]["train"]
+    assert m2["end_of_turn_token"] == "<|im_end|>" and m2["pad_token"] != "<|im_end|>"
+    assert 0 < m2["token_stats"]["train"]["trained_token_share"] < 1
+    m3 = _metrics(smoke, "03_train")
+    assert m3["steps"] == 8 and m3["train_loss_last"] < m3["train_loss_first"]
+    m4 = _metrics(smoke, "04_evaluate")
+    for model in ("base", "tuned"):
+        assert {"loss", "perplexity", "rougeL", "rule_pass_rate", "stop_rate"} <= set(m4[model])
+    assert m4["tuned"]["loss"] < m4["base"]["loss"]
+    m5 = _metrics(smoke, "05_host")
+    assert m5["merge_check_passed"] and m5["max_logit_diff_adapter_vs_base"] > m5["max_logit_diff_merged_vs_adapter"]
+    assert m5["stream_matches_plain"] and m5["shutdown_exit_code"] == 0
+    assert (smoke / "merged" / "model.safetensors").exists()
+
+
+def test_unknown_key_stops_at_config_cell(tmp_path, root):
+    params = tmp_path / "bad.yaml"
+    params.write_text("experiment: bad\nmodel: {name: tiny-random}\ntrain: {learnin_rate: 1e-4}\n")
+    proc = run_make("01", "EXP=bad", f"PARAMS={params}", f"OUTPUTS={tmp_path}")
+    assert proc.returncode != 0
+    reports = tmp_path / "bad" / "reports"
+    partial = (reports / "01_data_prep.partial.ipynb").read_text()
+    assert "train.learnin_rate: unknown key; did you mean 'learning_rate'" in partial
+    assert not (reports / "01_data_prep.ipynb").exists() and not (reports / "01_data_prep.html").exists()
+    assert not (tmp_path / "bad" / "data").exists()  # nothing ran past the config cell
+
+
+def test_unknown_top_level_key_is_rejected(tmp_path, root):
+    params = tmp_path / "bad2.yaml"
+    params.write_text("experiment: bad2\ntrian: {max_steps: 1}\n")
+    proc = run_make("01", "EXP=bad2", f"PARAMS={params}", f"OUTPUTS={tmp_path}")
+    assert proc.returncode != 0
+    assert "trian: unknown key; did you mean 'train'" in proc.stderr + proc.stdout

@@ -1,0 +1,67 @@
+"""Training on the tiny model: loss falls, LoRA weights change, the saved adapter reloads exactly."""
+
+import pytest
+import torch
+
+from ftkit import conversion, data
+from ftkit.config import load_config
+from ftkit.modeling import load_tokenizer, resolve_model_path
+from ftkit.paths import RunPaths
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    from ftkit.train import run_training
+
+    out = tmp_path_factory.mktemp("train")
+    cfg = load_config(experiment="t", outputs_dir=str(out), model={"name": "tiny-random"},
+                      data={"demo_size": 200},
+                      train={"max_steps": 16, "batch_size": 4, "learning_rate": 5e-3, "eval_steps": 8,
+                             "logging_steps": 2, "max_eval_examples": 8, "lora": {"dropout": 0.0}})
+    paths = RunPaths(cfg.outputs_dir, cfg.experiment)
+    data.prepare(cfg.data, paths, cfg.seed)
+    conversion.convert(cfg, paths, load_tokenizer(resolve_model_path(cfg.model.name)))
+    trainer, metrics = run_training(cfg, paths)
+    return cfg, paths, trainer, metrics
+
+
+def test_loss_falls(trained):
+    _, _, trainer, metrics = trained
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert metrics["steps"] == 16
+    assert losses[-1] < losses[0] - 0.05, losses
+
+
+def test_lora_weights_changed_and_base_frozen(trained):
+    _, _, trainer, _ = trained
+    named = dict(trainer.model.named_parameters())
+    lora_b = [n for n in named if "lora_B" in n]
+    assert lora_b, "no LoRA parameters found"
+    for n in lora_b:  # B starts at zero in LoRA
+        assert named[n].abs().sum() > 0, f"Parameter {n} has not changed."
+    assert all(not p.requires_grad for n, p in named.items() if "lora_" not in n)
+
+
+def test_adapter_reload_matches(trained):
+    from ftkit.train import load_adapter_model
+
+    cfg, paths, trainer, _ = trained
+    model = trainer.model.eval()
+    ids = torch.tensor([[1, 4093, 198, 9576, 314, 957, 1686, 2, 198, 1, 520, 9531, 198]])
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+        reloaded, _ = load_adapter_model(cfg, paths)
+        after = reloaded(input_ids=ids).logits
+        with reloaded.disable_adapter():
+            base = reloaded(input_ids=ids).logits
+    assert torch.allclose(before, after, atol=1e-5)
+    assert not torch.allclose(base, after, atol=1e-4), "adapter has no effect"
+
+
+def test_adapter_records_its_base(trained):
+    from ftkit.train import load_adapter_model
+
+    cfg, paths, _, _ = trained
+    wrong = load_config(experiment="t", outputs_dir=cfg.outputs_dir, model={"name": "some/other-model"})
+    with pytest.raises(ValueError, match="was trained on 'tiny-random'"):
+        load_adapter_model(wrong, paths)
