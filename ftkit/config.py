@@ -21,7 +21,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import yaml
 
@@ -49,7 +49,7 @@ class ModelConfig:
     """`auto`: bfloat16 on a GPU that supports it, float32 on CPU."""
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     trust_remote_code: bool = False
-    revision: Optional[str] = None
+    revision: str | None = None
 
 
 @dataclass
@@ -60,12 +60,12 @@ class DataConfig:
     """`demo` (the shipped AcmeCorp generator) or a CSV/TSV/JSONL file of your own."""
     user_column: str = "ticket"
     assistant_column: str = "reply"
-    conversation_column: Optional[str] = "conversation_id"
+    conversation_column: str | None = "conversation_id"
     """Rows sharing this id form one multi-turn conversation and never straddle splits."""
-    turn_column: Optional[str] = "turn"
+    turn_column: str | None = "turn"
     val_fraction: float = 0.1
     test_fraction: float = 0.1
-    max_records: Optional[int] = None
+    max_records: int | None = None
     """Keep only the first N conversations after cleaning (quick experiments)."""
     demo_size: int = 1000
     """Number of exchanges the demo generator writes when `path: demo`."""
@@ -75,7 +75,7 @@ class DataConfig:
 class ConvertConfig:
     """Stage 02: chat formatting, validation and tokenisation."""
 
-    system_prompt: Optional[str] = DEMO_SYSTEM_PROMPT
+    system_prompt: str | None = DEMO_SYSTEM_PROMPT
     """Prepended as a system message to every conversation; null for none."""
     max_seq_len: int = 512
     over_length: Literal["drop", "error"] = "drop"
@@ -115,7 +115,7 @@ class TrainConfig:
     max_eval_examples: int = 64
     """Cap on validation examples used during training (the full test split is used in 04)."""
     deterministic: bool = False
-    num_threads: Optional[int] = None
+    num_threads: int | None = None
     """CPU threads for torch (null: torch's default)."""
     lora: LoraConfig = field(default_factory=LoraConfig)
 
@@ -124,13 +124,13 @@ class TrainConfig:
 class RulesConfig:
     """House-style rules checked on generated replies (stage 04)."""
 
-    max_sentences: Optional[int] = None
+    max_sentences: int | None = None
     required_phrases: list[str] = field(default_factory=list)
     must_match: list[str] = field(default_factory=list)
     """Regular expressions every reply must match."""
     must_not_match: list[str] = field(default_factory=list)
     """Regular expressions no reply may match."""
-    echo_pattern: Optional[str] = None
+    echo_pattern: str | None = None
     """Regex: when the prompt contains a match (e.g. an order number) the reply must repeat it."""
     ignore_for_sentences: list[str] = field(default_factory=list)
     """Exact phrases (e.g. a sign-off) removed before counting sentences."""
@@ -154,7 +154,7 @@ class HostConfig:
     host: str = "127.0.0.1"
     port: int = 0
     """0: pick a free port."""
-    api_key: Optional[str] = None
+    api_key: str | None = None
     max_tokens_cap: int = 512
     prompts: list[str] = field(
         default_factory=lambda: ["Hi, my order AC-482913 has not arrived yet. Can you check it?"]

@@ -117,7 +117,7 @@ def rouge_l(predictions: list[str], references: list[str]) -> list[float]:
     from rouge_score import rouge_scorer
 
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-    return [scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(predictions, references)]
+    return [scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(predictions, references, strict=True)]
 
 
 def score_generations(records: list[dict], gens: list[dict], rules: RulesConfig) -> tuple[dict, list[dict]]:
@@ -126,7 +126,7 @@ def score_generations(records: list[dict], gens: list[dict], rules: RulesConfig)
     preds = [g["text"] for g in gens]
     rouge = rouge_l(preds, refs)
     rows = []
-    for rec, gen, rl in zip(records, gens, rouge):
+    for rec, gen, rl in zip(records, gens, rouge, strict=True):
         prompt_text = "\n".join(m["content"] for m in rec["messages"][:-1] if m["role"] == "user")
         rr = check_rules(gen["text"], prompt_text, rules)
         rows.append({"rougeL": rl, "rules_passed": rr.passed, "rule_failures": rr.failures,
@@ -173,7 +173,7 @@ def evaluate_run(cfg, paths) -> dict:
         {"prompt": p[-1]["content"], "reference": prompt_and_reference(r["messages"])[1],
          "base": b["text"], "tuned": t["text"], "base_rules": b["rule_failures"], "tuned_rules": t["rule_failures"],
          "base_stopped": b["stopped"], "tuned_stopped": t["stopped"]}
-        for p, r, b, t in zip(prompts, sample, per_example["base"], per_example["tuned"])
+        for p, r, b, t in zip(prompts, sample, per_example["base"], per_example["tuned"], strict=True)
     ])
     keys = ("loss", "perplexity", "rougeL", "rule_pass_rate", "stop_rate")
     return {

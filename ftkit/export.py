@@ -17,7 +17,7 @@ def prompt_logits(model, tokenizer, prompts: list[list[dict]]) -> list[torch.Ten
 
 
 def max_abs_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
-    return max((x - y).abs().max().item() for x, y in zip(a, b))
+    return max((x - y).abs().max().item() for x, y in zip(a, b, strict=True))
 
 
 def merge_adapter(cfg, paths: RunPaths, check_prompts: list[list[dict]]) -> dict:

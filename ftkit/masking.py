@@ -93,7 +93,7 @@ def end_of_turn_token_id(tokenizer) -> int:
 
 def describe_mask(tokenizer, example: Example) -> list[tuple[str, bool]]:
     """(token text, trained?) pairs, for showing a person what is learned."""
-    return [(tokenizer.decode([t]), lab != IGNORE_INDEX) for t, lab in zip(example.input_ids, example.labels)]
+    return [(tokenizer.decode([t]), lab != IGNORE_INDEX) for t, lab in zip(example.input_ids, example.labels, strict=True)]
 
 
 def trained_text(tokenizer, example: Example) -> str:

@@ -63,7 +63,7 @@ def show_provenance(cfg, data_file=None) -> None:
 def mask_html(tokenizer, input_ids: list[int], labels: list[int]) -> str:
     """HTML of a tokenised example: trained tokens on green, masked tokens grey."""
     spans = []
-    for t, lab in zip(input_ids, labels):
+    for t, lab in zip(input_ids, labels, strict=True):
         text = html.escape(tokenizer.decode([t])).replace("\n", "↵<br>")
         style = "background:#c8f7c5;color:#000" if lab != IGNORE_INDEX else "color:#888"
         spans.append(f'<span style="{style}" title="id {t}">{text}</span>')
@@ -100,7 +100,6 @@ def plot_losses(history: list[dict]):
 
 
 def plot_comparison(metrics: dict, keys=("loss", "rougeL", "rule_pass_rate", "stop_rate")):
-    import matplotlib.pyplot as plt
     import pandas as pd
     import seaborn as sns
 

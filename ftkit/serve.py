@@ -26,9 +26,9 @@ from pathlib import Path
 
 import torch
 
+from .config import ModelConfig
 from .masking import render
 from .modeling import load_tokenizer, resolve_device, stop_token_ids
-from .config import ModelConfig
 
 log = logging.getLogger("ftkit")
 MAX_BODY_BYTES = 1 << 20

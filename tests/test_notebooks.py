@@ -3,7 +3,6 @@
 import json
 
 import pytest
-
 from conftest import run_make
 
 STAGES = ["01_data_prep", "02_format_conversion", "03_train", "04_evaluate", "05_host"]
