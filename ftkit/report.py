@@ -112,6 +112,10 @@ def plot_comparison(metrics: dict, keys=("loss", "rougeL", "rule_pass_rate", "st
 def quarantine_table(rows: list[dict], limit: int = 20):
     import pandas as pd
 
+    if not rows:
+        from IPython.display import Markdown
+
+        return Markdown("No record was quarantined.")
     return pd.DataFrame([{"source": r["source"], "reason": r["reason"]} for r in rows[:limit]])
 
 
@@ -121,9 +125,13 @@ def setup_notebook() -> None:
 
     import seaborn as sns
 
+    import warnings
+
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", force=True)
-    for noisy in ("httpx", "httpx2", "httpcore", "urllib3", "bitsandbytes"):
+    for noisy in ("httpx", "httpx2", "httpcore", "urllib3", "absl"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # optional-kernel notice on import
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     sns.set_theme(style="whitegrid")
 
 
