@@ -26,6 +26,21 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--top-level-only", action="store_true",
                    help="only reject unknown top-level keys (papermill would merely warn about them)")
 
+    v = sub.add_parser("validate", help="check data files; one 'file:line: reason' per problem; exit 1 on any")
+    v.add_argument("files", nargs="+")
+    v.add_argument("--format", default="auto", help="auto (default), messages, sharegpt, alpaca, prompt_completion, "
+                                                    "text, columns")
+    v.add_argument("--columns", default=None, help="for tables: user=COL,assistant=COL[,system=COL]")
+    v.add_argument("--no-alternation", action="store_true", help="do not require user/assistant alternation")
+
+    cv = sub.add_parser("convert", help="convert data files; records with problems are reported and left out")
+    cv.add_argument("files", nargs="+")
+    cv.add_argument("--to", required=True, choices=["openai", "sharegpt", "parquet", "datasets"])
+    cv.add_argument("-o", "--output", required=True)
+    cv.add_argument("--format", default="auto")
+    cv.add_argument("--columns", default=None)
+    cv.add_argument("--no-alternation", action="store_true")
+
     d = sub.add_parser("demo-data", help="write the AcmeCorp demo CSV")
     d.add_argument("path")
     d.add_argument("--n", type=int, default=1000)
@@ -56,12 +71,41 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         print(f"{args.file}: ok")
         return 0
+    if args.command in ("validate", "convert"):
+        return _check_command(args)
     if args.command == "demo-data":
         from .demo_data import write_csv
 
         print(write_csv(args.path, args.n, args.seed))
         return 0
     return 1
+
+
+def _check_command(args) -> int:
+    from .checker import CheckSummary, check, clean_for_export, parse_columns, write_records
+    from .formats import FORMATS
+    from .readers import InputError
+
+    if args.format != "auto" and args.format not in FORMATS:
+        print(f"error: --format {args.format!r}: choose auto or one of {', '.join(FORMATS)}", file=sys.stderr)
+        return 2
+    try:
+        columns = parse_columns(args.columns)
+        summary = CheckSummary()
+        good = []
+        for where, rec, problems in check(args.files, args.format, columns, not args.no_alternation, summary):
+            for p in problems:
+                print(f"{where}: {p}")
+            if rec is not None and not problems and args.command == "convert":
+                good.append(clean_for_export(rec))
+        if args.command == "convert":
+            out = write_records(good, args.to, args.output)
+            print(f"wrote {len(good):,} records to {out} ({args.to})", file=sys.stderr)
+    except (InputError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(summary.line(), file=sys.stderr)
+    return 1 if summary.invalid else 0
 
 
 if __name__ == "__main__":

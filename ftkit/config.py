@@ -54,15 +54,36 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    """Stage 01: where the raw data is and how to clean and split it."""
+    """Stage 01: where the raw data is, how to read, clean and split it."""
 
-    path: str = DEMO_DATA
-    """`demo` (the shipped AcmeCorp generator) or a CSV/TSV/JSONL file of your own."""
-    user_column: str = "ticket"
-    assistant_column: str = "reply"
-    conversation_column: str | None = "conversation_id"
-    """Rows sharing this id form one multi-turn conversation and never straddle splits."""
-    turn_column: str | None = "turn"
+    path: Any = DEMO_DATA
+    """`demo` (the shipped AcmeCorp generator), a file, a folder, a glob, or a list of those:
+    JSONL, JSON, CSV/TSV, Parquet, a `datasets` directory, plain text."""
+    format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text", "columns"] = "auto"
+    columns: dict[str, str] = field(default_factory=dict)
+    """For tables: which column holds which role, e.g. {user: instruction, assistant: response, system: sys}."""
+    conversation_column: str | None = None
+    """Rows sharing this id form one multi-turn conversation (ordered by turn_column)."""
+    turn_column: str | None = None
+    group_column: str | None = None
+    """Records sharing this id (e.g. a customer) never straddle splits."""
+    label_column: str | None = None
+    """Stratify the splits by this column (e.g. an intent or category)."""
+    alternate_roles: bool = True
+    """Require user and assistant turns to alternate."""
+    pii: Literal["off", "report", "scrub"] = "report"
+    """`report` counts emails, phone and card numbers; `scrub` also replaces them with [EMAIL]…"""
+    pii_types: list[str] = field(default_factory=lambda: ["email", "phone", "card"])
+    """Any of email, phone, card, order_id (order_id needs order_id_pattern)."""
+    order_id_pattern: str | None = None
+    placeholders: Literal["keep", "fill", "drop"] = "keep"
+    """Templated data such as {{Order Number}}: keep as is, fill with realistic values, or drop the record."""
+    near_duplicate_threshold: float | None = 0.9
+    """Drop records whose estimated Jaccard similarity to an earlier one is at least this (null: off)."""
+    leakage_threshold: float = 0.8
+    """Report held-out records with a train record at least this similar."""
+    min_chars: int = 1
+    max_chars: int | None = None
     val_fraction: float = 0.1
     test_fraction: float = 0.1
     max_records: int | None = None
@@ -77,10 +98,12 @@ class ConvertConfig:
 
     system_prompt: str | None = DEMO_SYSTEM_PROMPT
     """Prepended as a system message to every conversation; null for none."""
+    chat_template: str | None = None
+    """null: the model's own; `chatml`, `llama3`, a path to a .jinja file, or a Jinja string."""
     max_seq_len: int = 512
-    over_length: Literal["drop", "error"] = "drop"
-    """Examples longer than max_seq_len are never truncated silently: drop them (counted and
-    written to the quarantine file with the reason) or stop with an error."""
+    over_length: Literal["drop", "truncate", "error"] = "drop"
+    """Examples longer than max_seq_len are never cut silently: drop them, truncate at a turn
+    boundary (later turns removed), or stop with an error; always counted in the report."""
 
 
 @dataclass
@@ -366,6 +389,21 @@ def _check_values(cfg: ExperimentConfig) -> list[str]:
             f"data.val_fraction={d.val_fraction}, data.test_fraction={d.test_fraction}: each must be in "
             "[0, 1) and together below 1"
         )
+    if d.format == "columns" and not {"user", "assistant"} <= set(d.columns):
+        errors.append("data.columns: with data.format 'columns', map at least user and assistant, "
+                      "e.g. {user: instruction, assistant: response}")
+    bad_roles = set(d.columns) - {"system", "user", "assistant"}
+    if bad_roles:
+        errors.append(f"data.columns: unknown role(s) {', '.join(sorted(bad_roles))}; use system, user, assistant")
+    bad_pii = set(d.pii_types) - {"email", "phone", "card", "order_id"}
+    if bad_pii:
+        errors.append(f"data.pii_types: unknown type(s) {', '.join(sorted(bad_pii))}; use email, phone, card, order_id")
+    if "order_id" in d.pii_types and not d.order_id_pattern:
+        errors.append("data.pii_types: 'order_id' needs data.order_id_pattern (a regex such as 'AC-\\d{6}')")
+    if d.near_duplicate_threshold is not None and not 0 < d.near_duplicate_threshold <= 1:
+        errors.append(f"data.near_duplicate_threshold: must be in (0, 1] or null, got {d.near_duplicate_threshold}")
+    if not isinstance(d.path, str) and not (isinstance(d.path, list) and d.path and all(isinstance(p, str) for p in d.path)):
+        errors.append(f"data.path: a path or a list of paths, got {d.path!r}")
     t = cfg.train
     for name in ("batch_size", "gradient_accumulation_steps", "logging_steps"):
         if getattr(t, name) < 1:

@@ -1,19 +1,27 @@
-"""Stage 02: splits → validated chat records → tokenised examples with assistant-only labels."""
+"""Stage 02: canonical records → chat template → tokens with assistant-only labels, verified.
+
+Every example's mask is verified: the decoded trained tokens must equal the assistant contents
+plus the end-of-turn token (whitespace aside); a mismatch is quarantined with the two texts.
+Over-long examples are dropped, truncated at a turn boundary, or stop the run
+(``convert.over_length``): always counted, never silent.
+"""
 
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from .config import ExperimentConfig
-from .formats import to_messages, validate
-from .masking import Example, build_example
+from .formats import with_system_prompt
+from .masking import IGNORE_INDEX, Example, build_example, end_of_turn_token_id, trained_text
 from .paths import RunPaths, read_jsonl, write_jsonl
 
 log = logging.getLogger("ftkit")
 SPLITS = ("train", "val", "test")
+_WS = re.compile(r"\s+")
 
 
 class DataError(ValueError):
@@ -24,11 +32,18 @@ class DataError(ValueError):
 class ConversionResult:
     records_in: dict[str, int] = field(default_factory=dict)
     kept: dict[str, int] = field(default_factory=dict)
+    truncated: dict[str, int] = field(default_factory=dict)
     quarantined: list[dict] = field(default_factory=list)
     lengths: dict[str, list[int]] = field(default_factory=dict)
+    trained_share: dict[str, list[float]] = field(default_factory=dict)
+    turns: dict[str, list[int]] = field(default_factory=dict)
     trained_tokens: dict[str, int] = field(default_factory=dict)
     total_tokens: dict[str, int] = field(default_factory=dict)
-    example: Example | None = None
+    examples: list[Example] = field(default_factory=list)
+
+    @property
+    def example(self) -> Example | None:
+        return self.examples[0] if self.examples else None
 
     def metrics(self, max_seq_len: int) -> dict:
         reasons: dict[str, int] = {}
@@ -38,57 +53,131 @@ class ConversionResult:
         for name, lens in self.lengths.items():
             arr = np.array(lens or [0])
             stats[name] = {
-                "examples": len(lens), "tokens": int(arr.sum()), "mean": float(arr.mean()),
-                "p50": float(np.percentile(arr, 50)), "p95": float(np.percentile(arr, 95)), "max": int(arr.max()),
-                "trained_token_share": self.trained_tokens[name] / max(self.total_tokens[name], 1),
+                "examples": len(lens), "tokens": int(arr.sum()), "trained_tokens": self.trained_tokens[name],
+                "mean": float(arr.mean()), "p50": float(np.percentile(arr, 50)), "p95": float(np.percentile(arr, 95)),
+                "max": int(arr.max()), "trained_token_share": self.trained_tokens[name] / max(self.total_tokens[name], 1),
+                "truncated": self.truncated.get(name, 0),
             }
-        return {
-            "records_in": self.records_in, "kept": self.kept, "quarantined": len(self.quarantined),
-            "quarantine_reasons": reasons, "max_seq_len": max_seq_len, "token_stats": stats,
-        }
+        return {"records_in": self.records_in, "kept": self.kept, "quarantined": len(self.quarantined),
+                "quarantine_reasons": reasons, "max_seq_len": max_seq_len, "token_stats": stats}
+
+
+def build_text_example(tokenizer, text: str) -> Example:
+    """Completion tuning on plain text: every token trained, EOS appended so the model learns to stop."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if tokenizer.bos_token_id is not None and getattr(tokenizer, "add_bos_token", False):
+        ids = [tokenizer.bos_token_id] + ids
+    ids = ids + [tokenizer.eos_token_id]
+    return Example(ids, list(ids))
+
+
+def expected_trained_text(messages: list[dict], eot_text: str) -> str:
+    return "".join(m["content"] + eot_text for m in messages if m["role"] == "assistant" and m.get("weight", 1) != 0)
+
+
+def verify_mask(tokenizer, messages: list[dict], ex: Example, eot_text: str) -> str | None:
+    """None when the trained tokens decode to the assistant contents + end-of-turn, else the reason."""
+    wrong = next((k for k, (t, lab) in enumerate(zip(ex.input_ids, ex.labels, strict=True))
+                  if lab != IGNORE_INDEX and lab != t), None)
+    if wrong is not None:
+        return f"label at position {wrong} is {ex.labels[wrong]} but the input token there is {ex.input_ids[wrong]}"
+    got = trained_text(tokenizer, ex)
+    want = expected_trained_text(messages, eot_text)
+    if _WS.sub("", got) == _WS.sub("", want):
+        return None
+    return f"trained tokens decode to {got[:200]!r}, expected {want[:200]!r}"
+
+
+def fit_length(tokenizer, messages: list[dict], max_len: int) -> tuple[list[dict], Example] | None:
+    """Drop trailing turns until the conversation fits (at least one trained reply kept)."""
+    msgs = list(messages)
+    while True:
+        last_user = max((i for i, m in enumerate(msgs) if m["role"] == "user"), default=None)
+        if last_user is None or last_user == next(i for i, m in enumerate(msgs) if m["role"] != "system"):
+            return None
+        msgs = msgs[:last_user]
+        if not any(m["role"] == "assistant" and m.get("weight", 1) != 0 for m in msgs):
+            return None
+        ex = build_example(tokenizer, msgs)
+        if len(ex.input_ids) <= max_len:
+            return msgs, ex
+
+
+def run_tokenizer(cfg: ExperimentConfig, paths: RunPaths):
+    """The model's tokenizer with the configured chat template, saved for stages 03-05."""
+    from .modeling import load_tokenizer, resolve_model_path
+    from .templates import resolve_template
+
+    tok = load_tokenizer(resolve_model_path(cfg.model.name), cfg.model,
+                         chat_template=resolve_template(cfg.convert.chat_template))
+    tok.save_pretrained(paths.tokenizer_dir)
+    return tok
 
 
 def convert(cfg: ExperimentConfig, paths: RunPaths, tokenizer) -> ConversionResult:
-    """Run stage 02 for all splits and write chat and token files plus the quarantine file."""
+    """Run stage 02 for all splits; writes chat and token files and the quarantine file."""
     c = cfg.convert
     out = ConversionResult()
+    eot_text = tokenizer.decode([end_of_turn_token_id(tokenizer)])
     for name in SPLITS:
-        convs = read_jsonl(paths.require(paths.split(name), "01_data_prep"))
-        out.records_in[name] = len(convs)
-        chat_rows, token_rows, lens = [], [], []
-        out.trained_tokens[name] = out.total_tokens[name] = 0
-        for i, conv in enumerate(convs, 1):
-            where = f"{paths.split(name)}:line {i} (conversation {conv.get('conversation_id')})"
-            record = to_messages(conv, c.system_prompt)
-            problems = validate(record)
-            if problems:
-                out.quarantined.append({"source": where, "reason_code": "invalid_messages",
-                                        "reason": "; ".join(problems), "record": record})
-                continue
-            ex = build_example(tokenizer, record["messages"])
+        records = read_jsonl(paths.require(paths.split(name), "01_data_prep"))
+        out.records_in[name] = len(records)
+        chat_rows, token_rows, lens, shares, turns = [], [], [], [], []
+        out.trained_tokens[name] = out.total_tokens[name] = out.truncated[name] = 0
+        for i, rec in enumerate(records, 1):
+            where = f"{paths.split(name)}:line {i} ({rec.get('id')})"
+
+            def quarantine(code: str, reason: str, rec=rec, where=where) -> None:
+                out.quarantined.append({"source": where, "reason_code": code, "reason": reason, "record": rec})
+
+            if "text" in rec and "messages" not in rec:
+                messages, ex = None, build_text_example(tokenizer, rec["text"])
+            else:
+                messages = with_system_prompt(rec["messages"], c.system_prompt)
+                try:
+                    ex = build_example(tokenizer, messages)
+                except ValueError as e:
+                    quarantine("template_error", str(e))
+                    continue
             if len(ex.input_ids) > c.max_seq_len:
-                reason = (f"{len(ex.input_ids)} tokens > convert.max_seq_len={c.max_seq_len}; raise max_seq_len, "
-                          "shorten the conversation, or set convert.over_length: drop")
+                reason = f"{len(ex.input_ids)} tokens > convert.max_seq_len={c.max_seq_len}"
                 if c.over_length == "error":
-                    raise DataError(f"{where}: {reason}")
-                out.quarantined.append({"source": where, "reason_code": "over_length", "reason": reason, "record": record})
-                continue
+                    raise DataError(f"{where}: {reason}; raise max_seq_len, or set convert.over_length to drop or "
+                                    "truncate")
+                fitted = fit_length(tokenizer, messages, c.max_seq_len) if (c.over_length == "truncate"
+                                                                             and messages) else None
+                if fitted is None:
+                    how = "no turn boundary leaves a trained reply within the limit" if c.over_length == "truncate" \
+                        else "dropped (convert.over_length: drop)"
+                    quarantine("over_length", f"{reason}; {how}")
+                    continue
+                messages, ex = fitted
+                out.truncated[name] += 1
+            if messages is not None:
+                problem = verify_mask(tokenizer, messages, ex, eot_text)
+                if problem:
+                    quarantine("mask_mismatch", problem)
+                    continue
             if ex.n_trained == 0:
-                out.quarantined.append({"source": where, "reason_code": "no_trained_tokens",
-                                        "reason": "no assistant token survived masking", "record": record})
+                quarantine("no_trained_tokens", "no token carries the loss")
                 continue
-            chat_rows.append(record)
-            token_rows.append({"conversation_id": record["conversation_id"], **ex.to_dict()})
+            chat_rows.append({"id": rec.get("id"), **({"messages": messages} if messages else {"text": rec["text"]}),
+                              "meta": rec.get("meta", {})})
+            token_rows.append({"id": rec.get("id"), **ex.to_dict()})
             lens.append(len(ex.input_ids))
+            shares.append(ex.n_trained / len(ex.input_ids))
+            turns.append(sum(1 for m in messages if m["role"] == "assistant") if messages else 1)
             out.trained_tokens[name] += ex.n_trained
             out.total_tokens[name] += len(ex.input_ids)
-            if out.example is None and name == "train" and len(record["messages"]) > 3:
-                out.example = ex
-        if out.example is None and token_rows and name == "train":
-            out.example = Example(token_rows[0]["input_ids"], token_rows[0]["labels"])
+            if name == "train" and len(out.examples) < 3:
+                out.examples.append(ex)
         write_jsonl(paths.chat(name), chat_rows)
         write_jsonl(paths.tokens(name), token_rows)
         out.kept[name] = len(chat_rows)
-        out.lengths[name] = lens
+        out.lengths[name], out.trained_share[name], out.turns[name] = lens, shares, turns
     write_jsonl(paths.format_quarantine, out.quarantined)
     return out
+
+
+__all__ = ["IGNORE_INDEX", "ConversionResult", "DataError", "build_text_example", "convert", "fit_length",
+           "verify_mask"]

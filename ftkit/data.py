@@ -1,181 +1,306 @@
-"""Stage 01: load a raw export, clean it, group conversations and split them.
+"""Stage 01: read any supported input, convert to canonical chat records, clean, split.
 
-Nothing is dropped silently: every row that is not kept goes to the quarantine file with its
-source (file and row) and the reason, and ``rows_in == rows_kept + rows_quarantined``.
+Order of work: read (streamed) → detect the format → convert each record → normalise text,
+count/scrub PII, handle ``{{placeholders}}`` → drop exact duplicate rows → group rows into
+conversations (``data.conversation_column``) → validate → length filter → near-duplicates →
+split (seeded; stratified by ``data.label_column``; grouped by ``data.group_column``) → leakage
+check across splits.
+
+Nothing is dropped silently: every input row that is not kept is written to the quarantine file
+with its source (file and line/row), a reason code and a reason a person understands, and
+``rows_in == rows_kept + rows_quarantined``.
 """
 
 from __future__ import annotations
 
-import csv
+import dataclasses
 import hashlib
 import json
 import logging
 import random
-import re
-import unicodedata
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import demo_data
+from . import cleaning, demo_data
 from .config import DEMO_DATA, DataConfig
+from .formats import Detection, FormatError, Problem, canonical_text, detect_format, to_canonical, validate
 from .paths import RunPaths, write_jsonl
+from .readers import iter_records
 
 log = logging.getLogger("ftkit")
 
-_SPACES = re.compile(r"[ \t\u00a0]+")
+DEMO_PRESET = {"columns": {"user": "ticket", "assistant": "reply"}, "conversation_column": "conversation_id",
+               "turn_column": "turn"}
 
 
 @dataclass
 class PrepResult:
     """What stage 01 did, for the report and the metrics file."""
 
-    source: str
-    rows_in: int
-    rows_kept: int
+    sources: list[str]
+    detection: Detection
+    rows_in: int = 0
+    rows_kept: int = 0
     quarantined: list[dict] = field(default_factory=list)
     whitespace_fixed: int = 0
+    pii: Counter = field(default_factory=Counter)
+    placeholders: Counter = field(default_factory=Counter)
+    leakage: dict = field(default_factory=dict)
+    near_dup_method: str | None = None
     splits: dict[str, list[dict]] = field(default_factory=dict)
 
+    @property
+    def source(self) -> str:
+        return self.sources[0] if len(self.sources) == 1 else ", ".join(self.sources)
+
     def metrics(self) -> dict:
-        reasons: dict[str, int] = {}
-        for q in self.quarantined:
-            reasons[q["reason_code"]] = reasons.get(q["reason_code"], 0) + 1
+        reasons = Counter(q["reason_code"] for q in self.quarantined)
         return {
-            "source": self.source,
+            "sources": self.sources,
+            "format": self.detection.format,
+            "format_reason": self.detection.reason,
             "rows_in": self.rows_in,
             "rows_kept": self.rows_kept,
             "rows_quarantined": len(self.quarantined),
-            "quarantine_reasons": reasons,
+            "quarantine_reasons": dict(reasons),
             "whitespace_fixed": self.whitespace_fixed,
+            "pii_found": dict(self.pii),
+            "placeholders": dict(self.placeholders.most_common(20)),
+            "near_duplicate_method": self.near_dup_method,
             "conversations": {k: len(v) for k, v in self.splits.items()},
-            "rows": {k: sum(len(c.get("turns", [c])) for c in v) for k, v in self.splits.items()},
+            "rows": {k: sum(len(c["sources"]) for c in v) for k, v in self.splits.items()},
+            "leakage": self.leakage,
         }
 
 
-def resolve_source(cfg: DataConfig, paths: RunPaths, seed: int) -> Path:
-    """The raw file to read: the user's ``data.path`` or the demo export, generated on demand."""
+def effective_config(cfg: DataConfig) -> DataConfig:
+    """The demo is a preset: its columns and conversation ids apply unless set explicitly."""
+    if cfg.path != DEMO_DATA:
+        return cfg
+    return dataclasses.replace(
+        cfg, columns=cfg.columns or DEMO_PRESET["columns"],
+        conversation_column=cfg.conversation_column or DEMO_PRESET["conversation_column"],
+        turn_column=cfg.turn_column or DEMO_PRESET["turn_column"])
+
+
+def resolve_sources(cfg: DataConfig, paths: RunPaths, seed: int) -> list[Path]:
+    """The raw inputs: the user's ``data.path`` (file, folder, glob or list) or the demo export."""
     if cfg.path == DEMO_DATA:
-        return demo_data.write_csv(paths.raw_demo, n=cfg.demo_size, seed=seed)
-    p = Path(cfg.path).expanduser()
-    if not p.exists():
-        raise FileNotFoundError(f"data.path: {p} does not exist; point data.path at a CSV/TSV/JSONL file or use 'demo'")
-    return p
+        return [demo_data.write_csv(paths.raw_demo, n=cfg.demo_size, seed=seed)]
+    items = cfg.path if isinstance(cfg.path, list) else [cfg.path]
+    return [Path(p).expanduser() for p in items]
 
 
-def read_rows(path: Path) -> list[tuple[str, dict]]:
-    """Read a CSV, TSV or JSONL table as ``(where, row)`` pairs; ``where`` is ``file:row N``/``file:line N``."""
-    suffix = path.suffix.lower()
-    if suffix in (".csv", ".tsv"):
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
-            return [(f"{path}:row {i}", dict(r)) for i, r in enumerate(reader, 1)]
-    if suffix in (".jsonl", ".ndjson"):
-        rows = []
-        with open(path, encoding="utf-8-sig") as f:
-            for i, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    obj = {"__invalid__": f"invalid JSON ({e.msg} at column {e.colno})"}
-                rows.append((f"{path}:line {i}", obj if isinstance(obj, dict) else {"__invalid__": "not a JSON object"}))
-        return rows
-    raise ValueError(f"{path}: unsupported file type '{suffix}'; use .csv, .tsv or .jsonl")
-
-
-def normalise_text(text: str) -> str:
-    """Unicode NFC, unified newlines, runs of spaces collapsed, lines stripped."""
-    text = unicodedata.normalize("NFC", text).replace("\r\n", "\n").replace("\r", "\n")
-    lines = [_SPACES.sub(" ", line).strip() for line in text.split("\n")]
-    return "\n".join(lines).strip()
+def detect(cfg: DataConfig, sources) -> Detection:
+    if cfg.format != "auto":
+        return Detection(cfg.format, "set by data.format", cfg.columns or None)
+    readable = (loc.record for loc in iter_records(sources) if loc.record is not None)
+    return detect_format(readable, cfg.columns or None)
 
 
 def prepare(cfg: DataConfig, paths: RunPaths, seed: int) -> PrepResult:
-    """Run stage 01 end to end and write the splits and the quarantine file."""
-    source = resolve_source(cfg, paths, seed)
-    rows = read_rows(source)
-    result = PrepResult(source=str(source), rows_in=len(rows), rows_kept=0)
-    conversations: dict[str, list[dict]] = {}
-    chat_records: list[dict] = []  # rows already in chat form
-    seen: dict[object, str] = {}
+    """Run stage 01 end to end; writes the splits and the quarantine file."""
+    cfg = effective_config(cfg)
+    sources = resolve_sources(cfg, paths, seed)
+    detection = detect(cfg, sources)
+    log.info("format: %s (%s)", detection.format, detection.reason)
+    res = PrepResult(sources=[str(s) for s in sources], detection=detection)
 
-    def quarantine(where: str, row: dict, code: str, reason: str) -> None:
-        result.quarantined.append({"source": where, "reason_code": code, "reason": reason, "record": row})
+    def quarantine(where, record, code, reason):
+        res.quarantined.append({"source": where, "reason_code": code, "reason": reason, "record": record})
 
-    for where, row in rows:
-        if "__invalid__" in row:
-            quarantine(where, row, "invalid_record", row["__invalid__"])
+    rows: list[dict] = []
+    seen: dict[str, str] = {}
+    for loc in iter_records(sources):
+        res.rows_in += 1
+        if loc.error:
+            quarantine(loc.where, None, "unreadable", loc.error)
             continue
-        if "messages" in row:  # already in chat form (OpenAI fine-tuning JSONL)
-            key = json.dumps(row["messages"], sort_keys=True)
-            if key in seen:
-                quarantine(where, row, "duplicate", f"exact duplicate of {seen[key]}")
-                continue
-            seen[key] = where
-            chat_records.append({"conversation_id": where, "messages": row["messages"], "source": where})
-            result.rows_kept += 1
-            continue
-        missing = [c for c in (cfg.user_column, cfg.assistant_column) if c not in row]
-        if missing:
-            quarantine(where, row, "missing_field",
-                       f"no column {missing[0]!r}; set data.user_column/data.assistant_column to this file's columns "
-                       f"(it has: {', '.join(row)})")
-            continue
-        user_raw, asst_raw = row[cfg.user_column], row[cfg.assistant_column]
-        if not isinstance(user_raw, str) or not isinstance(asst_raw, str):
-            quarantine(where, row, "wrong_type", f"{cfg.user_column}/{cfg.assistant_column} must be text")
-            continue
-        user, asst = normalise_text(user_raw), normalise_text(asst_raw)
-        if (user, asst) != (user_raw, asst_raw):
-            result.whitespace_fixed += 1
-        if not user or not asst:
-            empty = cfg.user_column if not user else cfg.assistant_column
-            quarantine(where, row, "empty_content", f"field {empty!r} is empty or whitespace only")
-            continue
-        cid = str(row.get(cfg.conversation_column, "") or "") if cfg.conversation_column else ""
-        turn_raw = row.get(cfg.turn_column, 1) if cfg.turn_column else 1
         try:
-            turn = int(turn_raw or 1)
-        except (TypeError, ValueError):
-            quarantine(where, row, "wrong_type", f"field {cfg.turn_column!r} must be an integer, got {turn_raw!r}")
+            rec = to_canonical(loc.record, detection)
+        except FormatError as e:
+            quarantine(loc.where, loc.record, e.problems[0].code, "; ".join(map(str, e.problems)))
             continue
-        key = (cid, turn, user, asst)
+        rec = _clean(rec, cfg, res)
+        if cfg.placeholders == "drop" and any(cleaning.PLACEHOLDER.search(t) for t in cleaning.contents(rec)):
+            quarantine(loc.where, loc.record, "placeholder", "contains {{placeholders}} and data.placeholders is 'drop'")
+            continue
+        group = _meta_value(rec, cfg.conversation_column)
+        turn = _meta_value(rec, cfg.turn_column)
+        key = hashlib.sha1(json.dumps([group, turn, canonical_text(rec)], default=str).encode()).hexdigest()
         if key in seen:
-            quarantine(where, row, "duplicate", f"exact duplicate of {seen[key]}")
+            quarantine(loc.where, loc.record, "duplicate", f"exact duplicate of {seen[key]}")
             continue
-        seen[key] = where
-        conversations.setdefault(cid or where, []).append({"turn": turn, "user": user, "assistant": asst, "source": where})
-        result.rows_kept += 1
+        seen[key] = loc.where
+        rows.append({"rec": rec, "where": loc.where, "group": group, "turn": turn, "raw": loc.record})
 
-    convs = [{"conversation_id": cid, "turns": sorted(turns, key=lambda t: t.get("turn", 0))}
-             for cid, turns in conversations.items()] + chat_records
+    convs = _group(rows, cfg)
+    kept = []
+    for conv in convs:
+        problems = validate(conv, alternate=cfg.alternate_roles, max_chars=cfg.max_chars)
+        total_chars = sum(len(t) for t in cleaning.contents(conv))
+        if not problems and total_chars < cfg.min_chars:
+            problems = [Problem("", f"{total_chars} characters < data.min_chars={cfg.min_chars}", "too_short")]
+        if problems:
+            code = problems[0].code
+            for where in conv["sources"]:
+                quarantine(where, conv, code, "; ".join(map(str, problems)))
+            continue
+        kept.append(conv)
+
+    if cfg.near_duplicate_threshold is not None and kept:
+        res.near_dup_method = f"{cleaning.NEAR_DUP_METHOD} >= {cfg.near_duplicate_threshold}"
+        dups = cleaning.near_duplicates([canonical_text(c) for c in kept], cfg.near_duplicate_threshold)
+        for i, (j, sim) in dups.items():
+            for where in kept[i]["sources"]:
+                quarantine(where, kept[i], "near_duplicate",
+                           f"near-duplicate (Jaccard ≈ {sim:.2f}) of {kept[j]['sources'][0]}")
+        kept = [c for i, c in enumerate(kept) if i not in dups]
+
     if cfg.max_records is not None:
-        for c in convs[cfg.max_records:]:
-            for t in c.get("turns", [c]):
-                quarantine(t["source"], t, "over_max_records", f"beyond data.max_records={cfg.max_records}")
-                result.rows_kept -= 1
-        convs = convs[: cfg.max_records]
-    result.splits = split_conversations(convs, cfg.val_fraction, cfg.test_fraction, seed)
-    for name, items in result.splits.items():
+        for c in kept[cfg.max_records:]:
+            for where in c["sources"]:
+                quarantine(where, c, "over_max_records", f"beyond data.max_records={cfg.max_records}")
+        kept = kept[: cfg.max_records]
+
+    res.rows_kept = sum(len(c["sources"]) for c in kept)
+    res.splits = split_records(kept, cfg, seed)
+    res.leakage = leakage_report(res.splits, cfg.leakage_threshold)
+    for name, items in res.splits.items():
         write_jsonl(paths.split(name), items)
-    write_jsonl(paths.quarantine, result.quarantined)
-    assert result.rows_in == result.rows_kept + len(result.quarantined), "row accounting is off"
-    return result
+    write_jsonl(paths.quarantine, res.quarantined)
+    if res.rows_in != res.rows_kept + len(res.quarantined):
+        raise AssertionError(f"row accounting is off: {res.rows_in} in, {res.rows_kept} kept, "
+                             f"{len(res.quarantined)} quarantined")
+    return res
 
 
-def split_conversations(convs: list[dict], val_fraction: float, test_fraction: float, seed: int) -> dict[str, list[dict]]:
-    """Split whole conversations (never their turns) into train/val/test with a seeded shuffle."""
-    order = sorted(convs, key=lambda c: c["conversation_id"])
+def _meta_value(rec: dict, column: str | None):
+    if not column:
+        return None
+    v = rec.get("meta", {}).get(column)
+    return None if v in ("", None) else v
+
+
+def _clean(rec: dict, cfg: DataConfig, res: PrepResult) -> dict:
+    before = cleaning.contents(rec)
+    rec = cleaning.map_contents(rec, cleaning.normalise_text)
+    if cleaning.contents(rec) != before:
+        res.whitespace_fixed += 1
+    for text in cleaning.contents(rec):
+        res.placeholders.update(m.group(1).strip() for m in cleaning.PLACEHOLDER.finditer(text))
+    if cfg.pii != "off":
+        types, pattern = cfg.pii_types, cfg.order_id_pattern
+        for text in cleaning.contents(rec):
+            res.pii.update(kind for kind, _, _ in cleaning.find_pii(text, types, pattern))
+        if cfg.pii == "scrub":
+            rec = cleaning.map_contents(rec, lambda t: cleaning.scrub_pii(t, types, pattern)[0])
+    if cfg.placeholders == "fill":
+        rec = cleaning.map_contents(rec, cleaning.fill_placeholders)
+    return rec
+
+
+def _group(rows: list[dict], cfg: DataConfig) -> list[dict]:
+    """Rows sharing a conversation id become one conversation, in turn order."""
+    if not cfg.conversation_column:
+        return [{**r["rec"], "id": r["where"], "sources": [r["where"]]} for r in rows]
+    groups: dict[object, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(r["group"] if r["group"] is not None else r["where"], []).append(r)
+    convs = []
+    for gid, members in groups.items():
+        members.sort(key=lambda r: _turn_key(r["turn"]))
+        first = members[0]["rec"]
+        if "text" in first:
+            convs += [{**m["rec"], "id": m["where"], "sources": [m["where"]]} for m in members]
+            continue
+        messages = []
+        for k, m in enumerate(members):
+            msgs = m["rec"]["messages"]
+            messages += msgs if k == 0 else [x for x in msgs if x.get("role") != "system"]
+        convs.append({"messages": messages, "meta": first.get("meta", {}), "id": str(gid),
+                      "sources": [m["where"] for m in members]})
+    return convs
+
+
+def _turn_key(turn):
+    try:
+        return (0, float(turn))
+    except (TypeError, ValueError):
+        return (1, str(turn))
+
+
+def split_records(records: list[dict], cfg: DataConfig, seed: int) -> dict[str, list[dict]]:
+    """Train/val/test: seeded; stratified by ``label_column``; grouped by ``group_column`` (scikit-learn)."""
+    n = len(records)
+    idx = list(range(n))
+    labels = [str(_meta_value(r, cfg.label_column)) for r in records] if cfg.label_column else None
+    groups = [str(_meta_value(r, cfg.group_column) or r["id"]) for r in records] if cfg.group_column else None
+    test_idx = _take(idx, cfg.test_fraction, labels, groups, seed)
+    in_test = set(test_idx)
+    rest = [i for i in idx if i not in in_test]
+    frac_val = cfg.val_fraction / (1 - cfg.test_fraction) if cfg.test_fraction < 1 else 0
+    val_idx = _take(rest, frac_val, labels, groups, seed + 1)
+    held = set(test_idx) | set(val_idx)
+    train_idx = [i for i in idx if i not in held]
+    random.Random(seed).shuffle(train_idx)
+    return {"train": [records[i] for i in train_idx], "val": [records[i] for i in val_idx],
+            "test": [records[i] for i in test_idx]}
+
+
+def _take(idx: list[int], fraction: float, labels, groups, seed: int) -> list[int]:
+    """A seeded subset of ``idx`` of about ``fraction``, stratified/grouped when asked."""
+    k = round(len(idx) * fraction)
+    if k == 0 or not idx:
+        return []
+    if groups is not None:
+        from sklearn.model_selection import GroupShuffleSplit, StratifiedGroupKFold
+
+        g = [groups[i] for i in idx]
+        if labels is not None:
+            n_splits = max(2, round(1 / fraction))
+            folds = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+            _, held = next(folds.split(idx, [labels[i] for i in idx], g))
+        else:
+            _, held = next(GroupShuffleSplit(n_splits=1, test_size=fraction, random_state=seed).split(idx, groups=g))
+        return [idx[j] for j in held]
+    if labels is not None:
+        from sklearn.model_selection import train_test_split
+
+        y = [labels[i] for i in idx]
+        counts = Counter(y)
+        if min(counts.values()) >= 2 and k >= len(counts):
+            _, held = train_test_split(idx, test_size=k, stratify=y, random_state=seed)
+            chosen = set(held)
+            return [i for i in idx if i in chosen]
+        log.warning("label_column: some labels have fewer than 2 records or too many labels for the split size; "
+                    "splitting without stratification")
+    order = idx[:]
     random.Random(seed).shuffle(order)
-    n = len(order)
-    n_test, n_val = round(n * test_fraction), round(n * val_fraction)
-    return {"test": order[:n_test], "val": order[n_test:n_test + n_val], "train": order[n_test + n_val:]}
+    return order[:k]
+
+
+def leakage_report(splits: dict[str, list[dict]], threshold: float) -> dict:
+    """Near-duplicates of held-out records in train (what a model could have memorised)."""
+    train = [canonical_text(r) for r in splits["train"]]
+    out = {"threshold": threshold, "method": cleaning.NEAR_DUP_METHOD}
+    for name in ("val", "test"):
+        held = [canonical_text(r) for r in splits[name]]
+        hits = cleaning.cross_split_near_duplicates(train, held, threshold) if train and held else []
+        out[name] = {"records": len(held), "near_duplicates_in_train": len(hits),
+                     "share": len(hits) / len(held) if held else 0.0,
+                     "examples": [{"held_out": splits[name][i]["id"], "train": splits["train"][j]["id"],
+                                   "jaccard": round(s, 3)} for i, j, s in hits[:5]]}
+    return out
 
 
 def file_sha256(path: str | Path) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
+    p = Path(path)
+    files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+    for f in files:
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
     return h.hexdigest()

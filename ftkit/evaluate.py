@@ -155,7 +155,7 @@ def evaluate_run(cfg, paths) -> dict:
     e = cfg.evaluate
     model, tok = load_adapter_model(cfg, paths)
     rows = load_tokens(paths.require(paths.tokens("test"), "02_format_conversion"))
-    records = read_jsonl(paths.chat("test"))
+    records = [r for r in read_jsonl(paths.chat("test")) if "messages" in r]  # text records have no prompt
     stop_ids = stop_token_ids(tok)
     sample = records[: e.num_generations]
     prompts = [prompt_and_reference(r["messages"])[0] for r in sample]

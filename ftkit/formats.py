@@ -1,76 +1,327 @@
-"""Stage 02, part one: conversations → chat ``messages`` records, and their validation.
+"""Data formats → one canonical chat form, format detection, validation and export.
 
-The canonical record is OpenAI's fine-tuning shape, ``{"messages": [{"role", "content"}, ...]}``.
-Validation follows OpenAI's data-prep checks (and a little more) and says, for every problem,
-which record, which message, which field, and why.
+The canonical record is ``{"messages": [{"role", "content", ...}], "meta": {...}}`` — OpenAI's
+fine-tuning shape, where an assistant message may carry ``weight`` (0 or 1: train on it or not),
+``name`` and ``tool_calls`` pass through, and every other input column rides along in ``meta``.
+Plain text (completion tuning) is ``{"text": "...", "meta": {...}}``.
+
+Input formats (``data.format``; ``auto`` detects and says why):
+
+==================  ===========================================================================
+``messages``        OpenAI chat: ``{"messages": [{"role": "user", "content": "..."}, ...]}``
+``sharegpt``        ``{"conversations": [{"from": "human"|"gpt"|"system", "value": "..."}]}``
+``alpaca``          ``instruction``, optional ``input``, ``output``, optional ``system``, ``history``
+``prompt_completion`` ``prompt`` and ``completion`` (strings, or lists of messages)
+``text``            ``text`` only: completion tuning on raw text
+``columns``         any table, through ``data.columns`` (e.g. ``{user: instruction, assistant: response}``)
+==================  ===========================================================================
+
+Every problem is a :class:`Problem` naming the field (``messages[2].content``) and the reason.
 """
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
+FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion", "text", "columns")
+MESSAGE_KEYS = {"role", "content", "name", "weight", "tool_calls", "tool_call_id", "function_call"}
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "model": "assistant",
+                  "chatgpt": "assistant", "bard": "assistant", "bing": "assistant", "system": "system",
+                  "function_call": "assistant", "observation": "tool", "tool": "tool"}
+# Column pairs that are recognised as (user, assistant) without configuration.
+KNOWN_COLUMN_PAIRS = [("instruction", "response"), ("question", "answer"), ("prompt", "response"),
+                      ("query", "response"), ("input", "output"), ("ticket", "reply"), ("user", "assistant"),
+                      ("request", "response"), ("context", "response")]
 
 
-def to_messages(conversation: dict, system_prompt: str | None) -> dict:
-    """Turn one stage-01 conversation into a ``messages`` record.
+@dataclass(frozen=True)
+class Problem:
+    field: str
+    reason: str
+    code: str = "invalid"
 
-    >>> to_messages({"conversation_id": "T1", "turns": [{"user": "Hi", "assistant": "Hello"}]}, "Be brief.")
-    {'conversation_id': 'T1', 'messages': [{'role': 'system', 'content': 'Be brief.'}, {'role': 'user', 'content': 'Hi'}, {'role': 'assistant', 'content': 'Hello'}]}
+    def __str__(self) -> str:
+        return f"{self.field}: {self.reason}" if self.field else self.reason
+
+
+class FormatError(ValueError):
+    def __init__(self, problems: list[Problem]):
+        self.problems = problems
+        super().__init__("; ".join(map(str, problems)))
+
+
+@dataclass
+class Detection:
+    format: str
+    reason: str
+    columns: dict[str, str] | None = None
+
+
+# ---------------------------------------------------------------------------------------------
+# detection
+
+
+def detect_format(records: Iterable[dict], columns: dict[str, str] | None = None, sample: int = 200) -> Detection:
+    """Guess the format from the first ``sample`` readable records; the reason says why."""
+    rows = [r for _, r in zip(range(sample), records, strict=False)]
+    if not rows:
+        raise FormatError([Problem("", "no readable record to detect the format from", "empty")])
+    keys = [set(r) for r in rows]
+
+    def share(pred) -> float:
+        return sum(1 for k, r in zip(keys, rows, strict=True) if pred(k, r)) / len(rows)
+
+    n = len(rows)
+    if columns:
+        missing = [c for c in columns.values() if not any(c in k for k in keys)]
+        if missing:
+            raise FormatError([Problem("data.columns", f"column {missing[0]!r} is in none of the first {n} records; "
+                                       f"columns seen: {', '.join(sorted(set().union(*keys)))}", "missing_field")])
+        return Detection("columns", f"data.columns maps {_mapping_text(columns)}", dict(columns))
+    checks = [
+        ("messages", lambda k, r: isinstance(r.get("messages"), list), "a 'messages' list (OpenAI chat format)"),
+        ("sharegpt", lambda k, r: isinstance(r.get("conversations"), list), "a 'conversations' list (ShareGPT)"),
+        ("alpaca", lambda k, r: "instruction" in k and "output" in k, "'instruction' and 'output' fields (Alpaca)"),
+        ("prompt_completion", lambda k, r: "prompt" in k and "completion" in k, "'prompt' and 'completion' fields"),
+    ]
+    for fmt, pred, what in checks:
+        s = share(pred)
+        if s >= 0.5:
+            return Detection(fmt, f"{s:.0%} of the first {n} records have {what}")
+    for user, assistant in KNOWN_COLUMN_PAIRS:
+        s = share(lambda k, r, u=user, a=assistant: u in k and a in k)
+        if s >= 0.5:
+            cols = {"user": user, "assistant": assistant}
+            if share(lambda k, r: "system" in k) >= 0.5:
+                cols["system"] = "system"
+            return Detection("columns", f"{s:.0%} of the first {n} records have the columns '{user}' and "
+                             f"'{assistant}', read as {_mapping_text(cols)}", cols)
+    s = share(lambda k, r: isinstance(r.get("text"), str))
+    if s >= 0.5:
+        return Detection("text", f"{s:.0%} of the first {n} records have a 'text' field and no chat structure "
+                         "(completion tuning)")
+    seen = ", ".join(sorted(set().union(*keys)))[:300]
+    raise FormatError([Problem("data.format", f"cannot tell the format from the fields ({seen}); set data.format, or "
+                               "data.columns: {user: <column>, assistant: <column>}", "unknown_format")])
+
+
+def _mapping_text(columns: dict[str, str]) -> str:
+    return ", ".join(f"{role} ← '{col}'" for role, col in columns.items())
+
+
+# ---------------------------------------------------------------------------------------------
+# conversion
+
+
+def to_canonical(record: dict, detection: Detection) -> dict:
+    """Convert one record; raises :class:`FormatError` listing every problem with field names."""
+    fmt = detection.format
+    if fmt == "messages":
+        messages = record.get("messages")
+        meta = {k: v for k, v in record.items() if k != "messages"}
+        return {"messages": messages, "meta": meta}
+    if fmt == "sharegpt":
+        return _from_sharegpt(record)
+    if fmt == "alpaca":
+        return _from_alpaca(record)
+    if fmt == "prompt_completion":
+        return _from_prompt_completion(record)
+    if fmt == "text":
+        text = record.get("text")
+        if not isinstance(text, str):
+            raise FormatError([Problem("text", f"must be a string, got {_type(text)}", "wrong_type")])
+        return {"text": text, "meta": {k: v for k, v in record.items() if k != "text"}}
+    if fmt == "columns":
+        return _from_columns(record, detection.columns or {})
+    raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+
+
+def _type(v: Any) -> str:
+    return "null" if v is None else type(v).__name__
+
+
+def _text_field(record: dict, key: str, problems: list[Problem], required: bool = True) -> str | None:
+    if key not in record or record[key] is None:
+        if required:
+            problems.append(Problem(key, "missing", "missing_field"))
+        return None
+    v = record[key]
+    if not isinstance(v, str):
+        problems.append(Problem(key, f"must be a string, got {_type(v)}", "wrong_type"))
+        return None
+    return v
+
+
+def _from_sharegpt(record: dict) -> dict:
+    conv = record.get("conversations")
+    problems: list[Problem] = []
+    messages = []
+    for i, turn in enumerate(conv if isinstance(conv, list) else []):
+        where = f"conversations[{i}]"
+        if not isinstance(turn, dict):
+            problems.append(Problem(where, f"must be an object with 'from' and 'value', got {_type(turn)}", "wrong_type"))
+            continue
+        who = turn.get("from", turn.get("role"))
+        role = SHAREGPT_ROLES.get(str(who).lower()) if who is not None else None
+        if role is None:
+            problems.append(Problem(f"{where}.from", f"unknown speaker {who!r}; use human, gpt or system",
+                                    "unknown_role"))
+            continue
+        messages.append({"role": role, "content": turn.get("value", turn.get("content"))})
+    if not isinstance(conv, list):
+        problems.append(Problem("conversations", f"must be a list, got {_type(conv)}", "wrong_type"))
+    if problems:
+        raise FormatError(problems)
+    if isinstance(record.get("system"), str) and record["system"].strip() and (not messages or messages[0]["role"] != "system"):
+        messages.insert(0, {"role": "system", "content": record["system"]})
+    return {"messages": messages, "meta": {k: v for k, v in record.items() if k not in ("conversations", "system")}}
+
+
+def _from_alpaca(record: dict) -> dict:
+    problems: list[Problem] = []
+    instruction = _text_field(record, "instruction", problems)
+    inp = _text_field(record, "input", problems, required=False)
+    output = _text_field(record, "output", problems)
+    system = _text_field(record, "system", problems, required=False)
+    history = record.get("history") or []
+    messages = [{"role": "system", "content": system}] if system and system.strip() else []
+    if not isinstance(history, list):
+        problems.append(Problem("history", f"must be a list of [instruction, output] pairs, got {_type(history)}",
+                                "wrong_type"))
+        history = []
+    for i, pair in enumerate(history):
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
+            problems.append(Problem(f"history[{i}]", "must be a pair of strings [instruction, output]", "wrong_type"))
+            continue
+        messages += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
+    if problems:
+        raise FormatError(problems)
+    user = instruction if not (inp and inp.strip()) else f"{instruction}\n\n{inp}"
+    messages += [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
+    meta = {k: v for k, v in record.items() if k not in ("instruction", "input", "output", "system", "history")}
+    return {"messages": messages, "meta": meta}
+
+
+def _from_prompt_completion(record: dict) -> dict:
+    prompt, completion = record.get("prompt"), record.get("completion")
+    meta = {k: v for k, v in record.items() if k not in ("prompt", "completion")}
+    if isinstance(prompt, list) and isinstance(completion, list):  # conversational prompt-completion (TRL)
+        return {"messages": prompt + completion, "meta": meta}
+    problems: list[Problem] = []
+    p = _text_field(record, "prompt", problems)
+    c = _text_field(record, "completion", problems)
+    if problems:
+        raise FormatError(problems)
+    return {"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": c}], "meta": meta}
+
+
+def _from_columns(record: dict, columns: dict[str, str]) -> dict:
+    problems: list[Problem] = []
+    messages = []
+    for role in ("system", "user", "assistant"):
+        col = columns.get(role)
+        if not col:
+            continue
+        v = _text_field(record, col, problems, required=role != "system")
+        if v is not None and (role != "system" or v.strip()):
+            messages.append({"role": role, "content": v})
+    if problems:
+        raise FormatError(problems)
+    used = set(columns.values())
+    return {"messages": messages, "meta": {k: v for k, v in record.items() if k not in used}}
+
+
+# ---------------------------------------------------------------------------------------------
+# validation
+
+
+def validate(record: Any, *, alternate: bool = True, max_chars: int | None = None) -> list[Problem]:
+    """Every problem of one canonical record (empty list: valid); a superset of OpenAI's checks.
+
+    Checks: a ``messages`` list of objects; known roles; string, non-empty content (an assistant
+    message with ``tool_calls`` may have null content); no unknown message keys; ``weight`` 0 or
+    1 on assistant messages only; a system message only first; with ``alternate``, user and
+    assistant alternating (tool results after an assistant tool call); at least one assistant
+    message with weight 1; the last message from the assistant; total characters under
+    ``max_chars``.
     """
-    if "messages" in conversation:
-        messages = list(conversation["messages"])
-        has_system = bool(messages) and isinstance(messages[0], dict) and messages[0].get("role") == "system"
-    else:
-        messages = []
-        for t in conversation["turns"]:
-            messages += [{"role": "user", "content": t["user"]}, {"role": "assistant", "content": t["assistant"]}]
-        has_system = False
-    if system_prompt and not has_system:
-        messages = [{"role": "system", "content": system_prompt}] + messages
-    return {"conversation_id": conversation["conversation_id"], "messages": messages}
-
-
-def validate(record: Any) -> list[str]:
-    """Return every problem of one ``messages`` record (empty list: valid).
-
-    Checks: a dict with a ``messages`` list; each message a dict with a known ``role`` and
-    non-empty string ``content``; a system message only first; user and assistant alternating
-    after it, starting with user; at least one assistant message, the last message included.
-    """
+    if isinstance(record, dict) and "text" in record and "messages" not in record:
+        t = record["text"]
+        if not isinstance(t, str):
+            return [Problem("text", f"must be a string, got {_type(t)}", "wrong_type")]
+        if not t.strip():
+            return [Problem("text", "empty or whitespace only", "empty_content")]
+        if max_chars and len(t) > max_chars:
+            return [Problem("text", f"{len(t):,} characters > {max_chars:,}", "too_long")]
+        return []
     if not isinstance(record, dict) or not isinstance(record.get("messages"), list):
-        return ["record must be an object with a 'messages' list"]
+        return [Problem("messages", "record must be an object with a 'messages' list", "missing_field")]
     messages = record["messages"]
     if not messages:
-        return ["'messages' is empty"]
-    problems = []
-    expected = "user"
+        return [Problem("messages", "is empty", "empty_content")]
+    problems: list[Problem] = []
+    prev = None
+    total = 0
     for i, m in enumerate(messages):
         where = f"messages[{i}]"
         if not isinstance(m, dict):
-            problems.append(f"{where}: must be an object with 'role' and 'content', got {type(m).__name__}")
+            problems.append(Problem(where, f"must be an object with 'role' and 'content', got {_type(m)}", "wrong_type"))
             continue
         role, content = m.get("role"), m.get("content")
         if role not in ROLES:
-            problems.append(f"{where}.role: unknown role {role!r}; use one of {', '.join(ROLES)}")
+            problems.append(Problem(f"{where}.role", f"unknown role {role!r}; use one of {', '.join(ROLES)}",
+                                    "unknown_role"))
             continue
-        if not isinstance(content, str):
-            problems.append(f"{where}.content: must be a string, got {type(content).__name__}")
+        extra = set(m) - MESSAGE_KEYS
+        if extra:
+            problems.append(Problem(where, f"unknown key(s) {', '.join(sorted(map(str, extra)))}", "unknown_key"))
+        if content is None and role == "assistant" and m.get("tool_calls"):
+            pass
+        elif not isinstance(content, str):
+            problems.append(Problem(f"{where}.content", f"must be a string, got {_type(content)}", "wrong_type"))
         elif not content.strip():
-            problems.append(f"{where}.content: empty or whitespace-only {role} message")
+            problems.append(Problem(f"{where}.content", f"empty or whitespace-only {role} message", "empty_content"))
+        else:
+            total += len(content)
+        if "weight" in m and (role != "assistant" or m["weight"] not in (0, 1) or isinstance(m["weight"], bool)):
+            problems.append(Problem(f"{where}.weight", "weight is allowed on assistant messages only, as 0 or 1",
+                                    "invalid_weight"))
         if role == "system":
             if i != 0:
-                problems.append(f"{where}: a system message is only allowed first")
-            continue
-        if role != expected:
-            problems.append(f"{where}.role: expected '{expected}' here (user and assistant must alternate), got '{role}'")
-        expected = "assistant" if role == "user" else "user"
+                problems.append(Problem(where, "a system message is only allowed first", "bad_role_order"))
+        elif alternate:
+            expected = _expected_roles(prev)
+            if role not in expected:
+                problems.append(Problem(f"{where}.role", f"expected {' or '.join(expected)} after "
+                                        f"{prev or 'the start'}, got '{role}' (user and assistant must alternate)",
+                                        "bad_role_order"))
+        if role != "system":
+            prev = role
     roles = [m.get("role") for m in messages if isinstance(m, dict)]
+    trained = [m for m in messages if isinstance(m, dict) and m.get("role") == "assistant" and m.get("weight", 1) != 0]
     if "assistant" not in roles:
-        problems.append("no assistant message: nothing to train on")
+        problems.append(Problem("messages", "no assistant message: nothing to train on", "no_assistant"))
+    elif not trained:
+        problems.append(Problem("messages", "every assistant message has weight 0: nothing to train on",
+                                "no_assistant"))
     elif roles[-1] != "assistant":
-        problems.append(f"last message is '{roles[-1]}', not 'assistant': the final turn has no reply to learn")
+        problems.append(Problem("messages", f"last message is '{roles[-1]}', not 'assistant': the final turn has no "
+                                "reply to learn", "bad_role_order"))
+    if max_chars and total > max_chars:
+        problems.append(Problem("messages", f"{total:,} characters > {max_chars:,}", "too_long"))
     return problems
+
+
+def _expected_roles(prev: str | None) -> tuple[str, ...]:
+    return {None: ("user",), "user": ("assistant",), "assistant": ("user", "tool"), "tool": ("assistant", "tool")}[prev]
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers and export
 
 
 def prompt_and_reference(messages: list[dict]) -> tuple[list[dict], str]:
@@ -78,3 +329,29 @@ def prompt_and_reference(messages: list[dict]) -> tuple[list[dict], str]:
     if not messages or messages[-1]["role"] != "assistant":
         raise ValueError("conversation must end with an assistant message")
     return messages[:-1], messages[-1]["content"]
+
+
+def with_system_prompt(messages: list[dict], system_prompt: str | None) -> list[dict]:
+    if system_prompt and not (messages and messages[0].get("role") == "system"):
+        return [{"role": "system", "content": system_prompt}] + messages
+    return messages
+
+
+def to_openai(record: dict) -> dict:
+    """OpenAI fine-tuning JSONL line: only ``messages`` with the keys OpenAI accepts."""
+    keep = ("role", "content", "name", "weight", "tool_calls", "tool_call_id")
+    return {"messages": [{k: m[k] for k in keep if k in m} for m in record["messages"]]}
+
+
+def to_sharegpt(record: dict) -> dict:
+    back = {"user": "human", "assistant": "gpt", "system": "system", "tool": "observation"}
+    return {"conversations": [{"from": back[m["role"]], "value": m["content"]} for m in record["messages"]],
+            **({"meta": record["meta"]} if record.get("meta") else {})}
+
+
+def canonical_text(record: dict) -> str:
+    """All content of a record as one string (for duplicate detection)."""
+    if "text" in record:
+        return record["text"]
+    return "\n".join(f"{m.get('role')}: {m.get('content') or json.dumps(m.get('tool_calls'))}"
+                     for m in record["messages"])

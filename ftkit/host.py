@@ -10,7 +10,7 @@ from .paths import RunPaths, read_jsonl
 
 def check_prompts(paths: RunPaths, n: int = 3) -> list[list[dict]]:
     """A few held-out chat prompts for the merge check."""
-    records = read_jsonl(paths.require(paths.chat("test"), "02_format_conversion"))[:n]
+    records = [r for r in read_jsonl(paths.require(paths.chat("test"), "02_format_conversion")) if "messages" in r][:n]
     return [prompt_and_reference(r["messages"])[0] for r in records]
 
 

@@ -97,5 +97,5 @@ def describe_mask(tokenizer, example: Example) -> list[tuple[str, bool]]:
 
 
 def trained_text(tokenizer, example: Example) -> str:
-    """Decode only the trained tokens (a test checks this equals the assistant replies)."""
-    return tokenizer.decode([t for t in example.labels if t != IGNORE_INDEX])
+    """Decode the input tokens at trained positions (stage 02 checks this equals the assistant replies)."""
+    return tokenizer.decode([t for t, lab in zip(example.input_ids, example.labels, strict=True) if lab != IGNORE_INDEX])

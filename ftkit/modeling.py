@@ -188,15 +188,17 @@ def resolve_dtype(cfg: ModelConfig, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def load_tokenizer(path: str, cfg: ModelConfig | None = None):
+def load_tokenizer(path: str, cfg: ModelConfig | None = None, chat_template: str | None = None):
     from transformers import AutoTokenizer
 
     kw = {"trust_remote_code": cfg.trust_remote_code, "revision": cfg.revision} if cfg else {}
-    tok = AutoTokenizer.from_pretrained(path, **kw)
+    tok = AutoTokenizer.from_pretrained(str(path), **kw)
+    if chat_template:
+        tok.chat_template = chat_template
     if tok.chat_template is None:
         raise ValueError(
             f"{path}: the tokenizer has no chat template. Use an instruct/chat model, or set "
-            "tokenizer.chat_template before converting (completion tuning comes later)."
+            "convert.chat_template (chatml, llama3, a .jinja file or a Jinja string)."
         )
     prepare_tokenizer(tok)
     return tok

@@ -55,6 +55,11 @@ class RunPaths:
         return self.formatted_dir / f"{name}.chat.jsonl"
 
     @property
+    def tokenizer_dir(self) -> Path:
+        """The tokenizer and chat template every later stage uses (train = serve)."""
+        return self.root / "tokenizer"
+
+    @property
     def format_quarantine(self) -> Path:
         """Records stage 02 could not use (invalid messages, over the length limit), with reasons."""
         return self.formatted_dir / "quarantine.jsonl"

@@ -122,10 +122,9 @@ def quarantine_table(rows: list[dict], limit: int = 20):
 def setup_notebook() -> None:
     """Readable logs and plots in a report notebook."""
     import logging
+    import warnings
 
     import seaborn as sns
-
-    import warnings
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", force=True)
     for noisy in ("httpx", "httpx2", "httpcore", "urllib3", "absl"):
@@ -145,19 +144,86 @@ def counts_table(metrics: dict):
     rows = [{"what": "rows in", "count": metrics["rows_in"]}, {"what": "rows kept", "count": metrics["rows_kept"]},
             {"what": "rows quarantined", "count": metrics["rows_quarantined"]}]
     rows += [{"what": f"  · {k}", "count": v} for k, v in metrics["quarantine_reasons"].items()]
-    rows += [{"what": "rows with whitespace fixed", "count": metrics["whitespace_fixed"]}]
-    rows += [{"what": f"{k} conversations ({metrics['rows'][k]} rows)", "count": v}
+    rows += [{"what": f"{k}: conversations ({metrics['rows'][k]} rows)", "count": v}
              for k, v in metrics["conversations"].items()]
     return _frame(rows).set_index("what")
 
 
-def conversations_table(convs: list[dict]):
+def conversations_table(records: list[dict]):
     rows = []
-    for c in convs:
-        for t in c.get("turns", []):
-            rows.append({"conversation": c["conversation_id"], "turn": t.get("turn"), "user": t["user"],
-                         "assistant": t["assistant"]})
-    return _frame(rows)
+    for r in records:
+        if "text" in r and "messages" not in r:
+            rows.append({"id": r["id"], "role": "text", "content": r["text"][:500]})
+            continue
+        rows += [{"id": r["id"], "role": m["role"], "content": m.get("content")} for m in r["messages"]]
+    return _frame(rows).style.set_properties(**{"white-space": "pre-wrap", "text-align": "left"})
+
+
+def detection_note(result) -> None:
+    from IPython.display import Markdown, display
+
+    d = result.detection
+    cols = f" Columns: {d.columns}." if d.columns else ""
+    display(Markdown(f"Read **{len(result.sources)}** input(s): `{'`, `'.join(result.sources)}`.\n\n"
+                     f"Format **{d.format}**: {d.reason}.{cols}"))
+
+
+def cleaning_table(metrics: dict):
+    rows = [{"what": f"PII found: {k}", "count": v} for k, v in metrics["pii_found"].items()] or [
+        {"what": "PII found", "count": 0}]
+    rows += [{"what": f"placeholder {{{{{k}}}}}", "count": v} for k, v in metrics["placeholders"].items()]
+    rows.append({"what": "records with whitespace/Unicode fixed", "count": metrics["whitespace_fixed"]})
+    rows.append({"what": "near-duplicates dropped", "count": metrics["quarantine_reasons"].get("near_duplicate", 0)})
+    return _frame(rows).set_index("what")
+
+
+def leakage_note(metrics: dict) -> None:
+    from IPython.display import Markdown, display
+
+    lk = metrics["leakage"]
+    lines = [f"Near-duplicates of held-out records in train ({lk['method']}, threshold {lk['threshold']}):"]
+    for name in ("val", "test"):
+        v = lk[name]
+        lines.append(f"- **{name}**: {v['near_duplicates_in_train']} of {v['records']} ({100 * v['share']:.1f}%)")
+    if metrics.get("near_duplicate_method"):
+        lines.append(f"\nDuplicates removed before splitting: {metrics['near_duplicate_method']}.")
+    display(Markdown("\n".join(lines)))
+
+
+def plot_record_lengths(splits: dict[str, list[dict]]):
+    import matplotlib.pyplot as plt
+    import pandas as pd
+    import seaborn as sns
+
+    from .cleaning import contents
+
+    df = pd.DataFrame([{"split": s, "characters": sum(len(t) for t in contents(r))}
+                       for s, recs in splits.items() for r in recs])
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    if len(df):
+        sns.histplot(df, x="characters", hue="split", element="step", bins=40, ax=ax)
+    ax.set_title("Characters per conversation")
+    return fig
+
+
+def plot_balance(splits: dict[str, list[dict]], label_column: str | None, top: int = 20):
+    """Share of each label (or of turns per conversation, without a label column) per split."""
+    import matplotlib.pyplot as plt
+    import pandas as pd
+    import seaborn as sns
+
+    def key(r):
+        if label_column:
+            return str(r.get("meta", {}).get(label_column))
+        return f"{sum(1 for m in r.get('messages', []) if m.get('role') == 'assistant')} turn(s)"
+
+    df = pd.DataFrame([{"split": s, "value": key(r)} for s, recs in splits.items() for r in recs])
+    keep = df["value"].value_counts().index[:top]
+    df = df[df["value"].isin(keep)]
+    fig, ax = plt.subplots(figsize=(8, max(2.5, 0.25 * len(keep))))
+    sns.histplot(df, y="value", hue="split", multiple="dodge", stat="percent", common_norm=False, shrink=0.8, ax=ax)
+    ax.set_title(f"Balance by {label_column or 'turns per conversation'} (% of each split)")
+    return fig
 
 
 def token_stats_table(metrics: dict):
@@ -166,13 +232,16 @@ def token_stats_table(metrics: dict):
     return _frame(rows).set_index("split").round(3)
 
 
-def show_mask(tokenizer, example) -> None:
+def show_mask(tokenizer, examples) -> None:
+    """Examples with trained tokens highlighted, and their trained text decoded."""
     from IPython.display import HTML, Markdown, display
 
     from .masking import trained_text
 
-    display(HTML(mask_html(tokenizer, example.input_ids, example.labels)))
-    display(Markdown(f"Trained text, decoded: `{trained_text(tokenizer, example)!r}`"))
+    for i, example in enumerate(examples if isinstance(examples, list) else [examples], 1):
+        display(Markdown(f"**Example {i}** · {len(example.input_ids)} tokens, {example.n_trained} trained"))
+        display(HTML(mask_html(tokenizer, example.input_ids, example.labels)))
+        display(Markdown(f"Trained text, decoded: `{trained_text(tokenizer, example)!r}`"))
 
 
 def metrics_table(metrics: dict):

@@ -136,7 +136,7 @@ def run_training(cfg: ExperimentConfig, paths: RunPaths):
         torch.set_num_threads(cfg.train.num_threads)
     set_seed(cfg.seed, cfg.train.deterministic)
     base_path = resolve_model_path(cfg.model.name)
-    tokenizer = load_tokenizer(base_path, cfg.model)
+    tokenizer = load_tokenizer(paths.require(paths.tokenizer_dir, "02_format_conversion"), cfg.model)
     train_rows = load_tokens(paths.require(paths.tokens("train"), "02_format_conversion"))
     val_rows = load_tokens(paths.require(paths.tokens("val"), "02_format_conversion"), cfg.train.max_eval_examples)
     model = load_model(base_path, cfg.model)

@@ -1,37 +1,36 @@
 import json
 
+import pytest
+
 from ftkit.config import DataConfig
-from ftkit.data import normalise_text, prepare
+from ftkit.data import prepare
 from ftkit.paths import RunPaths, read_jsonl
-
-
-def test_normalise_text():
-    assert normalise_text("  Hi \t there\r\nsecond  line  ") == "Hi there\nsecond line"
-    assert normalise_text("Cafe\u0301") == "Café"
 
 
 def test_demo_prepare_accounts_for_every_row(tmp_path):
     paths = RunPaths(tmp_path, "t")
     res = prepare(DataConfig(demo_size=400), paths, seed=3)
     m = res.metrics()
+    assert m["format"] == "columns"
     assert m["rows_in"] == m["rows_kept"] + m["rows_quarantined"]
     assert m["quarantine_reasons"]["duplicate"] >= 1 and m["quarantine_reasons"]["empty_content"] >= 1
     quarantined = read_jsonl(paths.quarantine)
     assert len(quarantined) == m["rows_quarantined"]
-    assert all(q["reason"] and "row" in q["source"] for q in quarantined)
+    assert all(q["reason"] and ":row " in q["source"] for q in quarantined)
     assert sum(m["rows"].values()) == m["rows_kept"]
-    ids = {name: {c["conversation_id"] for c in read_jsonl(paths.split(name))} for name in ("train", "val", "test")}
+    ids = {name: {c["id"] for c in read_jsonl(paths.split(name))} for name in ("train", "val", "test")}
     assert not (ids["train"] & ids["val"]) and not (ids["train"] & ids["test"]) and not (ids["val"] & ids["test"])
+    multi = [c for c in read_jsonl(paths.split("train")) if len(c["messages"]) > 2]
+    assert multi and all(len(c["sources"]) == len(c["messages"]) // 2 for c in multi)
 
 
 def test_splits_are_reproducible(tmp_path):
+    def content(res):
+        return {k: [(c["id"], c["messages"]) for c in v] for k, v in res.splits.items()}
+
     a = prepare(DataConfig(demo_size=200), RunPaths(tmp_path, "a"), seed=1)
     b = prepare(DataConfig(demo_size=200), RunPaths(tmp_path, "b"), seed=1)
     c = prepare(DataConfig(demo_size=200), RunPaths(tmp_path, "c"), seed=2)
-    def content(res):
-        return {k: [(c["conversation_id"], [(t["user"], t["assistant"]) for t in c["turns"]]) for c in v]
-                for k, v in res.splits.items()}
-
     assert content(a) == content(b)
     assert content(a)["test"] != content(c)["test"]
 
@@ -43,13 +42,54 @@ def test_user_file_problems_are_quarantined_with_reasons(tmp_path):
         "{not json",
         json.dumps({"question": "Only a question"}),
         json.dumps({"question": "Empty", "answer": "   "}),
-        json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}),
+        json.dumps({"question": "How do I reset?", "answer": "Click reset."}),
+        "[1, 2]",
     ]) + "\n")
-    cfg = DataConfig(path=str(f), user_column="question", assistant_column="answer", conversation_column=None,
-                     turn_column=None, val_fraction=0.0, test_fraction=0.0)
+    cfg = DataConfig(path=str(f), val_fraction=0.0, test_fraction=0.0)
     res = prepare(cfg, RunPaths(tmp_path, "u"), seed=0)
-    assert res.rows_in == 5 and res.rows_kept == 2
+    assert res.detection.format == "columns" and res.detection.columns == {"user": "question", "assistant": "answer"}
+    assert res.rows_in == 6 and res.rows_kept == 1
     reasons = {q["source"].split(":")[-1]: q["reason"] for q in res.quarantined}
     assert reasons["line 2"].startswith("invalid JSON")
-    assert "no column 'answer'" in reasons["line 3"]
-    assert reasons["line 4"] == "field 'answer' is empty or whitespace only"
+    assert reasons["line 3"] == "answer: missing"
+    assert reasons["line 4"] == "messages[1].content: empty or whitespace-only assistant message"
+    assert reasons["line 5"] == f"exact duplicate of {f}:line 1"
+    assert reasons["line 6"] == "expected a JSON object per record, got list"
+
+
+def test_stratified_and_grouped_splits(tmp_path):
+    rows = [{"q": f"question number {i} about topic {i % 4}", "a": f"answer {i} " * 3, "intent": f"i{i % 4}",
+             "customer": f"c{i // 3}"} for i in range(200)]
+    f = tmp_path / "t.jsonl"
+    f.write_text("\n".join(json.dumps(r) for r in rows))
+    cols = {"user": "q", "assistant": "a"}
+    strat = prepare(DataConfig(path=str(f), columns=cols, label_column="intent", near_duplicate_threshold=None),
+                    RunPaths(tmp_path, "s"), seed=0)
+    for split in ("val", "test"):
+        intents = [r["meta"]["intent"] for r in strat.splits[split]]
+        assert {intents.count(f"i{k}") for k in range(4)} == {5}  # 20 records, 5 per intent
+    grouped = prepare(DataConfig(path=str(f), columns=cols, group_column="customer", near_duplicate_threshold=None),
+                      RunPaths(tmp_path, "g"), seed=0)
+    owners = {s: {r["meta"]["customer"] for r in grouped.splits[s]} for s in ("train", "val", "test")}
+    assert not (owners["train"] & owners["val"]) and not (owners["train"] & owners["test"])
+
+
+def test_near_duplicates_and_leakage(tmp_path):
+    base = ("my parcel with the blue camping stove never arrived and I need it for the trip this weekend, "
+            "the tracking page has said out for delivery since Monday and nobody answers the phone at the depot")
+    rows = [{"prompt": base + f" ticket {i}", "completion": "Sorry about that, I have asked the carrier to call you."}
+            for i in range(4)]
+    rows += [{"prompt": f"unrelated question {i} " + "lorem ipsum " * (i % 7), "completion": f"answer {i}"}
+             for i in range(60)]
+    f = tmp_path / "d.jsonl"
+    f.write_text("\n".join(json.dumps(r) for r in rows))
+    res = prepare(DataConfig(path=str(f), near_duplicate_threshold=0.8), RunPaths(tmp_path, "n"), seed=0)
+    near = [q for q in res.quarantined if q["reason_code"] == "near_duplicate"]
+    assert near and "near-duplicate (Jaccard ≈" in near[0]["reason"]
+    assert res.metrics()["leakage"]["threshold"] == 0.8
+
+
+def test_unsupported_input_is_a_clear_error(tmp_path):
+    (tmp_path / "x.docx").write_text("x")
+    with pytest.raises(ValueError, match=r"x.docx: unsupported file type '.docx'"):
+        prepare(DataConfig(path=str(tmp_path / "x.docx")), RunPaths(tmp_path, "e"), seed=0)

@@ -53,3 +53,56 @@ def test_template_that_rewrites_history_is_rejected(tokenizer):
                          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
     with pytest.raises(TemplateError, match="prefix"):
         build_example(tok, CONV)
+
+
+MISTRAL_STYLE = ("{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}"
+                 "{{ '[INST] ' + message['content'] + ' [/INST]' }}{% elif message['role'] == 'assistant' %}"
+                 "{{ message['content'] + eos_token }}{% endif %}{% endfor %}")
+
+
+@pytest.fixture(params=["chatml", "llama3", "mistral"])
+def templated(request, tokenizer):
+    """The tokenizer with three different chat templates (none uses {% generation %} tags)."""
+    import copy
+
+    from ftkit.templates import NAMED
+
+    tok = copy.deepcopy(tokenizer)
+    if request.param == "llama3":
+        tok.add_special_tokens({"additional_special_tokens": ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]})
+        tok.chat_template = NAMED["llama3"]
+        return tok, "<|eot_id|>"
+    tok.chat_template = MISTRAL_STYLE if request.param == "mistral" else NAMED["chatml"]
+    return tok, "<|im_end|>"
+
+
+def test_masks_on_three_templates(templated):
+    from ftkit.conversion import verify_mask
+
+    tok, eot = templated
+    conv = CONV if "[INST]" not in (tok.chat_template or "") else CONV[1:]
+    ex = build_example(tok, conv)
+    assert tok.convert_ids_to_tokens(end_of_turn_token_id(tok)) == eot
+    assert trained_text(tok, ex) == (f"Order AC-123456 ships today.\n— AcmeCorp Support{eot}You're welcome.{eot}")
+    assert verify_mask(tok, conv, ex, eot) is None
+
+
+def test_verify_mask_reports_a_wrong_mask(tokenizer):
+    from ftkit.conversion import verify_mask
+
+    ex = build_example(tokenizer, CONV)
+    shifted = type(ex)(ex.input_ids, [IGNORE_INDEX] + ex.labels[:-1])  # off by one: the classic bug
+    assert "but the input token there is" in verify_mask(tokenizer, CONV, shifted, "<|im_end|>")
+    eos_masked = type(ex)(ex.input_ids, [IGNORE_INDEX if t == 2 else lab for t, lab in zip(ex.input_ids, ex.labels)])
+    assert "trained tokens decode to" in verify_mask(tokenizer, CONV, eos_masked, "<|im_end|>")
+
+
+def test_truncate_at_turn_boundary_and_text_examples(tokenizer):
+    from ftkit.conversion import build_text_example, fit_length
+
+    full = build_example(tokenizer, CONV)
+    msgs, ex = fit_length(tokenizer, CONV, len(full.input_ids) - 1)
+    assert msgs == CONV[:3] and len(ex.input_ids) < len(full.input_ids)
+    assert fit_length(tokenizer, CONV, 5) is None
+    t = build_text_example(tokenizer, "Once upon a time")
+    assert t.labels == t.input_ids and t.input_ids[-1] == tokenizer.eos_token_id

@@ -3,12 +3,11 @@
 import json
 
 import pytest
-
 from conftest import run_make
+
 from ftkit import conversion, data
 from ftkit.config import load_config
 from ftkit.evaluate import adapter_disabled, heldout_loss
-from ftkit.modeling import load_tokenizer, resolve_model_path
 from ftkit.paths import RunPaths
 from ftkit.train import load_tokens, run_training
 
@@ -19,7 +18,7 @@ def test_real_model_held_out_loss_falls(tmp_path):
                              "logging_steps": 5})
     paths = RunPaths(cfg.outputs_dir, cfg.experiment)
     data.prepare(cfg.data, paths, cfg.seed)
-    tok = load_tokenizer(resolve_model_path(cfg.model.name))
+    tok = conversion.run_tokenizer(cfg, paths)
     conversion.convert(cfg, paths, tok)
     trainer, _ = run_training(cfg, paths)
     model = trainer.model.eval()

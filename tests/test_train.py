@@ -5,7 +5,6 @@ import torch
 
 from ftkit import conversion, data
 from ftkit.config import load_config
-from ftkit.modeling import load_tokenizer, resolve_model_path
 from ftkit.paths import RunPaths
 
 
@@ -20,7 +19,7 @@ def trained(tmp_path_factory):
                              "logging_steps": 2, "max_eval_examples": 8, "lora": {"dropout": 0.0}})
     paths = RunPaths(cfg.outputs_dir, cfg.experiment)
     data.prepare(cfg.data, paths, cfg.seed)
-    conversion.convert(cfg, paths, load_tokenizer(resolve_model_path(cfg.model.name)))
+    conversion.convert(cfg, paths, conversion.run_tokenizer(cfg, paths))
     trainer, metrics = run_training(cfg, paths)
     return cfg, paths, trainer, metrics
 
