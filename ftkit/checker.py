@@ -65,8 +65,9 @@ def check(paths, fmt: str = "auto", columns: dict | None = None, alternate: bool
             summary.detection = None
             for loc in iter_records(paths):
                 summary.records += 1
-                summary.problems[e.problems[0].code] += 1
-                yield loc.where, None, e.problems
+                problems = [Problem("", loc.error, "unreadable")] if loc.error else e.problems
+                summary.problems[problems[0].code] += 1
+                yield loc.where, None, problems
             return
     else:
         summary.detection = Detection(fmt, "set by --format", columns)
@@ -103,9 +104,7 @@ def write_records(records: list[dict], target: str, out: Path) -> Path:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        rows = [{"messages": json.dumps(r["messages"], ensure_ascii=False) if "messages" in r else None,
-                 "text": r.get("text"), "meta": json.dumps(r.get("meta", {}), ensure_ascii=False, default=str)}
-                for r in records]
+        rows = [_columnar(r) for r in records]
         fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.")
         os.close(fd)
         pq.write_table(pa.Table.from_pylist(rows), tmp)
@@ -116,13 +115,22 @@ def write_records(records: list[dict], target: str, out: Path) -> Path:
         from datasets import Dataset
 
         tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-        Dataset.from_list([{"messages": r.get("messages"), "text": r.get("text")} for r in records]).save_to_disk(str(tmp))
+        Dataset.from_list([_columnar(r) for r in records]).save_to_disk(str(tmp))
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
     else:
         raise ValueError(f"--to: unknown target {target!r}; choose one of {', '.join(TARGETS)}")
     return out
+
+
+def _columnar(record: dict) -> dict:
+    """A row for Parquet/datasets: messages as a list of {role, content} (or text), meta as JSON text."""
+    meta = json.dumps(record.get("meta", {}), ensure_ascii=False, default=str)
+    if "messages" in record:
+        return {"messages": [{"role": m["role"], "content": m.get("content") or ""} for m in record["messages"]],
+                "meta": meta}
+    return {"text": record["text"], "meta": meta}
 
 
 def clean_for_export(record: dict) -> dict:

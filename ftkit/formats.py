@@ -301,6 +301,8 @@ def validate(record: Any, *, alternate: bool = True, max_chars: int | None = Non
                                         "bad_role_order"))
         if role != "system":
             prev = role
+    if any(p.code == "unknown_role" or (p.code == "wrong_type" and p.field.endswith("]")) for p in problems):
+        return problems  # the conversation's shape cannot be judged; later checks would only echo this
     roles = [m.get("role") for m in messages if isinstance(m, dict)]
     trained = [m for m in messages if isinstance(m, dict) and m.get("role") == "assistant" and m.get("weight", 1) != 0]
     if "assistant" not in roles:

@@ -93,7 +93,7 @@ def test_verify_mask_reports_a_wrong_mask(tokenizer):
     ex = build_example(tokenizer, CONV)
     shifted = type(ex)(ex.input_ids, [IGNORE_INDEX] + ex.labels[:-1])  # off by one: the classic bug
     assert "but the input token there is" in verify_mask(tokenizer, CONV, shifted, "<|im_end|>")
-    eos_masked = type(ex)(ex.input_ids, [IGNORE_INDEX if t == 2 else lab for t, lab in zip(ex.input_ids, ex.labels)])
+    eos_masked = type(ex)(ex.input_ids, [IGNORE_INDEX if t == 2 else lab for t, lab in zip(ex.input_ids, ex.labels, strict=True)])
     assert "trained tokens decode to" in verify_mask(tokenizer, CONV, eos_masked, "<|im_end|>")
 
 
