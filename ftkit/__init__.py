@@ -19,8 +19,9 @@ def run_paths(cfg: ExperimentConfig) -> RunPaths:
 
     return RunPaths(resolve_outputs_dir(cfg.outputs_dir), cfg.experiment)
 
-_SUBMODULES = {"config", "paths", "demo_data", "data", "formats", "masking", "conversion", "modeling", "train",
-               "evaluate", "export", "serve", "server_process", "host", "report", "cli"}
+_SUBMODULES = {"config", "paths", "demo_data", "readers", "formats", "cleaning", "data", "templates", "masking",
+               "conversion", "estimate", "checker", "modeling", "train", "evaluate", "export", "serve",
+               "server_process", "host", "report", "cli"}
 
 
 def __getattr__(name: str):

@@ -101,6 +101,9 @@ class ConvertConfig:
     chat_template: str | None = None
     """null: the model's own; `chatml`, `llama3`, a path to a .jinja file, or a Jinja string."""
     max_seq_len: int = 512
+    hosted_price_per_million_tokens: float = 25.0
+    """USD per million training tokens on a hosted fine-tuning API, for the cost line in report 02
+    (an example figure: set the price you are quoted)."""
     over_length: Literal["drop", "truncate", "error"] = "drop"
     """Examples longer than max_seq_len are never cut silently: drop them, truncate at a turn
     boundary (later turns removed), or stop with an error; always counted in the report."""

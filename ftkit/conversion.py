@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .config import ExperimentConfig
-from .formats import with_system_prompt
+from .formats import to_openai, with_system_prompt
 from .masking import IGNORE_INDEX, Example, build_example, end_of_turn_token_id, trained_text
 from .paths import RunPaths, read_jsonl, write_jsonl
 
@@ -114,65 +114,101 @@ def run_tokenizer(cfg: ExperimentConfig, paths: RunPaths):
     return tok
 
 
+def process_record(tokenizer, rec: dict, *, system_prompt: str | None, max_seq_len: int, over_length: str,
+                   eot_text: str) -> dict:
+    """Convert one canonical record: ``{"ok": True, "chat", "tokens", "truncated"}`` or
+    ``{"ok": False, "code", "reason"}``. Pure, so it can run in worker processes."""
+    if "text" in rec and "messages" not in rec:
+        messages, ex = None, build_text_example(tokenizer, rec["text"])
+    else:
+        messages = with_system_prompt(rec["messages"], system_prompt)
+        try:
+            ex = build_example(tokenizer, messages)
+        except ValueError as e:
+            return {"ok": False, "code": "template_error", "reason": str(e)}
+    truncated = False
+    if len(ex.input_ids) > max_seq_len:
+        reason = f"{len(ex.input_ids)} tokens > convert.max_seq_len={max_seq_len}"
+        if over_length == "error":
+            return {"ok": False, "code": "over_length_error", "reason": reason}
+        fitted = fit_length(tokenizer, messages, max_seq_len) if over_length == "truncate" and messages else None
+        if fitted is None:
+            how = ("no turn boundary leaves a trained reply within the limit" if over_length == "truncate"
+                   else "dropped (convert.over_length: drop)")
+            return {"ok": False, "code": "over_length", "reason": f"{reason}; {how}"}
+        messages, ex = fitted
+        truncated = True
+    if messages is not None:
+        problem = verify_mask(tokenizer, messages, ex, eot_text)
+        if problem:
+            return {"ok": False, "code": "mask_mismatch", "reason": problem}
+    if ex.n_trained == 0:
+        return {"ok": False, "code": "no_trained_tokens", "reason": "no token carries the loss"}
+    body = {"messages": messages} if messages is not None else {"text": rec["text"]}
+    return {"ok": True, "truncated": truncated, "chat": {"id": rec.get("id"), **body, "meta": rec.get("meta", {})},
+            "tokens": {"id": rec.get("id"), **ex.to_dict()},
+            "turns": sum(1 for m in messages if m["role"] == "assistant") if messages else 1}
+
+
+PARALLEL_FROM = 5000  # below this, worker start-up costs more than it saves
+
+
+def process_many(tokenizer, records: list[dict], num_proc: int | None = None, **kw) -> list[dict]:
+    """:func:`process_record` over many records; with many records, ``datasets.map`` over the cores."""
+    import os
+
+    num_proc = num_proc or min(os.cpu_count() or 1, 8)
+    if len(records) < PARALLEL_FROM or num_proc < 2:
+        return [process_record(tokenizer, r, **kw) for r in records]
+    import json as _json
+
+    from datasets import Dataset, disable_progress_bars
+
+    disable_progress_bars()
+    ds = Dataset.from_dict({"rec": [_json.dumps(r, ensure_ascii=False) for r in records]})
+
+    def fn(batch):
+        return {"out": [_json.dumps(process_record(tokenizer, _json.loads(x), **kw), ensure_ascii=False)
+                        for x in batch["rec"]]}
+
+    done = ds.map(fn, batched=True, batch_size=500, num_proc=num_proc, remove_columns=["rec"])
+    return [_json.loads(x) for x in done["out"]]
+
+
 def convert(cfg: ExperimentConfig, paths: RunPaths, tokenizer) -> ConversionResult:
     """Run stage 02 for all splits; writes chat and token files and the quarantine file."""
     c = cfg.convert
     out = ConversionResult()
-    eot_text = tokenizer.decode([end_of_turn_token_id(tokenizer)])
+    kw = {"system_prompt": c.system_prompt, "max_seq_len": c.max_seq_len, "over_length": c.over_length,
+          "eot_text": tokenizer.decode([end_of_turn_token_id(tokenizer)])}
     for name in SPLITS:
         records = read_jsonl(paths.require(paths.split(name), "01_data_prep"))
         out.records_in[name] = len(records)
         chat_rows, token_rows, lens, shares, turns = [], [], [], [], []
         out.trained_tokens[name] = out.total_tokens[name] = out.truncated[name] = 0
-        for i, rec in enumerate(records, 1):
+        for i, (rec, res) in enumerate(zip(records, process_many(tokenizer, records, **kw), strict=True), 1):
             where = f"{paths.split(name)}:line {i} ({rec.get('id')})"
-
-            def quarantine(code: str, reason: str, rec=rec, where=where) -> None:
-                out.quarantined.append({"source": where, "reason_code": code, "reason": reason, "record": rec})
-
-            if "text" in rec and "messages" not in rec:
-                messages, ex = None, build_text_example(tokenizer, rec["text"])
-            else:
-                messages = with_system_prompt(rec["messages"], c.system_prompt)
-                try:
-                    ex = build_example(tokenizer, messages)
-                except ValueError as e:
-                    quarantine("template_error", str(e))
-                    continue
-            if len(ex.input_ids) > c.max_seq_len:
-                reason = f"{len(ex.input_ids)} tokens > convert.max_seq_len={c.max_seq_len}"
-                if c.over_length == "error":
-                    raise DataError(f"{where}: {reason}; raise max_seq_len, or set convert.over_length to drop or "
-                                    "truncate")
-                fitted = fit_length(tokenizer, messages, c.max_seq_len) if (c.over_length == "truncate"
-                                                                             and messages) else None
-                if fitted is None:
-                    how = "no turn boundary leaves a trained reply within the limit" if c.over_length == "truncate" \
-                        else "dropped (convert.over_length: drop)"
-                    quarantine("over_length", f"{reason}; {how}")
-                    continue
-                messages, ex = fitted
-                out.truncated[name] += 1
-            if messages is not None:
-                problem = verify_mask(tokenizer, messages, ex, eot_text)
-                if problem:
-                    quarantine("mask_mismatch", problem)
-                    continue
-            if ex.n_trained == 0:
-                quarantine("no_trained_tokens", "no token carries the loss")
+            if not res["ok"]:
+                if res["code"] == "over_length_error":
+                    raise DataError(f"{where}: {res['reason']}; raise convert.max_seq_len, or set "
+                                    "convert.over_length to drop or truncate")
+                out.quarantined.append({"source": where, "reason_code": res["code"], "reason": res["reason"],
+                                        "record": rec})
                 continue
-            chat_rows.append({"id": rec.get("id"), **({"messages": messages} if messages else {"text": rec["text"]}),
-                              "meta": rec.get("meta", {})})
-            token_rows.append({"id": rec.get("id"), **ex.to_dict()})
+            ex = Example(res["tokens"]["input_ids"], res["tokens"]["labels"])
+            chat_rows.append(res["chat"])
+            token_rows.append(res["tokens"])
             lens.append(len(ex.input_ids))
             shares.append(ex.n_trained / len(ex.input_ids))
-            turns.append(sum(1 for m in messages if m["role"] == "assistant") if messages else 1)
+            turns.append(res["turns"])
+            out.truncated[name] += res["truncated"]
             out.trained_tokens[name] += ex.n_trained
             out.total_tokens[name] += len(ex.input_ids)
             if name == "train" and len(out.examples) < 3:
                 out.examples.append(ex)
         write_jsonl(paths.chat(name), chat_rows)
         write_jsonl(paths.tokens(name), token_rows)
+        write_jsonl(paths.openai_export(name), (to_openai(r) for r in chat_rows if "messages" in r))
         out.kept[name] = len(chat_rows)
         out.lengths[name], out.trained_share[name], out.turns[name] = lens, shares, turns
     write_jsonl(paths.format_quarantine, out.quarantined)
@@ -180,4 +216,4 @@ def convert(cfg: ExperimentConfig, paths: RunPaths, tokenizer) -> ConversionResu
 
 
 __all__ = ["IGNORE_INDEX", "ConversionResult", "DataError", "build_text_example", "convert", "fit_length",
-           "verify_mask"]
+           "process_many", "process_record", "verify_mask"]

@@ -54,6 +54,10 @@ class RunPaths:
         """Chat `messages` records of one split (OpenAI fine-tuning JSONL shape)."""
         return self.formatted_dir / f"{name}.chat.jsonl"
 
+    def openai_export(self, name: str) -> Path:
+        """The split as OpenAI fine-tuning JSONL (only `messages`), for use with other tools."""
+        return self.formatted_dir / f"{name}.openai.jsonl"
+
     @property
     def tokenizer_dir(self) -> Path:
         """The tokenizer and chat template every later stage uses (train = serve)."""

@@ -72,7 +72,7 @@ def mask_html(tokenizer, input_ids: list[int], labels: list[int]) -> str:
     return legend + '<div style="font-family:monospace;line-height:1.6">' + "".join(spans) + "</div>"
 
 
-def plot_lengths(lengths: dict[str, list[int]], max_seq_len: int):
+def plot_lengths(lengths: dict[str, list[int]], max_seq_len: int, title: str | None = None):
     import matplotlib.pyplot as plt
     import pandas as pd
     import seaborn as sns
@@ -81,7 +81,7 @@ def plot_lengths(lengths: dict[str, list[int]], max_seq_len: int):
     fig, ax = plt.subplots(figsize=(8, 3.5))
     sns.histplot(df, x="tokens", hue="split", element="step", bins=40, ax=ax)
     ax.axvline(max_seq_len, color="red", linestyle="--", label=f"max_seq_len={max_seq_len}")
-    ax.set_title("Tokens per example (chat template applied)")
+    ax.set_title(title or "Tokens per example (chat template applied)")
     ax.legend()
     return fig
 
@@ -284,3 +284,54 @@ def answers_table(answers: list[dict]):
                   "streamed chunks": a["stream_chunks"], "time to first token (s)": a["time_to_first_token_s"],
                   "seconds": a["seconds"]} for a in answers])
     return df.style.set_properties(**{"white-space": "pre-wrap", "text-align": "left"})
+
+
+def validation_table(paths, result) -> None:
+    """Format detection (stage 01) and every reason a record was set aside in stages 01 and 02."""
+    from IPython.display import Markdown, display
+
+    m1 = paths.read_metrics("01_data_prep")
+    display(Markdown(f"Format **{m1['format']}**: {m1['format_reason']}."))
+    rows = [{"stage": "01 read/convert/clean", "reason": k, "rows": v} for k, v in m1["quarantine_reasons"].items()]
+    reasons: dict[str, int] = {}
+    for q in result.quarantined:
+        reasons[q["reason_code"]] = reasons.get(q["reason_code"], 0) + 1
+    rows += [{"stage": "02 template/length/mask", "reason": k, "rows": v} for k, v in reasons.items()]
+    if not rows:
+        display(Markdown("Every record passed validation."))
+        return
+    display(_frame(rows))
+
+
+def plot_example_stats(result):
+    """Share of trained tokens per example, and assistant turns per conversation."""
+    import matplotlib.pyplot as plt
+    import pandas as pd
+    import seaborn as sns
+
+    df = pd.DataFrame([{"split": s, "trained share": sh, "turns": t} for s in result.trained_share
+                       for sh, t in zip(result.trained_share[s], result.turns[s], strict=True)])
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.2))
+    if len(df):
+        sns.histplot(df, x="trained share", hue="split", element="step", bins=30, ax=axes[0])
+        sns.countplot(df, x="turns", hue="split", ax=axes[1])
+    axes[0].set_title("Share of tokens that carry the loss, per example")
+    axes[1].set_title("Assistant turns per conversation")
+    fig.tight_layout()
+    return fig
+
+
+def estimate_table(est, metrics: dict):
+    train = metrics["token_stats"]["train"]
+    rows = [
+        ("training examples", f"{train['examples']:,}"),
+        ("tokens per epoch (trained tokens)", f"{train['tokens']:,} ({train['trained_tokens']:,})"),
+        ("tokens this run will process", f"{est.train_tokens:,}"),
+        ("parameters (LoRA-trainable)", f"{est.parameters:,} ({est.trainable_parameters:,})"),
+        ("memory estimate", f"{est.total_gb:.2f} GB = weights {est.weights_gb:.2f} + LoRA state "
+                            f"{est.trainable_state_gb:.2f} + activations {est.activations_gb:.2f}"),
+        ("device / measured matmul rate", f"{est.device} / {est.device_matmul_gflops:,.0f} GFLOP/s"),
+        ("estimated training time", f"{est.est_train_seconds / 60:.1f} min"),
+        ("same tokens on a hosted fine-tuning API", f"${est.hosted_cost_usd:,.2f}"),
+    ]
+    return _frame([{"what": a, "value": b} for a, b in rows]).set_index("what")

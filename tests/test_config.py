@@ -137,3 +137,10 @@ def test_parameters_yaml_only_differs_from_defaults(root):
             for k, v in values.items():
                 if not isinstance(v, dict):
                     assert defaults[section][k] != v, f"demo.yaml repeats the default {section}.{k}={v!r}"
+
+
+def test_every_module_is_reachable_lazily(root):
+    import ftkit
+
+    modules = {p.stem for p in (root / "ftkit").glob("*.py")} - {"__init__", "__main__"}
+    assert modules == ftkit._SUBMODULES
