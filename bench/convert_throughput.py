@@ -9,9 +9,9 @@ import os
 import sys
 import time
 
+from ftkit.conversion import process_many, process_record
 from ftkit.demo_data import generate
 from ftkit.formats import Detection, to_canonical, validate
-from ftkit.conversion import process_many, process_record
 from ftkit.masking import end_of_turn_token_id
 from ftkit.modeling import load_tokenizer, resolve_model_path
 

@@ -3,8 +3,9 @@
 Parameter counts come from the model config on the ``meta`` device (no weights read). Memory:
 weights at their dtype, LoRA parameters with gradients and two AdamW moments in fp32, and
 activations per layer after Korthikanti et al. (2022), ``s·b·h·(34 + 5·a·s/h)`` bytes at 16-bit
-(doubled at fp32). Time: ``4·N·T`` FLOPs for LoRA (forward plus activation gradients) at half the
-matrix-multiply rate measured on this device just now. These are estimates to plan with;
+(doubled at fp32). Time: ``4·N·T`` FLOPs for LoRA (forward plus activation gradients) at a share of the
+matrix-multiply rate measured on this device just now: 25% on CPU (calibrated on the demo: SmolLM2-135M
+LoRA measured 124 tokens/s on 2 cores) and 40% on GPU. These are estimates to plan with;
 stage 03 reports the measured figures.
 """
 
@@ -82,7 +83,8 @@ def estimate(cfg, model_path: str, train_tokens_per_epoch: int, n_train: int, me
     s = cfg.convert.max_seq_len
     act = layers * s * t.batch_size * h * (34 + 5 * heads * s / max(h, 1)) * (bytes_per / 2)
     gflops = matmul_gflops(device)
-    secs = 4 * total * tokens / (0.5 * gflops * 1e9) if gflops else float("nan")
+    efficiency = 0.25 if device.type == "cpu" else 0.4
+    secs = 4 * total * tokens / (efficiency * gflops * 1e9) if gflops else float("nan")
     gb = 1024**3
     weights, state = total * bytes_per / gb, trainable * 16 / gb
     return Estimate(total, trainable, tokens, weights, state, act / gb, weights + state + act / gb, str(device),
