@@ -80,8 +80,16 @@ class DataConfig:
     """Templated data such as {{Order Number}}: keep as is, fill with realistic values, or drop the record."""
     near_duplicate_threshold: float | None = 0.9
     """Drop records whose estimated Jaccard similarity to an earlier one is at least this (null: off)."""
+    near_duplicate_max_records: int = 200_000
+    """Above this many conversations the near-duplicate and leakage checks are skipped (said in the
+    report): they keep a MinHash per record in memory. Exact duplicates are always removed."""
     leakage_threshold: float = 0.8
     """Report held-out records with a train record at least this similar."""
+    general_mix: float = 0.0
+    """Forgetting guard: add this share of |train| of general instruction data to train (0: off)."""
+    general_path: str | None = None
+    """General data to mix in (any supported format); null: the base model's own answers to the
+    general prompts shipped with ftkit (self-distillation)."""
     min_chars: int = 1
     max_chars: int | None = None
     val_fraction: float = 0.1
@@ -403,6 +411,8 @@ def _check_values(cfg: ExperimentConfig) -> list[str]:
         errors.append(f"data.pii_types: unknown type(s) {', '.join(sorted(bad_pii))}; use email, phone, card, order_id")
     if "order_id" in d.pii_types and not d.order_id_pattern:
         errors.append("data.pii_types: 'order_id' needs data.order_id_pattern (a regex such as 'AC-\\d{6}')")
+    if not 0 <= d.general_mix <= 1:
+        errors.append(f"data.general_mix: a share of the training split in [0, 1], got {d.general_mix}")
     if d.near_duplicate_threshold is not None and not 0 < d.near_duplicate_threshold <= 1:
         errors.append(f"data.near_duplicate_threshold: must be in (0, 1] or null, got {d.near_duplicate_threshold}")
     if not isinstance(d.path, str) and not (isinstance(d.path, list) and d.path and all(isinstance(p, str) for p in d.path)):

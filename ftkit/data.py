@@ -36,42 +36,108 @@ DEMO_PRESET = {"columns": {"user": "ticket", "assistant": "reply"}, "conversatio
 
 @dataclass
 class PrepResult:
-    """What stage 01 did, for the report and the metrics file."""
+    """What stage 01 did, for the report and the metrics file (no record is held here)."""
 
     sources: list[str]
     detection: Detection
+    quarantine_path: Path
     rows_in: int = 0
     rows_kept: int = 0
-    quarantined: list[dict] = field(default_factory=list)
+    reasons: Counter = field(default_factory=Counter)
     whitespace_fixed: int = 0
     pii: Counter = field(default_factory=Counter)
     placeholders: Counter = field(default_factory=Counter)
     leakage: dict = field(default_factory=dict)
     near_dup_method: str | None = None
-    splits: dict[str, list[dict]] = field(default_factory=dict)
+    split_sizes: dict[str, int] = field(default_factory=dict)
+    split_rows: dict[str, int] = field(default_factory=dict)
+    stats: dict[str, dict[str, list]] = field(default_factory=dict)
+    """Per split: `chars`, `turns` and `labels` of each conversation (for plots)."""
+    sample: list[dict] = field(default_factory=list)
+    """The first few training conversations (for the report)."""
+    general: dict = field(default_factory=dict)
+    """What the forgetting guard added to train (see ftkit.replay)."""
 
     @property
     def source(self) -> str:
         return self.sources[0] if len(self.sources) == 1 else ", ".join(self.sources)
 
+    @property
+    def rows_quarantined(self) -> int:
+        return sum(self.reasons.values())
+
+    @property
+    def quarantined(self) -> list[dict]:
+        """The quarantine file's records (read on demand: it can be large)."""
+        from .paths import read_jsonl
+
+        return read_jsonl(self.quarantine_path)
+
+    def quarantine_head(self, n: int = 20) -> list[dict]:
+        import itertools
+
+        with open(self.quarantine_path, encoding="utf-8") as f:
+            return [json.loads(line) for line in itertools.islice(f, n)]
+
     def metrics(self) -> dict:
-        reasons = Counter(q["reason_code"] for q in self.quarantined)
         return {
             "sources": self.sources,
             "format": self.detection.format,
             "format_reason": self.detection.reason,
             "rows_in": self.rows_in,
             "rows_kept": self.rows_kept,
-            "rows_quarantined": len(self.quarantined),
-            "quarantine_reasons": dict(reasons),
+            "rows_quarantined": self.rows_quarantined,
+            "quarantine_reasons": dict(self.reasons),
             "whitespace_fixed": self.whitespace_fixed,
             "pii_found": dict(self.pii),
             "placeholders": dict(self.placeholders.most_common(20)),
             "near_duplicate_method": self.near_dup_method,
-            "conversations": {k: len(v) for k, v in self.splits.items()},
-            "rows": {k: sum(len(c["sources"]) for c in v) for k, v in self.splits.items()},
+            "conversations": dict(self.split_sizes),
+            "rows": dict(self.split_rows),
             "leakage": self.leakage,
+            "general_mix": self.general,
         }
+
+
+class _Spool:
+    """Records appended to a work file as JSON lines and read back by offset: the pipeline keeps
+    offsets and a few keys in memory, never the records themselves."""
+
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.f = open(path, "w+b")  # noqa: SIM115 - closed by close()
+        self.path = path
+
+    def add(self, obj) -> int:
+        self.f.seek(0, 2)
+        offset = self.f.tell()
+        self.f.write(json.dumps(obj, ensure_ascii=False, default=str).encode() + b"\n")
+        return offset
+
+    def get(self, offset: int):
+        self.f.seek(offset)
+        return json.loads(self.f.readline())
+
+    def close(self) -> None:
+        self.f.close()
+        self.path.unlink(missing_ok=True)
+
+
+class _Quarantine:
+    """Streams quarantined rows to the quarantine file and counts reasons."""
+
+    def __init__(self, path: Path, result: PrepResult):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.f = open(path, "w", encoding="utf-8")  # noqa: SIM115 - closed by close()
+        self.result = result
+
+    def __call__(self, where: str, record, code: str, reason: str) -> None:
+        self.f.write(json.dumps({"source": where, "reason_code": code, "reason": reason, "record": record},
+                                ensure_ascii=False, default=str) + "\n")
+        self.result.reasons[code] += 1
+
+    def close(self) -> None:
+        self.f.close()
 
 
 def effective_config(cfg: DataConfig) -> DataConfig:
@@ -100,18 +166,50 @@ def detect(cfg: DataConfig, sources) -> Detection:
 
 
 def prepare(cfg: DataConfig, paths: RunPaths, seed: int) -> PrepResult:
-    """Run stage 01 end to end; writes the splits and the quarantine file."""
+    """Run stage 01 end to end, streaming; writes the splits and the quarantine file."""
     cfg = effective_config(cfg)
     sources = resolve_sources(cfg, paths, seed)
     detection = detect(cfg, sources)
     log.info("format: %s (%s)", detection.format, detection.reason)
-    res = PrepResult(sources=[str(s) for s in sources], detection=detection)
+    res = PrepResult(sources=[str(s) for s in sources], detection=detection, quarantine_path=paths.quarantine)
+    quarantine = _Quarantine(paths.quarantine, res)
+    rows = _Spool(paths.data_dir / ".work" / "rows.jsonl")
+    convs = _Spool(paths.data_dir / ".work" / "conversations.jsonl")
+    try:
+        row_index = _read_rows(cfg, sources, detection, res, rows, quarantine)
+        index = _build_conversations(cfg, row_index, rows, convs, quarantine)
+        index = _drop_near_duplicates(cfg, index, convs, quarantine, res)
+        if cfg.max_records is not None:
+            for c in index[cfg.max_records:]:
+                for where in c["sources"]:
+                    quarantine(where, convs.get(c["offset"]), "over_max_records",
+                               f"beyond data.max_records={cfg.max_records}")
+            index = index[: cfg.max_records]
+        res.rows_kept = sum(len(c["sources"]) for c in index)
+        assignment = split_records(index, cfg, seed)
+        res.leakage = leakage_report(assignment, convs, cfg)
+        for name, items in assignment.items():
+            write_jsonl(paths.split(name), (convs.get(c["offset"]) for c in items))
+            res.split_sizes[name] = len(items)
+            res.split_rows[name] = sum(len(c["sources"]) for c in items)
+            res.stats[name] = {"chars": [c["chars"] for c in items], "turns": [c["turns"] for c in items],
+                               "labels": [c["label"] for c in items]}
+        res.sample = [convs.get(c["offset"]) for c in assignment["train"][:5]]
+    finally:
+        quarantine.close()
+        rows.close()
+        convs.close()
+    if res.rows_in != res.rows_kept + res.rows_quarantined:
+        raise AssertionError(f"row accounting is off: {res.rows_in} in, {res.rows_kept} kept, "
+                             f"{res.rows_quarantined} quarantined")
+    return res
 
-    def quarantine(where, record, code, reason):
-        res.quarantined.append({"source": where, "reason_code": code, "reason": reason, "record": record})
 
-    rows: list[dict] = []
-    seen: dict[str, str] = {}
+def _read_rows(cfg, sources, detection, res, rows: _Spool, quarantine) -> list[tuple]:
+    """Pass 1, streamed: read, convert, clean, drop exact duplicates; returns (offset, group, turn, where)."""
+    index = []
+    seen: set[bytes] = set()
+    first_seen: dict[bytes, str] = {}
     for loc in iter_records(sources):
         res.rows_in += 1
         if loc.error:
@@ -128,52 +226,75 @@ def prepare(cfg: DataConfig, paths: RunPaths, seed: int) -> PrepResult:
             continue
         group = _meta_value(rec, cfg.conversation_column)
         turn = _meta_value(rec, cfg.turn_column)
-        key = hashlib.sha1(json.dumps([group, turn, canonical_text(rec)], default=str).encode()).hexdigest()
+        key = hashlib.blake2b(json.dumps([group, turn, canonical_text(rec)], default=str).encode(),
+                              digest_size=12).digest()
         if key in seen:
-            quarantine(loc.where, loc.record, "duplicate", f"exact duplicate of {seen[key]}")
+            quarantine(loc.where, loc.record, "duplicate", f"exact duplicate of {first_seen.get(key, 'an earlier row')}")
             continue
-        seen[key] = loc.where
-        rows.append({"rec": rec, "where": loc.where, "group": group, "turn": turn, "raw": loc.record})
+        seen.add(key)
+        if len(first_seen) < 100_000:  # names for the report; the digest set alone decides
+            first_seen[key] = loc.where
+        index.append((rows.add(rec), group, turn, loc.where))
+    return index
 
-    convs = _group(rows, cfg)
-    kept = []
-    for conv in convs:
-        problems = validate(conv, alternate=cfg.alternate_roles, max_chars=cfg.max_chars)
-        total_chars = sum(len(t) for t in cleaning.contents(conv))
-        if not problems and total_chars < cfg.min_chars:
-            problems = [Problem("", f"{total_chars} characters < data.min_chars={cfg.min_chars}", "too_short")]
-        if problems:
-            code = problems[0].code
-            for where in conv["sources"]:
-                quarantine(where, conv, code, "; ".join(map(str, problems)))
-            continue
-        kept.append(conv)
 
-    if cfg.near_duplicate_threshold is not None and kept:
-        res.near_dup_method = f"{cleaning.NEAR_DUP_METHOD} >= {cfg.near_duplicate_threshold}"
-        dups = cleaning.near_duplicates([canonical_text(c) for c in kept], cfg.near_duplicate_threshold)
-        for i, (j, sim) in dups.items():
-            for where in kept[i]["sources"]:
-                quarantine(where, kept[i], "near_duplicate",
-                           f"near-duplicate (Jaccard ≈ {sim:.2f}) of {kept[j]['sources'][0]}")
-        kept = [c for i, c in enumerate(kept) if i not in dups]
+def _build_conversations(cfg, row_index, rows: _Spool, convs: _Spool, quarantine) -> list[dict]:
+    """Group rows into conversations (by conversation_column, in turn order), validate, spool them."""
+    if cfg.conversation_column:
+        groups: dict[object, list[tuple]] = {}
+        for entry in row_index:
+            groups.setdefault(entry[1] if entry[1] is not None else entry[3], []).append(entry)
+        members_list = [(str(g), sorted(m, key=lambda e: _turn_key(e[2]))) for g, m in groups.items()]
+    else:
+        members_list = [(e[3], [e]) for e in row_index]
+    index = []
+    for gid, members in members_list:
+        recs = [rows.get(e[0]) for e in members]
+        wheres = [e[3] for e in members]
+        if "text" in recs[0] or len(recs) == 1:
+            conv_list = [{**r, "id": w if len(recs) > 1 else gid, "sources": [w]} for r, w in zip(recs, wheres, strict=True)]
+        else:
+            messages = []
+            for k, r in enumerate(recs):
+                messages += r["messages"] if k == 0 else [x for x in r["messages"] if x.get("role") != "system"]
+            conv_list = [{"messages": messages, "meta": recs[0].get("meta", {}), "id": gid, "sources": wheres}]
+        for conv in conv_list:
+            problems = validate(conv, alternate=cfg.alternate_roles, max_chars=cfg.max_chars)
+            chars = sum(len(t) for t in cleaning.contents(conv))
+            if not problems and chars < cfg.min_chars:
+                problems = [Problem("", f"{chars} characters < data.min_chars={cfg.min_chars}", "too_short")]
+            if problems:
+                for where in conv["sources"]:
+                    quarantine(where, conv, problems[0].code, "; ".join(map(str, problems)))
+                continue
+            turns = sum(1 for m in conv.get("messages", []) if m.get("role") == "assistant") or 1
+            index.append({"offset": convs.add(conv), "id": conv["id"], "sources": conv["sources"], "chars": chars,
+                          "turns": turns, "label": _label(conv, cfg.label_column),
+                          "group": str(_meta_value(conv, cfg.group_column) or conv["id"])})
+    return index
 
-    if cfg.max_records is not None:
-        for c in kept[cfg.max_records:]:
-            for where in c["sources"]:
-                quarantine(where, c, "over_max_records", f"beyond data.max_records={cfg.max_records}")
-        kept = kept[: cfg.max_records]
 
-    res.rows_kept = sum(len(c["sources"]) for c in kept)
-    res.splits = split_records(kept, cfg, seed)
-    res.leakage = leakage_report(res.splits, cfg.leakage_threshold)
-    for name, items in res.splits.items():
-        write_jsonl(paths.split(name), items)
-    write_jsonl(paths.quarantine, res.quarantined)
-    if res.rows_in != res.rows_kept + len(res.quarantined):
-        raise AssertionError(f"row accounting is off: {res.rows_in} in, {res.rows_kept} kept, "
-                             f"{len(res.quarantined)} quarantined")
-    return res
+def _label(conv: dict, column: str | None):
+    v = _meta_value(conv, column)
+    return None if v is None else str(v)
+
+
+def _drop_near_duplicates(cfg, index, convs: _Spool, quarantine, res) -> list[dict]:
+    if cfg.near_duplicate_threshold is None or not index:
+        return index
+    if len(index) > cfg.near_duplicate_max_records:
+        res.near_dup_method = (f"skipped: {len(index):,} conversations > data.near_duplicate_max_records="
+                               f"{cfg.near_duplicate_max_records:,} (exact duplicates were removed)")
+        log.warning("near-duplicate check %s", res.near_dup_method)
+        return index
+    res.near_dup_method = f"{cleaning.NEAR_DUP_METHOD} >= {cfg.near_duplicate_threshold}"
+    dups = cleaning.near_duplicates([canonical_text(convs.get(c["offset"])) for c in index],
+                                    cfg.near_duplicate_threshold)
+    for i, (j, sim) in dups.items():
+        for where in index[i]["sources"]:
+            quarantine(where, convs.get(index[i]["offset"]), "near_duplicate",
+                       f"near-duplicate (Jaccard ≈ {sim:.2f}) of {index[j]['sources'][0]}")
+    return [c for i, c in enumerate(index) if i not in dups]
 
 
 def _meta_value(rec: dict, column: str | None):
@@ -201,29 +322,6 @@ def _clean(rec: dict, cfg: DataConfig, res: PrepResult) -> dict:
     return rec
 
 
-def _group(rows: list[dict], cfg: DataConfig) -> list[dict]:
-    """Rows sharing a conversation id become one conversation, in turn order."""
-    if not cfg.conversation_column:
-        return [{**r["rec"], "id": r["where"], "sources": [r["where"]]} for r in rows]
-    groups: dict[object, list[dict]] = {}
-    for r in rows:
-        groups.setdefault(r["group"] if r["group"] is not None else r["where"], []).append(r)
-    convs = []
-    for gid, members in groups.items():
-        members.sort(key=lambda r: _turn_key(r["turn"]))
-        first = members[0]["rec"]
-        if "text" in first:
-            convs += [{**m["rec"], "id": m["where"], "sources": [m["where"]]} for m in members]
-            continue
-        messages = []
-        for k, m in enumerate(members):
-            msgs = m["rec"]["messages"]
-            messages += msgs if k == 0 else [x for x in msgs if x.get("role") != "system"]
-        convs.append({"messages": messages, "meta": first.get("meta", {}), "id": str(gid),
-                      "sources": [m["where"] for m in members]})
-    return convs
-
-
 def _turn_key(turn):
     try:
         return (0, float(turn))
@@ -231,22 +329,22 @@ def _turn_key(turn):
         return (1, str(turn))
 
 
-def split_records(records: list[dict], cfg: DataConfig, seed: int) -> dict[str, list[dict]]:
+def split_records(index: list[dict], cfg: DataConfig, seed: int) -> dict[str, list[dict]]:
     """Train/val/test: seeded; stratified by ``label_column``; grouped by ``group_column`` (scikit-learn)."""
-    n = len(records)
+    n = len(index)
     idx = list(range(n))
-    labels = [str(_meta_value(r, cfg.label_column)) for r in records] if cfg.label_column else None
-    groups = [str(_meta_value(r, cfg.group_column) or r["id"]) for r in records] if cfg.group_column else None
+    labels = [c["label"] for c in index] if cfg.label_column else None
+    groups = [c["group"] for c in index] if cfg.group_column else None
     test_idx = _take(idx, cfg.test_fraction, labels, groups, seed)
     in_test = set(test_idx)
     rest = [i for i in idx if i not in in_test]
     frac_val = cfg.val_fraction / (1 - cfg.test_fraction) if cfg.test_fraction < 1 else 0
     val_idx = _take(rest, frac_val, labels, groups, seed + 1)
-    held = set(test_idx) | set(val_idx)
+    held = in_test | set(val_idx)
     train_idx = [i for i in idx if i not in held]
     random.Random(seed).shuffle(train_idx)
-    return {"train": [records[i] for i in train_idx], "val": [records[i] for i in val_idx],
-            "test": [records[i] for i in test_idx]}
+    return {"train": [index[i] for i in train_idx], "val": [index[i] for i in val_idx],
+            "test": [index[i] for i in test_idx]}
 
 
 def _take(idx: list[int], fraction: float, labels, groups, seed: int) -> list[int]:
@@ -281,16 +379,20 @@ def _take(idx: list[int], fraction: float, labels, groups, seed: int) -> list[in
     return order[:k]
 
 
-def leakage_report(splits: dict[str, list[dict]], threshold: float) -> dict:
+def leakage_report(assignment: dict[str, list[dict]], convs: _Spool, cfg: DataConfig) -> dict:
     """Near-duplicates of held-out records in train (what a model could have memorised)."""
-    train = [canonical_text(r) for r in splits["train"]]
+    threshold = cfg.leakage_threshold
     out = {"threshold": threshold, "method": cleaning.NEAR_DUP_METHOD}
+    if len(assignment["train"]) > cfg.near_duplicate_max_records:
+        out["method"] = f"skipped: more than {cfg.near_duplicate_max_records:,} training conversations"
+        return out
+    train = [canonical_text(convs.get(c["offset"])) for c in assignment["train"]]
     for name in ("val", "test"):
-        held = [canonical_text(r) for r in splits[name]]
+        held = [canonical_text(convs.get(c["offset"])) for c in assignment[name]]
         hits = cleaning.cross_split_near_duplicates(train, held, threshold) if train and held else []
         out[name] = {"records": len(held), "near_duplicates_in_train": len(hits),
                      "share": len(hits) / len(held) if held else 0.0,
-                     "examples": [{"held_out": splits[name][i]["id"], "train": splits["train"][j]["id"],
+                     "examples": [{"held_out": assignment[name][i]["id"], "train": assignment["train"][j]["id"],
                                    "jaccard": round(s, 3)} for i, j, s in hits[:5]]}
     return out
 

@@ -190,15 +190,12 @@ def leakage_note(metrics: dict) -> None:
     display(Markdown("\n".join(lines)))
 
 
-def plot_record_lengths(splits: dict[str, list[dict]]):
+def plot_record_lengths(stats: dict[str, dict[str, list]]):
     import matplotlib.pyplot as plt
     import pandas as pd
     import seaborn as sns
 
-    from .cleaning import contents
-
-    df = pd.DataFrame([{"split": s, "characters": sum(len(t) for t in contents(r))}
-                       for s, recs in splits.items() for r in recs])
+    df = pd.DataFrame([{"split": s, "characters": n} for s, st in stats.items() for n in st["chars"]])
     fig, ax = plt.subplots(figsize=(8, 3.5))
     if len(df):
         sns.histplot(df, x="characters", hue="split", element="step", bins=40, ax=ax)
@@ -206,22 +203,22 @@ def plot_record_lengths(splits: dict[str, list[dict]]):
     return fig
 
 
-def plot_balance(splits: dict[str, list[dict]], label_column: str | None, top: int = 20):
+def plot_balance(stats: dict[str, dict[str, list]], label_column: str | None, top: int = 20):
     """Share of each label (or of turns per conversation, without a label column) per split."""
     import matplotlib.pyplot as plt
     import pandas as pd
     import seaborn as sns
 
-    def key(r):
-        if label_column:
-            return str(r.get("meta", {}).get(label_column))
-        return f"{sum(1 for m in r.get('messages', []) if m.get('role') == 'assistant')} turn(s)"
-
-    df = pd.DataFrame([{"split": s, "value": key(r)} for s, recs in splits.items() for r in recs])
-    keep = df["value"].value_counts().index[:top]
-    df = df[df["value"].isin(keep)]
-    fig, ax = plt.subplots(figsize=(8, max(2.5, 0.25 * len(keep))))
-    sns.histplot(df, y="value", hue="split", multiple="dodge", stat="percent", common_norm=False, shrink=0.8, ax=ax)
+    key = "labels" if label_column else "turns"
+    df = pd.DataFrame([{"split": s, "value": str(v) if label_column else f"{v} turn(s)"}
+                       for s, st in stats.items() for v in st[key]])
+    fig, ax = plt.subplots(figsize=(8, 3))
+    if len(df):
+        keep = df["value"].value_counts().index[:top]
+        df = df[df["value"].isin(keep)]
+        fig.set_figheight(max(2.5, 0.3 * len(keep)))
+        sns.histplot(df, y="value", hue="split", multiple="dodge", stat="percent", common_norm=False, shrink=0.8,
+                     ax=ax)
     ax.set_title(f"Balance by {label_column or 'turns per conversation'} (% of each split)")
     return fig
 

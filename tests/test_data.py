@@ -25,14 +25,14 @@ def test_demo_prepare_accounts_for_every_row(tmp_path):
 
 
 def test_splits_are_reproducible(tmp_path):
-    def content(res):
-        return {k: [(c["id"], c["messages"]) for c in v] for k, v in res.splits.items()}
+    def content(name):
+        prepare(DataConfig(demo_size=200), RunPaths(tmp_path, name), seed=2 if name == "c" else 1)
+        paths = RunPaths(tmp_path, name)
+        return {k: [(c["id"], c["messages"]) for c in read_jsonl(paths.split(k))] for k in ("train", "val", "test")}
 
-    a = prepare(DataConfig(demo_size=200), RunPaths(tmp_path, "a"), seed=1)
-    b = prepare(DataConfig(demo_size=200), RunPaths(tmp_path, "b"), seed=1)
-    c = prepare(DataConfig(demo_size=200), RunPaths(tmp_path, "c"), seed=2)
-    assert content(a) == content(b)
-    assert content(a)["test"] != content(c)["test"]
+    a, b, c = content("a"), content("b"), content("c")
+    assert a == b
+    assert a["test"] != c["test"]
 
 
 def test_user_file_problems_are_quarantined_with_reasons(tmp_path):
@@ -65,12 +65,14 @@ def test_stratified_and_grouped_splits(tmp_path):
     cols = {"user": "q", "assistant": "a"}
     strat = prepare(DataConfig(path=str(f), columns=cols, label_column="intent", near_duplicate_threshold=None),
                     RunPaths(tmp_path, "s"), seed=0)
+    assert strat.stats["test"]["labels"].count("i0") == 5
     for split in ("val", "test"):
-        intents = [r["meta"]["intent"] for r in strat.splits[split]]
+        intents = [r["meta"]["intent"] for r in read_jsonl(RunPaths(tmp_path, "s").split(split))]
         assert {intents.count(f"i{k}") for k in range(4)} == {5}  # 20 records, 5 per intent
-    grouped = prepare(DataConfig(path=str(f), columns=cols, group_column="customer", near_duplicate_threshold=None),
+    prepare(DataConfig(path=str(f), columns=cols, group_column="customer", near_duplicate_threshold=None),
                       RunPaths(tmp_path, "g"), seed=0)
-    owners = {s: {r["meta"]["customer"] for r in grouped.splits[s]} for s in ("train", "val", "test")}
+    owners = {s: {r["meta"]["customer"] for r in read_jsonl(RunPaths(tmp_path, "g").split(s))}
+              for s in ("train", "val", "test")}
     assert not (owners["train"] & owners["val"]) and not (owners["train"] & owners["test"])
 
 
@@ -93,3 +95,38 @@ def test_unsupported_input_is_a_clear_error(tmp_path):
     (tmp_path / "x.docx").write_text("x")
     with pytest.raises(ValueError, match=r"x.docx: unsupported file type '.docx'"):
         prepare(DataConfig(path=str(tmp_path / "x.docx")), RunPaths(tmp_path, "e"), seed=0)
+
+
+def test_forgetting_guard_self_distillation(tmp_path):
+    """The base model's own answers to shipped general prompts join train only, marked as replay."""
+    from ftkit.config import load_config
+    from ftkit.replay import general_prompts, mix_general
+
+    cfg = load_config(experiment="g", outputs_dir=str(tmp_path), model={"name": "tiny-random"},
+                      data={"demo_size": 100, "general_mix": 0.1})
+    paths = RunPaths(tmp_path, "g")
+    res = prepare(cfg.data, paths, cfg.seed)
+    n_train = res.split_sizes["train"]
+    cache = paths.data_dir / "replay.jsonl"
+    # a random model rarely stops by itself: pre-seed the cache as a real base model would fill it
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text("\n".join(json.dumps({"messages": [{"role": "user", "content": p},
+                                                        {"role": "assistant", "content": "An answer."}],
+                                           "meta": {"source": "replay", "model": "tiny-random"}})
+                               for p in general_prompts()) + "\n")
+    info = mix_general(cfg, paths, res)
+    train = read_jsonl(paths.split("train"))
+    assert info["added"] == round(0.1 * n_train) and len(train) == n_train + info["added"]
+    assert sum(1 for r in train if r["meta"].get("source") == "replay") == info["added"]
+    assert all(r["meta"].get("source") != "replay" for r in read_jsonl(paths.split("test")))
+    assert res.metrics()["general_mix"]["source"] == "self-distillation (base model)"
+
+
+def test_forgetting_guard_generates_with_base_model(tmp_path):
+    from ftkit.config import load_config
+    from ftkit.replay import self_distilled
+
+    cfg = load_config(model={"name": "tiny-random"})
+    out = self_distilled(cfg, 4, tmp_path / "replay.jsonl")
+    assert (tmp_path / "replay.jsonl").exists()
+    assert all(r["meta"]["source"] == "replay" and r["messages"][0]["role"] == "user" for r in out)
