@@ -148,6 +148,11 @@ class TrainConfig:
     """Evaluate on the validation split every N steps (0: only at the end)."""
     max_eval_examples: int = 64
     """Cap on validation examples used during training (the full test split is used in 04)."""
+    optimizer: Literal["adamw_torch", "adamw_torch_fused", "sgd", "adafactor"] = "adamw_torch"
+    group_by_length: bool = False
+    """Batch examples of similar length together (less padding, faster)."""
+    neftune_noise_alpha: float | None = None
+    """NEFTune: noise on input embeddings during training (e.g. 5.0); null: off."""
     deterministic: bool = False
     num_threads: int | None = None
     """CPU threads for torch (null: torch's default)."""

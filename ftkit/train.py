@@ -72,6 +72,18 @@ def set_seed(seed: int, deterministic: bool = False) -> None:
         hf_set_seed(seed)
 
 
+def _sampling_args(group_by_length: bool) -> dict:
+    """transformers 5 renamed group_by_length to train_sampling_strategy; support both."""
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    if "train_sampling_strategy" in names:
+        return {"train_sampling_strategy": "group_by_length" if group_by_length else "random"}
+    return {"group_by_length": group_by_length}
+
+
 def build_trainer(cfg: ExperimentConfig, paths: RunPaths, model, tokenizer, train_rows, val_rows):
     """A configured transformers Trainer; kept separate so tests can inspect it."""
     from transformers import Trainer, TrainingArguments
@@ -99,6 +111,9 @@ def build_trainer(cfg: ExperimentConfig, paths: RunPaths, model, tokenizer, trai
         seed=cfg.seed,
         data_seed=cfg.seed,
         full_determinism=t.deterministic,
+        optim=t.optimizer,
+        **_sampling_args(t.group_by_length),
+        neftune_noise_alpha=t.neftune_noise_alpha,
         use_cpu=device.type == "cpu",
         bf16=next(model.parameters()).dtype == torch.bfloat16,
         remove_unused_columns=False,
