@@ -148,6 +148,9 @@ class TrainConfig:
     """Evaluate on the validation split every N steps (0: only at the end)."""
     max_eval_examples: int = 64
     """Cap on validation examples used during training (the full test split is used in 04)."""
+    packing: bool = True
+    """Padding-free packing: a micro-batch's examples are concatenated into one row with
+    per-example position ids, attention kept inside each example (verified before training)."""
     optimizer: Literal["adamw_torch", "adamw_torch_fused", "sgd", "adafactor"] = "adamw_torch"
     group_by_length: bool = False
     """Batch examples of similar length together (less padding, faster)."""

@@ -57,6 +57,52 @@ class PadCollator:
         return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
+class PackingError(RuntimeError):
+    """The model's attention would mix packed examples."""
+
+
+@torch.no_grad()
+def packing_leak(model) -> float:
+    """Largest logit difference for an example run after another in one packed row vs alone.
+
+    Padding-free packing is only correct when the attention implementation honours per-example
+    position ids (a block-diagonal mask); this measures it on the actual model.
+    """
+    device = next(model.parameters()).device
+    a = torch.tensor([[5, 17, 42, 99, 7, 23]], device=device)
+    b = torch.tensor([[11, 13, 19, 3]], device=device)
+    alone = model(input_ids=b, use_cache=False).logits
+    pos = torch.tensor([[0, 1, 2, 3, 4, 5, 0, 1, 2, 3]], device=device)
+    packed = model(input_ids=torch.cat([a, b], 1), position_ids=pos, use_cache=False).logits
+    return (packed[0, a.shape[1]:].float() - alone[0].float()).abs().max().item()
+
+
+def check_packing(model, tolerance: float = 1e-3) -> float:
+    was_training = model.training
+    model.eval()
+    try:
+        leak = packing_leak(model)
+    finally:
+        model.train(was_training)
+    if leak > tolerance:
+        raise PackingError(
+            f"packing would leak attention across examples with this model "
+            f"(attn_implementation={getattr(model.config, '_attn_implementation', '?')}): logits move by {leak:.3g}. "
+            "Set train.packing: false, or use an attention implementation that honours position_ids (sdpa, "
+            "flash_attention_2, flex_attention on transformers >= 5)."
+        )
+    return leak
+
+
+def make_collator(pad_token_id: int, packing: bool):
+    """Padding-free packing (transformers' DataCollatorWithFlattening) or right padding."""
+    if packing:
+        from transformers import DataCollatorWithFlattening
+
+        return DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE_INDEX)
+    return PadCollator(pad_token_id)
+
+
 def load_tokens(path: Path, limit: int | None = None) -> list[dict]:
     rows = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in read_jsonl(path)]
     return rows[:limit] if limit else rows
@@ -125,7 +171,7 @@ def build_trainer(cfg: ExperimentConfig, paths: RunPaths, model, tokenizer, trai
         args=args,
         train_dataset=TokenizedDataset(train_rows),
         eval_dataset=TokenizedDataset(val_rows) if val_rows else None,
-        data_collator=PadCollator(tokenizer.pad_token_id),
+        data_collator=make_collator(tokenizer.pad_token_id, cfg.train.packing),
     )
 
 
@@ -157,6 +203,7 @@ def run_training(cfg: ExperimentConfig, paths: RunPaths):
     model = load_model(base_path, cfg.model)
     model.config.use_cache = False
     model = add_lora(model, cfg)
+    packing_leak_max = check_packing(model) if cfg.train.packing else None
     trainable, total = count_parameters(model)
     log.info("trainable parameters: %s of %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
 
@@ -192,6 +239,8 @@ def run_training(cfg: ExperimentConfig, paths: RunPaths):
         "train_seconds": seconds,
         "tokens_per_second": tokens / seconds if seconds else None,
         "device": str(resolve_device(cfg.model)),
+        "packing": cfg.train.packing,
+        "packing_leak_max_logit_diff": packing_leak_max,
     }
 
 

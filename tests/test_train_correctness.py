@@ -72,3 +72,47 @@ def test_same_seed_same_losses(prepared, tmp_path):
 
     first, second = losses("a"), losses("b")
     assert len(first) == 6 and first == second
+
+
+def test_packed_losses_equal_unpacked(prepared):
+    """Per-example losses of a packed batch equal those of the same examples run one by one."""
+    from ftkit.modeling import load_model, resolve_model_path
+    from ftkit.train import check_packing, make_collator
+
+    cfg, paths, tok = prepared
+    model = load_model(resolve_model_path("tiny-random"), cfg.model)
+    rows = load_tokens(paths.tokens("train"))[:4]
+    batch = make_collator(tok.pad_token_id, packing=True)(rows)
+    assert "attention_mask" not in batch and batch["input_ids"].shape[0] == 1
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits[0]
+    ce = torch.nn.functional.cross_entropy
+    start = 0
+    for r in rows:
+        n = len(r["input_ids"])
+        labels = torch.tensor(r["labels"])
+        packed_loss = ce(logits[start:start + n - 1], labels[1:], ignore_index=-100)
+        with torch.no_grad():
+            alone = model(input_ids=torch.tensor([r["input_ids"]]), use_cache=False).logits[0]
+        assert torch.allclose(packed_loss, ce(alone[:-1], labels[1:], ignore_index=-100), atol=1e-5)
+        start += n
+    assert check_packing(model) < 1e-4
+
+
+def test_packing_guard_catches_a_leaking_attention(prepared):
+    """With a KV cache the mask is not made block-diagonal: the guard must notice such a leak."""
+    from ftkit.modeling import load_model, resolve_model_path
+    from ftkit.train import PackingError, check_packing
+
+    cfg, _, _ = prepared
+    model = load_model(resolve_model_path("tiny-random"), cfg.model)
+    original = model.forward
+
+    def leaky(*args, **kw):
+        kw.pop("use_cache", None)
+        kw.pop("position_ids", None)  # ignore example boundaries: plain causal attention over the row
+        return original(*args, **kw)
+
+    model.forward = leaky
+    with pytest.raises(PackingError, match="leak attention across examples"):
+        check_packing(model)
