@@ -41,6 +41,11 @@ def main(argv: list[str] | None = None) -> int:
     cv.add_argument("--columns", default=None)
     cv.add_argument("--no-alternation", action="store_true")
 
+    t = sub.add_parser("train", help="run stage 03 headless on a parameters file (what accelerate launch runs)")
+    t.add_argument("params")
+    t.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                   help="dotted override, YAML value: --override train.max_steps=10")
+
     d = sub.add_parser("demo-data", help="write the AcmeCorp demo CSV")
     d.add_argument("path")
     d.add_argument("--n", type=int, default=1000)
@@ -70,6 +75,24 @@ def main(argv: list[str] | None = None) -> int:
             print(e, file=sys.stderr)
             return 2
         print(f"{args.file}: ok")
+        return 0
+    if args.command == "train":
+        import yaml
+
+        from . import run_paths
+        from .config import ConfigError, load_config
+        from .paths import write_json
+        from .train import train
+
+        try:
+            overrides = {k: yaml.safe_load(v) for k, _, v in (o.partition("=") for o in args.override)}
+            cfg = load_config(args.params, overrides=overrides)
+        except ConfigError as e:
+            print(e, file=sys.stderr)
+            return 2
+        metrics = train(cfg, run_paths(cfg))
+        write_json(run_paths(cfg).metrics("03_train"), metrics)
+        print(f"train_loss_last={metrics['train_loss_last']} steps={metrics['steps']}")
         return 0
     if args.command in ("validate", "convert"):
         return _check_command(args)

@@ -156,6 +156,15 @@ class TrainConfig:
     """Batch examples of similar length together (less padding, faster)."""
     neftune_noise_alpha: float | None = None
     """NEFTune: noise on input embeddings during training (e.g. 5.0); null: off."""
+    save_steps: int = 0
+    """Write a checkpoint (adapter or weights, optimizer, scheduler, RNG states, data position)
+    every N steps (0: none)."""
+    save_total_limit: int = 2
+    """Keep the newest N checkpoints."""
+    resume: str = "auto"
+    """`auto`: continue from the newest complete checkpoint of this experiment; `never`; or a path."""
+    early_stopping_patience: int | None = None
+    """Stop when val loss has not improved for this many evaluations (null: off)."""
     deterministic: bool = False
     num_threads: int | None = None
     """CPU threads for torch (null: torch's default)."""

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from transformers import TrainerCallback
 
 from .config import ExperimentConfig
 from .masking import IGNORE_INDEX
@@ -130,6 +131,41 @@ def _sampling_args(group_by_length: bool) -> dict:
     return {"group_by_length": group_by_length}
 
 
+COMPLETE_MARKER = "ftkit_checkpoint_complete.json"
+
+
+class CompleteCheckpointMarker(TrainerCallback):
+    """Writes a marker into each checkpoint after the Trainer finished writing it (atomically),
+    so a checkpoint torn by a crash or SIGKILL mid-write is recognised and never resumed from."""
+
+    def on_save(self, args, state, control, **kwargs):
+        ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if ckpt.is_dir() and state.is_world_process_zero:
+            write_json(ckpt / COMPLETE_MARKER, {"global_step": state.global_step, "files": sorted(
+                p.name for p in ckpt.iterdir())})
+        return control
+
+
+def find_resume_checkpoint(checkpoints_dir: Path, resume: str) -> Path | None:
+    """The checkpoint to resume from: the newest complete one (``auto``), none, or a given path."""
+    if resume == "never":
+        return None
+    if resume != "auto":
+        p = Path(resume)
+        if not (p / COMPLETE_MARKER).exists():
+            raise FileNotFoundError(f"train.resume: {p} is not a complete ftkit checkpoint (no {COMPLETE_MARKER})")
+        return p
+    if not checkpoints_dir.is_dir():
+        return None
+    found = sorted((d for d in checkpoints_dir.glob("checkpoint-*") if d.name.split("-")[-1].isdigit()),
+                   key=lambda d: int(d.name.split("-")[-1]), reverse=True)
+    for d in found:
+        if (d / COMPLETE_MARKER).exists():
+            return d
+        log.warning("skipping torn checkpoint %s (no %s: it was not finished being written)", d, COMPLETE_MARKER)
+    return None
+
+
 def build_trainer(cfg: ExperimentConfig, paths: RunPaths, model, tokenizer, train_rows, val_rows):
     """A configured transformers Trainer; kept separate so tests can inspect it."""
     from transformers import Trainer, TrainingArguments
@@ -152,7 +188,11 @@ def build_trainer(cfg: ExperimentConfig, paths: RunPaths, model, tokenizer, trai
         logging_first_step=True,
         eval_strategy="steps" if t.eval_steps > 0 and val_rows else "no",
         eval_steps=t.eval_steps or None,
-        save_strategy="no",
+        save_strategy="steps" if t.save_steps > 0 else "no",
+        save_steps=t.save_steps or 500,
+        save_total_limit=t.save_total_limit,
+        load_best_model_at_end=bool(t.early_stopping_patience) and t.save_steps > 0,
+        metric_for_best_model="eval_loss" if t.early_stopping_patience else None,
         report_to="none",
         seed=cfg.seed,
         data_seed=cfg.seed,
@@ -166,8 +206,14 @@ def build_trainer(cfg: ExperimentConfig, paths: RunPaths, model, tokenizer, trai
         dataloader_num_workers=0,
         disable_tqdm=False,
     )
+    from transformers import EarlyStoppingCallback
+
+    callbacks = [CompleteCheckpointMarker()]
+    if t.early_stopping_patience:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=t.early_stopping_patience))
     return Trainer(
         model=model,
+        callbacks=callbacks,
         args=args,
         train_dataset=TokenizedDataset(train_rows),
         eval_dataset=TokenizedDataset(val_rows) if val_rows else None,
@@ -209,7 +255,10 @@ def run_training(cfg: ExperimentConfig, paths: RunPaths):
 
     trainer = build_trainer(cfg, paths, model, tokenizer, train_rows, val_rows)
     start = time.perf_counter()
-    result = trainer.train()
+    resume_from = find_resume_checkpoint(paths.checkpoints_dir, cfg.train.resume)
+    if resume_from:
+        log.info("resuming from %s", resume_from)
+    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     seconds = time.perf_counter() - start
     final_eval = trainer.evaluate() if val_rows else {}
 
@@ -239,6 +288,8 @@ def run_training(cfg: ExperimentConfig, paths: RunPaths):
         "train_seconds": seconds,
         "tokens_per_second": tokens / seconds if seconds else None,
         "device": str(resolve_device(cfg.model)),
+        "resumed_from": str(resume_from) if resume_from else None,
+        "steps_this_run": steps - (int(resume_from.name.split("-")[-1]) if resume_from else 0),
         "packing": cfg.train.packing,
         "packing_leak_max_logit_diff": packing_leak_max,
     }
