@@ -20,7 +20,7 @@ def run_paths(cfg: ExperimentConfig) -> RunPaths:
     return RunPaths(resolve_outputs_dir(cfg.outputs_dir), cfg.experiment)
 
 _SUBMODULES = {"config", "paths", "demo_data", "readers", "formats", "cleaning", "data", "templates", "masking",
-               "conversion", "estimate", "checker", "replay", "modeling", "train", "evaluate", "export", "serve",
+               "conversion", "estimate", "checker", "replay", "launch", "modeling", "train", "evaluate", "export", "serve",
                "server_process", "host", "report", "cli"}
 
 

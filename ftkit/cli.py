@@ -91,8 +91,9 @@ def main(argv: list[str] | None = None) -> int:
             print(e, file=sys.stderr)
             return 2
         metrics = train(cfg, run_paths(cfg))
-        write_json(run_paths(cfg).metrics("03_train"), metrics)
-        print(f"train_loss_last={metrics['train_loss_last']} steps={metrics['steps']}")
+        if int(os.environ.get("RANK", "0")) == 0:  # under accelerate launch, the main process writes
+            write_json(run_paths(cfg).metrics("03_train"), metrics)
+            print(f"train_loss_last={metrics['train_loss_last']} steps={metrics['steps']}")
         return 0
     if args.command in ("validate", "convert"):
         return _check_command(args)

@@ -124,15 +124,27 @@ class LoraConfig:
     dropout: float = 0.05
     target_modules: Any = "all-linear"
     """`all-linear` or a list of module names such as [q_proj, v_proj]."""
+    rslora: bool = False
+    """Rank-stabilised LoRA: scale by alpha/sqrt(r) instead of alpha/r."""
+    modules_to_save: list[str] = field(default_factory=list)
+    """Modules trained in full and saved with the adapter (e.g. [lm_head, embed_tokens])."""
 
 
 @dataclass
 class TrainConfig:
     """Stage 03: fine-tuning."""
 
-    method: Literal["lora"] = "lora"
-    objective: Literal["instruction"] = "instruction"
-    """`instruction`: loss on assistant tokens only (end-of-turn included)."""
+    method: Literal["lora", "qlora", "dora", "full"] = "lora"
+    """`lora`; `qlora` (4-bit NF4 base with double quantisation, bitsandbytes; CPU too); `dora`
+    (weight-decomposed LoRA); `full` (every weight trained)."""
+    objective: Literal["instruction", "completion"] = "instruction"
+    """`instruction`: loss on assistant tokens only (end-of-turn included); `completion`: on every
+    token (for prompt/completion data the prompt too; plain text data is all completion anyway)."""
+    num_processes: int = 1
+    """>1: the notebook runs `accelerate launch` with this many processes (one per GPU)."""
+    accelerate_config: str | None = None
+    """`ddp`, `fsdp`, `deepspeed-zero2`, `deepspeed-zero3` (shipped templates) or a path to an
+    accelerate config file; null: plain DDP."""
     learning_rate: float = 2e-4
     epochs: float = 1.0
     max_steps: int = -1
@@ -165,6 +177,8 @@ class TrainConfig:
     """`auto`: continue from the newest complete checkpoint of this experiment; `never`; or a path."""
     early_stopping_patience: int | None = None
     """Stop when val loss has not improved for this many evaluations (null: off)."""
+    report_to: list[str] = field(default_factory=list)
+    """Extra logging integrations passed to the Trainer, e.g. [tensorboard] (event files under checkpoints/)."""
     deterministic: bool = False
     num_threads: int | None = None
     """CPU threads for torch (null: torch's default)."""

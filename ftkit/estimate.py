@@ -73,6 +73,8 @@ def estimate(cfg, model_path: str, train_tokens_per_epoch: int, n_train: int, me
     total, trainable, config = count_parameters_from_config(model_path, t.lora.target_modules, t.lora.r)
     device = resolve_device(cfg.model)
     bytes_per = torch.finfo(resolve_dtype(cfg.model, device)).bits // 8
+    if t.method == "full":
+        trainable = total
     steps_per_epoch = max(1, -(-n_train // (t.batch_size * t.gradient_accumulation_steps)))
     steps = t.max_steps if t.max_steps > 0 else int(steps_per_epoch * t.epochs)
     tokens = int(min(steps * t.batch_size * t.gradient_accumulation_steps * mean_len,
@@ -86,7 +88,10 @@ def estimate(cfg, model_path: str, train_tokens_per_epoch: int, n_train: int, me
     efficiency = 0.25 if device.type == "cpu" else 0.4
     secs = 4 * total * tokens / (efficiency * gflops * 1e9) if gflops else float("nan")
     gb = 1024**3
-    weights, state = total * bytes_per / gb, trainable * 16 / gb
+    weight_bytes = 0.55 if t.method == "qlora" else bytes_per  # NF4 + quantisation constants
+    # full: gradients at the weights' dtype + two fp32 AdamW moments; adapters: fp32 param, grad, 2 moments
+    state_bytes = (bytes_per + 8) if t.method == "full" else 16
+    weights, state = total * weight_bytes / gb, trainable * state_bytes / gb
     return Estimate(total, trainable, tokens, weights, state, act / gb, weights + state + act / gb, str(device),
                     gflops, secs, tokens / 1e6 * cfg.convert.hosted_price_per_million_tokens)
 
@@ -98,3 +103,49 @@ def for_run(cfg, result) -> Estimate:
     lens = result.lengths["train"]
     mean = sum(lens) / max(len(lens), 1)
     return estimate(cfg, resolve_model_path(cfg.model.name), sum(lens), len(lens), mean)
+
+
+class PreflightError(RuntimeError):
+    """The configured run clearly does not fit the device."""
+
+
+def free_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    import os
+
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def preflight(cfg, paths, free_bytes: int | None = None) -> dict:
+    """Estimate before any weight is loaded; stop with concrete suggestions when it will not fit."""
+    from .modeling import resolve_device, resolve_model_path
+    from .paths import read_jsonl
+
+    lens = [len(r["input_ids"]) for r in read_jsonl(paths.tokens("train"))]
+    est = estimate(cfg, resolve_model_path(cfg.model.name), sum(lens), len(lens), sum(lens) / max(len(lens), 1))
+    free = free_bytes if free_bytes is not None else free_memory_bytes(resolve_device(cfg.model))
+    check_fits(est, cfg, free)
+    return {**est.to_dict(), "free_gb": free / 1024**3}
+
+
+def check_fits(est: Estimate, cfg, free_bytes: int) -> None:
+    """Raise :class:`PreflightError` with concrete suggestions when ``est`` exceeds ``free_bytes``."""
+    device, free = est.device, free_bytes
+    if est.total_gb * 1024**3 > free:
+        t = cfg.train
+        tips = []
+        if t.method in ("lora", "dora", "full"):
+            tips.append("train.method: qlora (4-bit base weights)")
+        if t.batch_size > 1:
+            small = max(1, t.batch_size // 4)
+            tips.append(f"train.batch_size: {small} with train.gradient_accumulation_steps: "
+                        f"{t.gradient_accumulation_steps * t.batch_size // small} (same effective batch)")
+        tips.append("gradient checkpointing (trades compute for activation memory)")
+        if cfg.convert.max_seq_len > 512:
+            tips.append(f"a shorter convert.max_seq_len than {cfg.convert.max_seq_len}")
+        raise PreflightError(
+            f"this run needs about {est.total_gb:.1f} GB (weights {est.weights_gb:.1f} + training state "
+            f"{est.trainable_state_gb:.1f} + activations {est.activations_gb:.1f}) but {device} has "
+            f"{free / 1024**3:.1f} GB free. Try: " + "; ".join(tips) + "."
+        )

@@ -148,12 +148,14 @@ def adapter_disabled(model):
 
 def evaluate_run(cfg, paths) -> dict:
     """Run stage 04: base vs tuned on the test split; writes generations; returns the metrics."""
-    from .modeling import stop_token_ids
+    from .modeling import load_model, resolve_model_path, stop_token_ids
     from .paths import read_jsonl, write_jsonl
-    from .train import load_adapter_model, load_tokens
+    from .train import load_adapter_model, load_tokens, trained_info
 
     e = cfg.evaluate
     model, tok = load_adapter_model(cfg, paths)
+    full = trained_info(paths).get("method") == "full"
+    base_model = load_model(resolve_model_path(cfg.model.name), cfg.model) if full else model
     rows = load_tokens(paths.require(paths.tokens("test"), "02_format_conversion"))
     records = [r for r in read_jsonl(paths.chat("test")) if "messages" in r]  # text records have no prompt
     stop_ids = stop_token_ids(tok)
@@ -163,9 +165,10 @@ def evaluate_run(cfg, paths) -> dict:
 
     results, per_example = {}, {}
     for name in ("base", "tuned"):
-        with adapter_disabled(model) if name == "base" else contextlib.nullcontext():
-            loss = heldout_loss(model, rows, tok.pad_token_id, e.batch_size)
-            gens = generate(model, tok, prompts, **gen_kw)
+        m = base_model if name == "base" else model
+        with adapter_disabled(m) if name == "base" and not full else contextlib.nullcontext():
+            loss = heldout_loss(m, rows, tok.pad_token_id, e.batch_size)
+            gens = generate(m, tok, prompts, **gen_kw)
         scores, per_example[name] = score_generations(sample, gens, e.rules)
         results[name] = {**loss, **scores}
 

@@ -27,9 +27,15 @@ def merge_adapter(cfg, paths: RunPaths, check_prompts: list[list[dict]]) -> dict
     also reports how far the adapter moved the logits from the base model's, so that a passing
     check is not vacuous.
     """
-    from .train import load_adapter_model
+    from .train import load_adapter_model, trained_info
 
     model, tok = load_adapter_model(cfg, paths)
+    if trained_info(paths).get("method") == "full":  # nothing to merge: the weights are the model
+        model.save_pretrained(paths.merged_dir)
+        tok.save_pretrained(paths.merged_dir)
+        return {"merged_dir": str(paths.merged_dir), "max_logit_diff_merged_vs_adapter": 0.0,
+                "max_logit_diff_adapter_vs_base": None, "logit_tolerance": 0.0, "merge_check_passed": True,
+                "stop_token_ids": stop_token_ids(tok), "note": "full fine-tune: saved as is"}
     tuned = prompt_logits(model, tok, check_prompts)
     with model.disable_adapter():
         base = prompt_logits(model, tok, check_prompts)

@@ -104,9 +104,12 @@ def make_collator(pad_token_id: int, packing: bool):
     return PadCollator(pad_token_id)
 
 
-def load_tokens(path: Path, limit: int | None = None) -> list[dict]:
-    rows = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in read_jsonl(path)]
-    return rows[:limit] if limit else rows
+def load_tokens(path: Path, limit: int | None = None, objective: str = "instruction") -> list[dict]:
+    """Tokenised examples; with the ``completion`` objective every token after the first is trained."""
+    rows = read_jsonl(path)[:limit] if limit else read_jsonl(path)
+    if objective == "completion":
+        return [{"input_ids": r["input_ids"], "labels": [IGNORE_INDEX] + r["input_ids"][1:]} for r in rows]
+    return [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows]
 
 
 def set_seed(seed: int, deterministic: bool = False) -> None:
@@ -193,7 +196,8 @@ def build_trainer(cfg: ExperimentConfig, paths: RunPaths, model, tokenizer, trai
         save_total_limit=t.save_total_limit,
         load_best_model_at_end=bool(t.early_stopping_patience) and t.save_steps > 0,
         metric_for_best_model="eval_loss" if t.early_stopping_patience else None,
-        report_to="none",
+        report_to=t.report_to or "none",
+        include_num_input_tokens_seen=True,
         seed=cfg.seed,
         data_seed=cfg.seed,
         full_determinism=t.deterministic,
@@ -227,9 +231,74 @@ def add_lora(model, cfg: ExperimentConfig):
     lc = cfg.train.lora
     peft_cfg = LoraConfig(
         r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=lc.target_modules,
-        task_type="CAUSAL_LM", bias="none",
+        task_type="CAUSAL_LM", bias="none", use_dora=cfg.train.method == "dora", use_rslora=lc.rslora,
+        modules_to_save=lc.modules_to_save or None,
     )
     return get_peft_model(model, peft_cfg)
+
+
+def load_for_training(cfg: ExperimentConfig, base_path: str):
+    """The model to train: 4-bit NF4 for QLoRA, otherwise in the configured dtype; adapters added."""
+    method = cfg.train.method
+    if method == "qlora":
+        from peft import prepare_model_for_kbit_training
+        from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+        device = resolve_device(cfg.model)
+        compute = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                   bnb_4bit_compute_dtype=compute)
+        model = AutoModelForCausalLM.from_pretrained(base_path, quantization_config=quant, dtype=compute,
+                                                     device_map={"": str(device)},
+                                                     trust_remote_code=cfg.model.trust_remote_code)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    else:
+        model = load_model(base_path, cfg.model)
+    model.config.use_cache = False
+    if method == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model.train()
+    return add_lora(model, cfg)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak GPU memory allocated by torch, or this process's peak resident memory on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def overfitting(history: list[dict], patience: int = 2) -> dict:
+    """Flag when validation loss rose over the last ``patience`` evaluations while training loss fell."""
+    evals = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
+    trains = [(h["step"], h["loss"]) for h in history if "loss" in h]
+    if len(evals) <= patience or len(trains) < 2:
+        return {"flag": False, "reason": f"fewer than {patience + 1} evaluations"}
+    recent = [v for _, v in evals[-(patience + 1):]]
+    rising = all(b > a for a, b in zip(recent, recent[1:], strict=False))
+    since = evals[-(patience + 1)][0]
+    train_then = [v for st, v in trains if st <= since][-1:] or [trains[0][1]]
+    falling = trains[-1][1] < train_then[0]
+    flag = rising and falling
+    best = min(evals, key=lambda e: e[1])
+    reason = (f"val loss rose {recent[0]:.4f} -> {recent[-1]:.4f} over the last {patience} evaluations while "
+              f"train loss fell; best val loss {best[1]:.4f} at step {best[0]}") if flag else \
+        f"no sustained rise of val loss (best {best[1]:.4f} at step {best[0]})"
+    return {"flag": flag, "reason": reason, "best_step": best[0], "best_eval_loss": best[1]}
+
+
+def write_log_csv(history: list[dict], path: Path) -> None:
+    import csv
+
+    keys = sorted({k for h in history for k in h})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(history)
 
 
 def train(cfg: ExperimentConfig, paths: RunPaths) -> dict:
@@ -244,11 +313,16 @@ def run_training(cfg: ExperimentConfig, paths: RunPaths):
     set_seed(cfg.seed, cfg.train.deterministic)
     base_path = resolve_model_path(cfg.model.name)
     tokenizer = load_tokenizer(paths.require(paths.tokenizer_dir, "02_format_conversion"), cfg.model)
-    train_rows = load_tokens(paths.require(paths.tokens("train"), "02_format_conversion"))
-    val_rows = load_tokens(paths.require(paths.tokens("val"), "02_format_conversion"), cfg.train.max_eval_examples)
-    model = load_model(base_path, cfg.model)
-    model.config.use_cache = False
-    model = add_lora(model, cfg)
+    objective = cfg.train.objective
+    train_rows = load_tokens(paths.require(paths.tokens("train"), "02_format_conversion"), objective=objective)
+    val_rows = load_tokens(paths.require(paths.tokens("val"), "02_format_conversion"), cfg.train.max_eval_examples,
+                           objective=objective)
+    from .estimate import preflight
+
+    plan = preflight(cfg, paths)  # before any weight is loaded: stops early if it clearly won't fit
+    log.info("pre-flight: ~%.2f GB needed of %.1f GB free, ~%.0f s estimated", plan["total_gb"], plan["free_gb"],
+             plan["est_train_seconds"])
+    model = load_for_training(cfg, base_path)
     packing_leak_max = check_packing(model) if cfg.train.packing else None
     trainable, total = count_parameters(model)
     log.info("trainable parameters: %s of %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
@@ -262,22 +336,44 @@ def run_training(cfg: ExperimentConfig, paths: RunPaths):
     seconds = time.perf_counter() - start
     final_eval = trainer.evaluate() if val_rows else {}
 
-    model.save_pretrained(paths.adapter_dir)
-    tokenizer.save_pretrained(paths.adapter_dir)
-    write_json(paths.adapter_dir / TRAIN_INFO, {"base_model": cfg.model.name, "base_path": base_path})
+    if trainer.is_world_process_zero() and paths.adapter_dir.exists():
+        import shutil
+
+        shutil.rmtree(paths.adapter_dir)  # no stale files from an earlier run with another method
+    trainer.save_model(str(paths.adapter_dir))  # the adapter, or the whole model for `full`; main process only
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(paths.adapter_dir)
+        write_json(paths.adapter_dir / TRAIN_INFO, {"base_model": cfg.model.name, "base_path": base_path,
+                                                    "method": cfg.train.method, "objective": cfg.train.objective})
+        write_json(paths.train_log, trainer.state.log_history)
+    if trainer.args.world_size > 1:  # every rank records what it ended with, so agreement can be checked
+        trained = [p.detach().float() for p in trainer.model.parameters() if p.requires_grad]
+        write_json(paths.root / "logs" / f"rank{trainer.args.process_index}.json", {
+            "rank": trainer.args.process_index, "world_size": trainer.args.world_size,
+            "trainable_sum": float(sum(p.sum() for p in trained)), "trainable_abs_sum": float(sum(p.abs().sum() for p in trained)),
+            "global_step": trainer.state.global_step})
     history = trainer.state.log_history
-    write_json(paths.train_log, history)
 
     steps = trainer.state.global_step
     batch = cfg.train.batch_size * cfg.train.gradient_accumulation_steps
     seen = min(steps * batch, len(train_rows) * math.ceil(max(cfg.train.epochs, 1)))
-    tokens = sum(len(r["input_ids"]) for r in train_rows) * seen / max(len(train_rows), 1)
+    tokens = int(getattr(trainer.state, "num_input_tokens_seen", 0) or
+                 sum(len(r["input_ids"]) for r in train_rows) * seen / max(len(train_rows), 1))
     losses = [h["loss"] for h in history if "loss" in h]
+    if trainer.is_world_process_zero():
+        write_log_csv(history, paths.train_log.with_suffix(".csv"))
     return trainer, {
+        "train_loss": result.training_loss,
+        "eval_loss": final_eval.get("eval_loss"),
+        "train_tokens": tokens,
+        "peak_memory_mb": peak_memory_mb(resolve_device(cfg.model)),
+        "trainable_params": trainable,
+        "total_params": total,
+        "runtime_s": seconds,
+        "overfitting": overfitting(history),
+        "checkpoints": sorted(str(p) for p in paths.checkpoints_dir.glob("checkpoint-*")),
         "method": cfg.train.method,
         "base_model": cfg.model.name,
-        "trainable_parameters": trainable,
-        "total_parameters": total,
         "train_examples": len(train_rows),
         "steps": steps,
         "epochs_done": trainer.state.epoch,
@@ -285,29 +381,35 @@ def run_training(cfg: ExperimentConfig, paths: RunPaths):
         "train_loss_last": losses[-1] if losses else None,
         "train_loss_mean": result.training_loss,
         "val_loss": final_eval.get("eval_loss"),
-        "train_seconds": seconds,
         "tokens_per_second": tokens / seconds if seconds else None,
         "device": str(resolve_device(cfg.model)),
         "resumed_from": str(resume_from) if resume_from else None,
         "steps_this_run": steps - (int(resume_from.name.split("-")[-1]) if resume_from else 0),
+        "preflight": plan,
         "packing": cfg.train.packing,
         "packing_leak_max_logit_diff": packing_leak_max,
     }
 
 
 def load_adapter_model(cfg: ExperimentConfig, paths: RunPaths):
-    """Base model with the trained adapter attached (adapter can be disabled for base scores)."""
+    """The trained model and its tokenizer: base + adapter (LoRA/QLoRA/DoRA; the adapter can be
+    disabled for base scores) or the fully fine-tuned weights."""
     from peft import PeftModel
 
     adapter = paths.require(paths.adapter_dir, "03_train")
-    info = json.loads((adapter / TRAIN_INFO).read_text())
+    info = trained_info(paths)
     if info["base_model"] != cfg.model.name:
         raise ValueError(
             f"{adapter} was trained on {info['base_model']!r} but model.name is {cfg.model.name!r}; "
             "use the same model.name as stage 03 or retrain"
         )
-    base_path = resolve_model_path(cfg.model.name)
     tokenizer = load_tokenizer(str(adapter), cfg.model)
-    model = load_model(base_path, cfg.model)
+    if info.get("method") == "full":
+        return load_model(str(adapter), cfg.model), tokenizer
+    model = load_model(resolve_model_path(cfg.model.name), cfg.model)  # full precision, also for QLoRA
     model = PeftModel.from_pretrained(model, adapter)
     return model.eval(), tokenizer
+
+
+def trained_info(paths: RunPaths) -> dict:
+    return json.loads((paths.require(paths.adapter_dir, "03_train") / TRAIN_INFO).read_text())

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -81,7 +82,7 @@ def test_yaml_syntax_error_names_file_and_line(tmp_path):
         read_yaml(p)
 
 
-@pytest.mark.parametrize("name", ["demo", "smoke", "bitext"])
+@pytest.mark.parametrize("name", sorted(p.stem for p in (Path(__file__).parents[1] / "parameters").glob("*.yaml")))
 def test_shipped_parameter_files_validate(root, name):
     path = root / "parameters" / f"{name}.yaml"
     params = read_yaml(path)

@@ -64,3 +64,23 @@ def test_adapter_records_its_base(trained):
     wrong = load_config(experiment="t", outputs_dir=cfg.outputs_dir, model={"name": "some/other-model"})
     with pytest.raises(ValueError, match="was trained on 'tiny-random'"):
         load_adapter_model(wrong, paths)
+
+
+def test_metrics_keys_and_logs(trained):
+    _, paths, _, metrics = trained
+    for key in ("train_loss", "eval_loss", "train_tokens", "tokens_per_second", "peak_memory_mb", "trainable_params",
+                "total_params", "runtime_s"):
+        assert metrics[key] is not None and metrics[key] > 0, key
+    assert metrics["train_tokens"] > 16 * 4 * 50  # 16 steps x 4 examples of > 50 tokens, no padding counted
+    assert paths.train_log.with_suffix(".csv").read_text().startswith("epoch,")
+    assert metrics["overfitting"]["flag"] in (True, False)
+
+
+def test_overfitting_flag():
+    from ftkit.train import overfitting
+
+    history = [{"step": s, "loss": 3 - 0.1 * s} for s in range(1, 11)]
+    rising = history + [{"step": s, "eval_loss": v} for s, v in ((2, 2.0), (4, 1.8), (6, 1.9), (8, 2.1))]
+    assert overfitting(rising)["flag"] and "best val loss 1.8000 at step 4" in overfitting(rising)["reason"]
+    falling = history + [{"step": s, "eval_loss": v} for s, v in ((2, 2.0), (4, 1.8), (6, 1.7), (8, 1.6))]
+    assert not overfitting(falling)["flag"]

@@ -1,0 +1,110 @@
+"""Each training method on the tiny model: it trains what it should, and its output reloads."""
+
+import json
+
+import pytest
+import torch
+
+from ftkit import conversion, data
+from ftkit.config import load_config
+from ftkit.paths import RunPaths
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("methods")
+    cfg = load_config(experiment="m", outputs_dir=str(root), model={"name": "tiny-random"}, data={"demo_size": 80})
+    paths = RunPaths(root, "m")
+    data.prepare(cfg.data, paths, cfg.seed)
+    conversion.convert(cfg, paths, conversion.run_tokenizer(cfg, paths))
+    return root
+
+
+def _train(root, **train):
+    from ftkit.train import run_training
+
+    cfg = load_config(experiment="m", outputs_dir=str(root), model={"name": "tiny-random"},
+                      train={"max_steps": 6, "batch_size": 4, "learning_rate": 1e-2, "eval_steps": 0, "logging_steps": 1,
+                             "resume": "never", **train})
+    trainer, metrics = run_training(cfg, RunPaths(root, "m"))
+    return cfg, trainer, metrics
+
+
+@pytest.mark.parametrize("method,extra", [("dora", {}), ("lora", {"lora": {"rslora": True, "modules_to_save": ["lm_head"]}}),
+                                          ("full", {"learning_rate": 1e-3})])
+def test_method_trains_and_reloads(base_dir, method, extra):
+    from ftkit.train import load_adapter_model
+
+    cfg, trainer, metrics = _train(base_dir, method=method, **extra)
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert losses[-1] < losses[0]
+    model = trainer.model
+    if method == "full":
+        assert metrics["trainable_params"] == metrics["total_params"]
+    else:
+        names = [n for n, p in model.named_parameters() if p.requires_grad]
+        if method == "dora":
+            assert any("lora_magnitude_vector" in n for n in names)
+        if extra.get("lora", {}).get("modules_to_save"):
+            assert any("lm_head" in n and "modules_to_save" in n for n in names)
+            assert model.peft_config["default"].use_rslora
+    info = json.loads((RunPaths(base_dir, "m").adapter_dir / "ftkit_train.json").read_text())
+    assert info["method"] == method
+    reloaded, _ = load_adapter_model(cfg, RunPaths(base_dir, "m"))
+    ids = torch.tensor([[1, 4093, 198, 9576, 314, 957, 2]])
+    with torch.no_grad():
+        assert torch.allclose(model.eval()(input_ids=ids).logits, reloaded(input_ids=ids).logits, atol=1e-4)
+
+
+def test_qlora_on_cpu(base_dir):
+    """4-bit NF4 base with double quantisation through bitsandbytes' CPU backend; LoRA on top."""
+    import bitsandbytes as bnb
+
+    cfg, trainer, metrics = _train(base_dir, method="qlora")
+    model = trainer.model
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+    q = next(m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)).weight.quant_state
+    assert q.quant_type == "nf4" and q.nested  # double quantisation
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert losses[-1] < losses[0] and all(torch.isfinite(torch.tensor(losses)))
+
+
+def test_completion_objective_trains_every_token(base_dir):
+    from ftkit.train import load_tokens
+
+    rows = load_tokens(RunPaths(base_dir, "m").tokens("train"), 3, objective="completion")
+    for r in rows:
+        assert r["labels"][1:] == r["input_ids"][1:] and r["labels"][0] == -100
+
+
+def test_preflight_stops_a_run_that_cannot_fit(base_dir):
+    from ftkit.estimate import PreflightError, preflight
+
+    cfg = load_config(experiment="m", outputs_dir=str(base_dir), model={"name": "tiny-random"},
+                      convert={"max_seq_len": 1024}, train={"batch_size": 4})
+    plan = preflight(cfg, RunPaths(base_dir, "m"))
+    assert plan["parameters"] > 3_000_000 and 0 < plan["trainable_parameters"] < plan["parameters"]
+    with pytest.raises(PreflightError, match=r"but cpu has 0.0 GB free. Try: train.method: qlora.*"
+                                             r"train.batch_size: 1 with train.gradient_accumulation_steps: 4 "
+                                             r"\(same effective batch\).*shorter convert.max_seq_len"):
+        preflight(cfg, RunPaths(base_dir, "m"), free_bytes=10 * 1024**2)
+
+
+def test_preflight_refuses_8b_full_fine_tune_on_24gb():
+    """An 8B full fine-tune cannot fit a 24 GB device; the message says why and what to change."""
+    import tempfile
+
+    from transformers import LlamaConfig
+
+    from ftkit.estimate import PreflightError, estimate
+    with tempfile.TemporaryDirectory() as d:
+        LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                    num_key_value_heads=8, vocab_size=128256).save_pretrained(d)
+        cfg = load_config(model={"name": d}, train={"method": "full", "batch_size": 4, "max_steps": 10},
+                          convert={"max_seq_len": 2048})
+        est = estimate(cfg, d, 10_000_000, 10_000, 1000)
+        assert 7.9e9 < est.parameters < 8.1e9 and est.trainable_parameters == est.parameters
+        assert est.total_gb > 24
+        from ftkit.estimate import check_fits
+        with pytest.raises(PreflightError, match="train.method: qlora"):
+            check_fits(est, cfg, free_bytes=24 * 1024**3)
