@@ -1,9 +1,10 @@
 """Rough estimates of training time, memory and hosted-API cost, before any weight is loaded.
 
 Parameter counts come from the model config on the ``meta`` device (no weights read). Memory:
-weights at their dtype, LoRA parameters with gradients and two AdamW moments in fp32, and
-activations per layer after Korthikanti et al. (2022), ``s·b·h·(34 + 5·a·s/h)`` bytes at 16-bit
-(doubled at fp32). Time: ``4·N·T`` FLOPs for LoRA (forward plus activation gradients) at a share of the
+weights at their dtype (NF4 for QLoRA), LoRA parameters with gradients and two AdamW moments in
+fp32 (full fine-tuning: gradients and moments for every weight), activations as a per-token,
+per-layer, per-hidden-unit constant in the spirit of Korthikanti et al. (2022) but measured for
+ftkit's methods (``bench/gpu_demo.py``), and the logits kept for the loss. Time: ``4·N·T`` FLOPs for LoRA (forward plus activation gradients) at a share of the
 matrix-multiply rate measured on this device just now: 25% on CPU (calibrated on the demo: SmolLM2-135M
 LoRA measured 124 tokens/s on 2 cores) and 40% on GPU. These are estimates to plan with;
 stage 03 reports the measured figures.
@@ -82,8 +83,17 @@ def estimate(cfg, model_path: str, train_tokens_per_epoch: int, n_train: int, me
     h = getattr(config, "hidden_size", 0)
     layers = getattr(config, "num_hidden_layers", 0)
     heads = getattr(config, "num_attention_heads", 1)
-    s = cfg.convert.max_seq_len
-    act = layers * s * t.batch_size * h * (34 + 5 * heads * s / max(h, 1)) * (bytes_per / 2)
+    vocab = getattr(config, "vocab_size", 0)
+    # tokens in one micro-batch: packed rows hold just the examples; padded batches pad to the longest
+    per_batch = t.batch_size * (mean_len if t.packing else min(cfg.convert.max_seq_len, 1.5 * mean_len))
+    seq = mean_len if t.packing else min(cfg.convert.max_seq_len, 1.5 * mean_len)
+    # bytes kept for backward per token, layer and hidden unit at 16-bit, measured on an H200 with a
+    # SmolLM2-1.7B-shaped model (LoRA r=16 on all linear layers incl. dropout copies; QLoRA keeps norms
+    # and the embeddings in fp32 after prepare_model_for_kbit_training); doubled for fp32 training.
+    per_unit = {"lora": 100, "dora": 120, "qlora": 165, "full": 60}[t.method] * (bytes_per / 2 if t.method != "qlora"
+                                                                                else 1)
+    attn_scores = 0 if device.type == "cuda" else 5 * heads * seq / max(h, 1) * 2  # CPU SDPA may keep them
+    act = per_batch * layers * h * (per_unit + attn_scores) + per_batch * vocab * 10  # + logits, fp32 loss
     gflops = matmul_gflops(device)
     efficiency = 0.25 if device.type == "cpu" else 0.4
     secs = 4 * total * tokens / (efficiency * gflops * 1e9) if gflops else float("nan")

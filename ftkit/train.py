@@ -64,18 +64,21 @@ class PackingError(RuntimeError):
 
 @torch.no_grad()
 def packing_leak(model) -> float:
-    """Largest logit difference for an example run after another in one packed row vs alone.
+    """How much an example's logits depend on the example packed before it in the same row.
 
     Padding-free packing is only correct when the attention implementation honours per-example
-    position ids (a block-diagonal mask); this measures it on the actual model.
+    position ids (a block-diagonal mask). The same example is run after two different prefixes of
+    equal length: with the mask honoured its logits do not change at all (same shapes, same
+    kernels, whatever the dtype or quantisation); with a leak they move by the size of logits.
     """
     device = next(model.parameters()).device
-    a = torch.tensor([[5, 17, 42, 99, 7, 23]], device=device)
+    first = torch.tensor([[5, 17, 42, 99, 7, 23]], device=device)
+    other = torch.tensor([[61, 8, 300, 12, 77, 1000]], device=device)
     b = torch.tensor([[11, 13, 19, 3]], device=device)
-    alone = model(input_ids=b, use_cache=False).logits
     pos = torch.tensor([[0, 1, 2, 3, 4, 5, 0, 1, 2, 3]], device=device)
-    packed = model(input_ids=torch.cat([a, b], 1), position_ids=pos, use_cache=False).logits
-    return (packed[0, a.shape[1]:].float() - alone[0].float()).abs().max().item()
+    out = [model(input_ids=torch.cat([prefix, b], 1), position_ids=pos, use_cache=False).logits[0, first.shape[1]:]
+           for prefix in (first, other)]
+    return (out[0].float() - out[1].float()).abs().max().item()
 
 
 def check_packing(model, tolerance: float = 1e-3) -> float:
