@@ -86,19 +86,6 @@ def plot_lengths(lengths: dict[str, list[int]], max_seq_len: int, title: str | N
     return fig
 
 
-def plot_losses(history: list[dict]):
-    import matplotlib.pyplot as plt
-    import pandas as pd
-    import seaborn as sns
-
-    rows = [{"step": h["step"], "loss": h["loss"], "split": "train"} for h in history if "loss" in h]
-    rows += [{"step": h["step"], "loss": h["eval_loss"], "split": "val"} for h in history if "eval_loss" in h]
-    fig, ax = plt.subplots(figsize=(8, 3.5))
-    sns.lineplot(pd.DataFrame(rows), x="step", y="loss", hue="split", marker="o", ax=ax)
-    ax.set_title("Loss per trained (assistant) token")
-    return fig
-
-
 def plot_comparison(metrics: dict, keys=("loss", "rougeL", "rule_pass_rate", "stop_rate")):
     import pandas as pd
     import seaborn as sns
