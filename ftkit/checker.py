@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .cleaning import normalise_text
+from .cleaning import map_contents, normalise_text
 from .formats import Detection, FormatError, Problem, detect_format, to_canonical, to_openai, to_sharegpt, validate
 from .readers import iter_records
 
@@ -134,7 +134,4 @@ def _columnar(record: dict) -> dict:
 
 
 def clean_for_export(record: dict) -> dict:
-    if "messages" in record:
-        return {**record, "messages": [{**m, "content": normalise_text(m["content"])} if isinstance(m.get("content"), str)
-                                       else m for m in record["messages"]]}
-    return {**record, "text": normalise_text(record["text"])}
+    return map_contents(record, normalise_text)

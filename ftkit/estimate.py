@@ -85,8 +85,8 @@ def estimate(cfg, model_path: str, train_tokens_per_epoch: int, n_train: int, me
     heads = getattr(config, "num_attention_heads", 1)
     vocab = getattr(config, "vocab_size", 0)
     # tokens in one micro-batch: packed rows hold just the examples; padded batches pad to the longest
-    per_batch = t.batch_size * (mean_len if t.packing else min(cfg.convert.max_seq_len, 1.5 * mean_len))
     seq = mean_len if t.packing else min(cfg.convert.max_seq_len, 1.5 * mean_len)
+    per_batch = t.batch_size * seq
     # bytes kept for backward per token, layer and hidden unit at 16-bit, measured on an H200 with a
     # SmolLM2-1.7B-shaped model (LoRA r=16 on all linear layers incl. dropout copies; QLoRA keeps norms
     # and the embeddings in fp32 after prepare_model_for_kbit_training); doubled for fp32 training.
@@ -127,12 +127,15 @@ def free_memory_bytes(device: torch.device) -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def preflight(cfg, paths, free_bytes: int | None = None) -> dict:
-    """Estimate before any weight is loaded; stop with concrete suggestions when it will not fit."""
+def preflight(cfg, paths, free_bytes: int | None = None, lengths: list[int] | None = None) -> dict:
+    """Estimate before any weight is loaded; stop with concrete suggestions when it will not fit.
+
+    ``lengths``: token counts of the training examples when the caller has them already loaded.
+    """
     from .modeling import resolve_device, resolve_model_path
     from .paths import read_jsonl
 
-    lens = [len(r["input_ids"]) for r in read_jsonl(paths.tokens("train"))]
+    lens = lengths if lengths is not None else [len(r["input_ids"]) for r in read_jsonl(paths.tokens("train"))]
     est = estimate(cfg, resolve_model_path(cfg.model.name), sum(lens), len(lens), sum(lens) / max(len(lens), 1))
     free = free_bytes if free_bytes is not None else free_memory_bytes(resolve_device(cfg.model))
     check_fits(est, cfg, free)

@@ -322,7 +322,8 @@ def run_training(cfg: ExperimentConfig, paths: RunPaths):
                            objective=objective)
     from .estimate import preflight
 
-    plan = preflight(cfg, paths)  # before any weight is loaded: stops early if it clearly won't fit
+    # before any weight is loaded: stops early if it clearly won't fit
+    plan = preflight(cfg, paths, lengths=[len(r["input_ids"]) for r in train_rows])
     log.info("pre-flight: ~%.2f GB needed of %.1f GB free, ~%.0f s estimated", plan["total_gb"], plan["free_gb"],
              plan["est_train_seconds"])
     model = load_for_training(cfg, base_path)
