@@ -240,20 +240,37 @@ def add_lora(model, cfg: ExperimentConfig):
     return get_peft_model(model, peft_cfg)
 
 
+def load_4bit(base_path: str, cfg: ExperimentConfig):
+    """The base model quantised to 4-bit NF4 with double quantisation, computing in bf16 on GPUs, else fp32.
+
+    On CPUs with AVX512-BF16, bitsandbytes switches a 4-bit layer to a packed bf16 kernel the first
+    time it runs in eval mode, in place and for good; its logits then differ from the exact
+    dequantised product (by ~1.8 on SmolLM2-135M), so a model evaluated mid-training and a freshly
+    reloaded one disagree. ftkit turns that path off: 4-bit layers always compute what was trained.
+    """
+    import bitsandbytes as bnb
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    device = resolve_device(cfg.model)
+    compute = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=compute)
+    model = AutoModelForCausalLM.from_pretrained(base_path, quantization_config=quant, dtype=compute,
+                                                 device_map={"": str(device)},
+                                                 trust_remote_code=cfg.model.trust_remote_code)
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+    return model
+
+
 def load_for_training(cfg: ExperimentConfig, base_path: str):
     """The model to train: 4-bit NF4 for QLoRA, otherwise in the configured dtype; adapters added."""
     method = cfg.train.method
     if method == "qlora":
         from peft import prepare_model_for_kbit_training
-        from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-        device = resolve_device(cfg.model)
-        compute = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                   bnb_4bit_compute_dtype=compute)
-        model = AutoModelForCausalLM.from_pretrained(base_path, quantization_config=quant, dtype=compute,
-                                                     device_map={"": str(device)},
-                                                     trust_remote_code=cfg.model.trust_remote_code)
+        model = load_4bit(base_path, cfg)
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     else:
         model = load_model(base_path, cfg.model)
