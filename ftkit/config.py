@@ -163,7 +163,17 @@ class TrainConfig:
     packing: bool = True
     """Padding-free packing: a micro-batch's examples are concatenated into one row with
     per-example position ids, attention kept inside each example (verified before training)."""
-    optimizer: Literal["adamw_torch", "adamw_torch_fused", "sgd", "adafactor"] = "adamw_torch"
+    optimizer: Literal["auto", "adamw_torch", "adamw_torch_fused", "sgd", "adafactor"] = "auto"
+    """`auto`: fused AdamW (`adamw_torch_fused`) on a GPU, `adamw_torch` on CPU."""
+    gradient_checkpointing: bool | None = None
+    """Recompute activations in the backward pass: less memory, about a third more compute.
+    null: on only for QLoRA on a GPU (memory is what QLoRA is for); otherwise off."""
+    attention: Literal["auto", "varlen", "sdpa"] = "auto"
+    """`auto`: with packing on a GPU, PyTorch's variable-length flash attention (each example's own
+    causal triangle, nothing across examples); `sdpa`: the model's SDPA with a block mask."""
+    kernels: Literal["auto", "liger", "none"] = "auto"
+    """`auto`: on a GPU, Liger's fused RMSNorm, SwiGLU and linear + cross-entropy (no logits tensor)
+    when `liger-kernel` is installed; `none`: the model's own modules."""
     group_by_length: bool = False
     """Batch examples of similar length together (less padding, faster)."""
     neftune_noise_alpha: float | None = None
@@ -202,14 +212,67 @@ class RulesConfig:
 
 
 @dataclass
+class PromptingConfig:
+    """The "prompted" baseline of stage 04: the base model given a system prompt and few-shot examples."""
+
+    system_prompt: str | None = None
+    """Instructions for the base model; None: the training system prompt (if any)."""
+    few_shot: int = 3
+    """How many train conversations (seeded choice, the same for every prompt) go before each test prompt."""
+
+
+@dataclass
+class ForgettingConfig:
+    """General-ability check: the base and tuned models on general questions with reference answers."""
+
+    path: str | None = None
+    """Your general set (any supported format with an assistant reply); None: the shipped 40 questions."""
+    max_loss_increase: float = 0.10
+    """Flag forgetting when the tuned model's loss on the general answers is this much (relative) above base's."""
+    max_stop_rate_drop: float = 0.20
+    """... or when the share of general replies that stop by themselves falls by more than this."""
+    num_generations: int = 16
+    max_new_tokens: int = 64
+
+
+@dataclass
+class JudgeConfig:
+    """Optional pairwise LLM-as-judge: tuned vs base and tuned vs prompted, each pair judged in both orders."""
+
+    enabled: bool = False
+    model: str | None = None
+    """A local judge: a model name ftkit knows, a local directory or a hub id (loaded with transformers)."""
+    base_url: str | None = None
+    """Or any OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1 (then `model` is its model id)."""
+    api_key_env: str = "OPENAI_API_KEY"
+    """Environment variable holding the endpoint's key (never put keys in parameters files)."""
+    max_pairs: int = 16
+    """Test prompts judged per comparison (each judged twice, once per order)."""
+
+
+@dataclass
 class EvaluateConfig:
-    """Stage 04: base vs tuned on the held-out test split."""
+    """Stage 04: base, prompted base and tuned model on the held-out test split."""
 
     batch_size: int = 8
+    max_examples: int | None = None
+    """Test conversations for loss and perplexity; None: all of them (streamed, so memory stays flat)."""
     num_generations: int = 32
-    """How many test prompts get greedy generations from both models."""
+    """How many test prompts get generations from each of the three models."""
     max_new_tokens: int = 96
+    do_sample: bool = False
+    """Greedy by default; with sampling, `temperature` and `top_p` apply and `seed` makes it repeatable."""
+    temperature: float = 0.7
+    top_p: float = 0.95
+    task: Literal["auto", "free_text", "label", "json"] = "auto"
+    """`label`: replies are class labels (accuracy, macro F1, confusion matrix); `json`: replies are JSON
+    (validity rate); `auto` decides from the references."""
+    bootstrap_samples: int = 1000
+    confidence: float = 0.95
     rules: RulesConfig = field(default_factory=RulesConfig)
+    prompting: PromptingConfig = field(default_factory=PromptingConfig)
+    forgetting: ForgettingConfig = field(default_factory=ForgettingConfig)
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
 
 
 @dataclass
@@ -221,9 +284,33 @@ class HostConfig:
     """0: pick a free port."""
     api_key: str | None = None
     max_tokens_cap: int = 512
+    max_prompt_tokens: int | None = None
+    """Refuse longer prompts with a 400; None: the model's context."""
+    kv_cache_tokens: int = 16384
+    """KV cache pool of the continuous-batching engine, in tokens, shared by concurrent requests."""
     prompts: list[str] = field(
         default_factory=lambda: ["Hi, my order AC-482913 has not arrived yet. Can you check it?"]
     )
+    consistency_examples: int = 8
+    """Test conversations for the train/serve check (prompt tokens equal training tokens; replies stop)."""
+    consistency_max_tokens: int = 128
+    min_stop_rate: float = 1.0
+    """Share of check replies that must end with the end-of-turn token within consistency_max_tokens."""
+    gguf_types: list[str] = field(default_factory=lambda: ["f16", "q8_0"])
+    """GGUF exports for llama.cpp/Ollama (Llama-family models); [] skips them."""
+    load_concurrency: list[int] = field(default_factory=lambda: [1, 4, 16])
+    load_requests_per_client: int = 2
+    load_max_tokens: int = 64
+    # cost and payback
+    requests_per_day: int = 10_000
+    tokens_per_request: int = 600
+    """Prompt + reply tokens of one request (hosted APIs bill both)."""
+    hosted_price_per_million_tokens: float = 1.5
+    """A hosted API's blended price (USD per 1M tokens) for the same requests (a fine-tuned small hosted model)."""
+    machine_hourly_usd: float = 0.10
+    """What the machine that serves the model costs per hour (self-hosting; 0.10: a 2-4 vCPU cloud VM)."""
+    fine_tune_cost_usd: float = 20.0
+    """One-off cost of preparing and training the model (compute + people), paid back by cheaper serving."""
 
 
 @dataclass
@@ -463,6 +550,31 @@ def _check_values(cfg: ExperimentConfig) -> list[str]:
         errors.append(f"train.lora.target_modules: use 'all-linear' or a list of module names, got {tm!r}")
     if cfg.convert.max_seq_len < 16:
         errors.append(f"convert.max_seq_len: must be at least 16, got {cfg.convert.max_seq_len}")
+    e = cfg.evaluate
+    for name in ("batch_size", "num_generations", "max_new_tokens", "bootstrap_samples"):
+        if getattr(e, name) < 1:
+            errors.append(f"evaluate.{name}: must be at least 1, got {getattr(e, name)}")
+    if not 0.5 <= e.confidence < 1:
+        errors.append(f"evaluate.confidence: a level such as 0.95 (in [0.5, 1)), got {e.confidence}")
+    if e.prompting.few_shot < 0:
+        errors.append(f"evaluate.prompting.few_shot: 0 or more train examples, got {e.prompting.few_shot}")
+    if e.judge.enabled and not (e.judge.model or e.judge.base_url):
+        errors.append("evaluate.judge: enabled without a judge; set evaluate.judge.model (a local model) or "
+                      "evaluate.judge.base_url and evaluate.judge.model (an OpenAI-compatible endpoint)")
+    h = cfg.host
+    for name in ("max_tokens_cap", "kv_cache_tokens", "consistency_examples", "consistency_max_tokens",
+                 "load_requests_per_client", "load_max_tokens", "requests_per_day", "tokens_per_request"):
+        if getattr(h, name) < 1:
+            errors.append(f"host.{name}: must be at least 1, got {getattr(h, name)}")
+    if not 0 <= h.min_stop_rate <= 1:
+        errors.append(f"host.min_stop_rate: a share in [0, 1], got {h.min_stop_rate}")
+    if bad := [t for t in h.gguf_types if t not in ("f16", "q8_0", "f32")]:
+        errors.append(f"host.gguf_types: choose from f16, q8_0, f32; got {bad}")
+    if not h.load_concurrency or min(h.load_concurrency) < 1:
+        errors.append(f"host.load_concurrency: a list of client counts >= 1, e.g. [1, 4, 16]; got {h.load_concurrency}")
+    if min(h.hosted_price_per_million_tokens, h.machine_hourly_usd, h.fine_tune_cost_usd) < 0:
+        errors.append("host: prices (hosted_price_per_million_tokens, machine_hourly_usd, fine_tune_cost_usd) "
+                      "must not be negative")
     if not cfg.experiment or "/" in cfg.experiment:
         errors.append(f"experiment: must be a non-empty name without '/', got {cfg.experiment!r}")
     return errors

@@ -86,16 +86,6 @@ def plot_lengths(lengths: dict[str, list[int]], max_seq_len: int, title: str | N
     return fig
 
 
-def plot_comparison(metrics: dict, keys=("loss", "rougeL", "rule_pass_rate", "stop_rate")):
-    import pandas as pd
-    import seaborn as sns
-
-    df = pd.DataFrame([{"metric": k, "model": m, "value": metrics[m][k]} for k in keys for m in ("base", "tuned")])
-    g = sns.catplot(df, x="model", y="value", col="metric", kind="bar", sharey=False, height=3, aspect=0.8)
-    g.set_titles("{col_name}")
-    return g.figure
-
-
 def quarantine_table(rows: list[dict], limit: int = 20):
     import pandas as pd
 
@@ -231,36 +221,6 @@ def show_mask(tokenizer, examples) -> None:
 def metrics_table(metrics: dict):
     flat = {k: v for k, v in metrics.items() if not isinstance(v, (dict, list))}
     return _frame([{"metric": k, "value": v} for k, v in flat.items()]).set_index("metric")
-
-
-def comparison_table(metrics: dict, keys=("loss", "perplexity", "rougeL", "rule_pass_rate", "stop_rate",
-                                          "mean_new_tokens")):
-    rows = [{"metric": k, "base": metrics["base"][k], "tuned": metrics["tuned"][k],
-             "tuned − base": metrics["tuned"][k] - metrics["base"][k]} for k in keys]
-    return _frame(rows).set_index("metric").round(4)
-
-
-def verdict(metrics: dict) -> None:
-    from IPython.display import Markdown, display
-
-    b, t = metrics["base"], metrics["tuned"]
-    lines = [
-        f"- Held-out loss per assistant token: **{b['loss']:.3f} → {t['loss']:.3f}** "
-        f"({100 * metrics['loss_reduction']:.1f}% lower) on {metrics['test_examples']} test conversations.",
-        f"- House-style rules passed: **{100 * b['rule_pass_rate']:.0f}% → {100 * t['rule_pass_rate']:.0f}%** "
-        f"of {metrics['generations']} generated replies.",
-        f"- ROUGE-L against the reference replies: {b['rougeL']:.3f} → {t['rougeL']:.3f}; "
-        f"replies that stop by themselves: {100 * b['stop_rate']:.0f}% → {100 * t['stop_rate']:.0f}%.",
-    ]
-    display(Markdown("\n".join(lines)))
-
-
-def generations_table(rows: list[dict]):
-    import pandas as pd
-
-    df = pd.DataFrame([{"prompt": r["prompt"], "reference": r["reference"], "base": r["base"], "tuned": r["tuned"],
-                        "tuned rule failures": "; ".join(r["tuned_rules"]) or "—"} for r in rows])
-    return df.style.set_properties(**{"white-space": "pre-wrap", "text-align": "left", "vertical-align": "top"})
 
 
 def answers_table(answers: list[dict]):
