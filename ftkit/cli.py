@@ -19,7 +19,11 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--api-key", default=os.environ.get("FTKIT_API_KEY") or None,
                    help="require 'Authorization: Bearer KEY' (default: $FTKIT_API_KEY)")
     s.add_argument("--name", default=None, help="model id clients send (default: the directory name)")
-    s.add_argument("--max-tokens-cap", type=int, default=512)
+    s.add_argument("--max-tokens-cap", type=int, default=512, help="largest max_tokens a request may ask for")
+    s.add_argument("--max-prompt-tokens", type=int, default=None,
+                   help="refuse longer prompts (default: the model's context)")
+    s.add_argument("--kv-cache-tokens", type=int, default=16384,
+                   help="KV cache pool shared by concurrent requests, in tokens (bounds memory)")
 
     c = sub.add_parser("check-params", help="validate a parameters YAML file without running anything")
     c.add_argument("file")
@@ -57,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
         from .serve import make_server, serve_forever
 
         try:
-            server = make_server(args.model_dir, args.host, args.port, args.api_key, args.max_tokens_cap, args.name)
+            server = make_server(args.model_dir, args.host, args.port, args.api_key, args.max_tokens_cap, args.name,
+                                 max_prompt_tokens=args.max_prompt_tokens, kv_cache_tokens=args.kv_cache_tokens)
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
