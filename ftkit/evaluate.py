@@ -78,22 +78,37 @@ def iter_jsonl(path: Path) -> Iterator[dict]:
 
 
 @torch.no_grad()
-def example_losses(model, rows: Iterable[dict], pad_token_id: int, batch_size: int = 8) -> tuple[list, list]:
+def example_losses(model, rows: Iterable[dict], pad_token_id: int, batch_size: int = 8,
+                   max_batch_tokens: int | None = None) -> tuple[list, list]:
     """Summed token loss and trained-token count of each row (``input_ids``/``labels``), in input order.
 
     Rows are consumed lazily, CHUNK at a time, sorted by length inside a chunk so that batches
-    carry little padding; each batch's logits are freed before the next.
+    carry little padding; a batch holds at most ``max_batch_tokens`` padded tokens (default
+    ``batch_size`` x 512), so the logits of one batch, the largest allocation, have a fixed
+    ceiling whatever the number or mix of rows; each batch's logits are freed before the next.
     """
+    max_batch_tokens = max_batch_tokens or batch_size * 512
     device = next(model.parameters()).device
     collate = PadCollator(pad_token_id)
     sums, counts = [], []
     chunk: list[dict] = []
 
+    def batches(order: list[int]) -> Iterator[list[int]]:
+        """Up to ``batch_size`` rows and ``max_batch_tokens`` padded tokens per batch (a longer row goes alone)."""
+        idx: list[int] = []
+        for j in order:
+            longest = len(chunk[j]["input_ids"])  # rows come sorted by length, so the newest is the longest
+            if idx and (len(idx) == batch_size or (len(idx) + 1) * longest > max_batch_tokens):
+                yield idx
+                idx = []
+            idx.append(j)
+        if idx:
+            yield idx
+
     def flush():
         order = sorted(range(len(chunk)), key=lambda i: len(chunk[i]["input_ids"]))
         s, c = [0.0] * len(chunk), [0] * len(chunk)
-        for i in range(0, len(order), batch_size):
-            idx = order[i:i + batch_size]
+        for idx in batches(order):
             batch = {k: v.to(device) for k, v in collate([chunk[j] for j in idx]).items()}
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             labels = batch["labels"][:, 1:]

@@ -48,6 +48,24 @@ def test_heldout_loss_matches_model_loss(tiny_path, tokenizer):
     assert got["loss"] == pytest.approx(expected, rel=1e-4)
 
 
+def test_example_losses_do_not_depend_on_batching(tiny_path, tokenizer):
+    """Per-example losses come back in input order, the same whatever the batch size or token budget."""
+    from transformers import AutoModelForCausalLM
+
+    from ftkit.evaluate import example_losses
+    from ftkit.masking import build_example
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_path).eval()
+    rows = [build_example(tokenizer, [{"role": "user", "content": "q" * (i % 7 + 1)},
+                                      {"role": "assistant", "content": "answer " * (i % 5 + 1)}]).to_dict()
+            for i in range(19)]
+    one = example_losses(model, iter(rows), tokenizer.pad_token_id, batch_size=1)
+    many = example_losses(model, iter(rows), tokenizer.pad_token_id, batch_size=8)
+    tight = example_losses(model, iter(rows), tokenizer.pad_token_id, batch_size=8, max_batch_tokens=40)
+    assert one[1] == many[1] == tight[1] == [sum(x != -100 for x in r["labels"][1:]) for r in rows]
+    assert many[0] == pytest.approx(one[0], rel=1e-4) and tight[0] == pytest.approx(one[0], rel=1e-4)
+
+
 def test_stop_detection(tiny_path, tokenizer):
     """A model that never emits a stop token is flagged; one whose first token is a stop token stops."""
     from transformers import AutoModelForCausalLM

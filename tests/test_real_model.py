@@ -38,6 +38,11 @@ def test_demo_acceptance(tmp_path):
     assert m["tuned"]["loss"] <= 0.8 * m["base"]["loss"]
     assert m["tuned"]["rule_pass_rate"] >= m["base"]["rule_pass_rate"] + 0.3
     assert m["tuned"]["stop_rate"] >= 0.9
+    # the tuned model beats the prompted base too, on loss and on the house voice, beyond the intervals
+    for k in ("loss", "rule_pass_rate"):
+        for pair in ("tuned_vs_base", "tuned_vs_prompted"):
+            d = m["deltas"][pair][k]
+            assert (d["ci_high"] < 0) if k == "loss" else (d["ci_low"] > 0), (pair, k, d)
 
 
 @pytest.mark.parametrize("method", ["dora", "qlora", "full"])
