@@ -63,6 +63,17 @@ def test_streaming_equals_plain(client):
     assert text.strip() == plain.choices[0].message.content.strip()
 
 
+def test_sampling(client):
+    """temperature > 0 goes to the sampling engine: per-request temperature/top_p, different draws."""
+    msgs = [{"role": "user", "content": "hi"}]
+    replies = {client.chat.completions.create(model="tiny-random", messages=msgs, max_tokens=8, temperature=1.2,
+                                              top_p=0.9).choices[0].message.content for _ in range(3)}
+    assert len(replies) > 1
+    chunks = list(client.chat.completions.create(model="tiny-random", messages=msgs, max_tokens=6, temperature=0.9,
+                                                 stream=True))
+    assert chunks[-1].usage.completion_tokens <= 6
+
+
 def test_completions_endpoint(client):
     resp = client.completions.create(model="tiny-random", prompt="Hello", max_tokens=5)
     assert resp.object == "text_completion" and resp.usage.completion_tokens <= 5
