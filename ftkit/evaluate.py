@@ -86,6 +86,8 @@ def example_losses(model, rows: Iterable[dict], pad_token_id: int, batch_size: i
     carry little padding; a batch holds at most ``max_batch_tokens`` padded tokens (default
     ``batch_size`` x 512), so the logits of one batch, the largest allocation, have a fixed
     ceiling whatever the number or mix of rows; each batch's logits are freed before the next.
+    Logits are computed only at positions whose next token is trained (``logits_to_keep``), so
+    prompt tokens cost no vocabulary projection.
     """
     max_batch_tokens = max_batch_tokens or batch_size * 512
     device = next(model.parameters()).device
@@ -110,10 +112,16 @@ def example_losses(model, rows: Iterable[dict], pad_token_id: int, batch_size: i
         s, c = [0.0] * len(chunk), [0] * len(chunk)
         for idx in batches(order):
             batch = {k: v.to(device) for k, v in collate([chunk[j] for j in idx]).items()}
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            labels = batch["labels"][:, 1:]
+            # logits only where some row of the batch has a trained next token: prompts need none
+            keep = (batch["labels"][:, 1:] != IGNORE_INDEX).any(0).nonzero().squeeze(1)
+            try:
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                               logits_to_keep=keep).logits
+            except TypeError:  # a model class without logits_to_keep: all positions, then select
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, keep]
+            labels = batch["labels"][:, keep + 1]
             loss = torch.nn.functional.cross_entropy(
-                logits[:, :-1].float().transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none")
+                logits.float().transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none")
             for j, ls, n in zip(idx, loss.sum(1).tolist(), (labels != IGNORE_INDEX).sum(1).tolist(), strict=True):
                 s[j], c[j] = ls, n
             del logits, loss
