@@ -36,7 +36,7 @@ $(STAMP): pyproject.toml
 $(REPORTS)/%.ipynb: notebooks/%.ipynb $(PARAMS) $(STAMP)
 	@mkdir -p $(REPORTS)
 	$(BIN)/ftkit check-params $(PARAMS) --top-level-only
-	$(BIN)/papermill $< $(REPORTS)/$*.partial.ipynb -f $(PARAMS) -p experiment $(EXP) -p outputs_dir $(OUTPUTS) \
+	FTKIT_HEADLESS=1 $(BIN)/papermill $< $(REPORTS)/$*.partial.ipynb -f $(PARAMS) -p experiment $(EXP) -p outputs_dir $(OUTPUTS) \
 		--cwd . --log-output --no-progress-bar
 	mv $(REPORTS)/$*.partial.ipynb $@
 

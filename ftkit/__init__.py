@@ -21,7 +21,8 @@ def run_paths(cfg: ExperimentConfig) -> RunPaths:
 
 _SUBMODULES = {"config", "paths", "demo_data", "readers", "formats", "cleaning", "data", "templates", "masking",
                "conversion", "estimate", "checker", "replay", "launch", "modeling", "train", "evaluate", "export", "serve",
-               "server_process", "host", "report", "cli", "metrics", "judge", "eval_report"}
+               "server_process", "host", "report", "cli", "metrics", "judge", "eval_report",
+               "gguf_export", "loadtest", "cost", "host_report"}
 
 
 def __getattr__(name: str):

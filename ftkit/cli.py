@@ -24,6 +24,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="refuse longer prompts (default: the model's context)")
     s.add_argument("--kv-cache-tokens", type=int, default=16384,
                    help="KV cache pool shared by concurrent requests, in tokens (bounds memory)")
+    s.add_argument("--threads", type=int, default=None, help="CPU threads for the model (default: torch's choice)")
 
     c = sub.add_parser("check-params", help="validate a parameters YAML file without running anything")
     c.add_argument("file")
@@ -62,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             server = make_server(args.model_dir, args.host, args.port, args.api_key, args.max_tokens_cap, args.name,
-                                 max_prompt_tokens=args.max_prompt_tokens, kv_cache_tokens=args.kv_cache_tokens)
+                                 max_prompt_tokens=args.max_prompt_tokens, kv_cache_tokens=args.kv_cache_tokens,
+                                 threads=args.threads)
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2

@@ -288,6 +288,9 @@ class HostConfig:
     """Refuse longer prompts with a 400; None: the model's context."""
     kv_cache_tokens: int = 16384
     """KV cache pool of the continuous-batching engine, in tokens, shared by concurrent requests."""
+    threads: int | None = None
+    """CPU threads for the served model; None: torch's default (one per core). On a CPU shared with other
+    jobs, 1 avoids threads spinning while they wait for a core (measured 10x faster under such load)."""
     prompts: list[str] = field(
         default_factory=lambda: ["Hi, my order AC-482913 has not arrived yet. Can you check it?"]
     )

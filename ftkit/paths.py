@@ -99,6 +99,19 @@ class RunPaths:
     def server_log(self) -> Path:
         return self.root / "logs" / "server.log"
 
+    @property
+    def exports_dir(self) -> Path:
+        """GGUF files and the Ollama Modelfile."""
+        return self.root / "exports"
+
+    def gguf(self, qtype: str) -> Path:
+        """The merged model as GGUF (`f16`, `q8_0`) for llama.cpp and Ollama."""
+        return self.exports_dir / f"{self.experiment}-{qtype}.gguf"
+
+    @property
+    def modelfile(self) -> Path:
+        return self.exports_dir / "Modelfile"
+
     # every stage
     def metrics(self, stage: str) -> Path:
         if stage not in STAGES:

@@ -35,6 +35,8 @@ import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import torch
+
 from .config import ModelConfig
 from .masking import encode_prompt
 from .modeling import load_tokenizer, resolve_device, stop_token_ids
@@ -67,8 +69,11 @@ class Generator:
 
     def __init__(self, model_dir: str | Path, *, name: str | None = None, max_tokens_cap: int = 512,
                  max_prompt_tokens: int | None = None, kv_cache_tokens: int = 16384, max_batch_tokens: int = 512,
-                 device: str = "auto"):
+                 device: str = "auto", threads: int | None = None):
         from transformers import AutoModelForCausalLM
+
+        if threads:  # on a CPU shared with other work, fewer threads than cores avoids spinning threads waiting
+            torch.set_num_threads(threads)
 
         model_dir = Path(model_dir)
         self.name = name or model_dir.name
@@ -136,7 +141,8 @@ class Generator:
                                           max_batch_tokens=self.max_batch_tokens, per_request_processors=kind == "sample",
                                           max_blocks_per_request=0)
             manager = self.model.init_continuous_batching(generation_config=gc, continuous_batching_config=cb)
-            manager.start()
+            with torch.inference_mode():  # the engine's thread inherits the caller's mode: no autograd graphs
+                manager.start()
             self._engines[kind] = manager
             t = threading.Thread(target=self._dispatch, args=(manager,), name=f"ftkit-{kind}-results", daemon=True)
             t.start()
@@ -428,11 +434,11 @@ def is_loopback(host: str) -> bool:
 
 def make_server(model_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
                 max_tokens_cap: int = 512, name: str | None = None, *, max_prompt_tokens: int | None = None,
-                kv_cache_tokens: int = 16384) -> ThreadingHTTPServer:
+                kv_cache_tokens: int = 16384, threads: int | None = None) -> ThreadingHTTPServer:
     if not is_loopback(host) and not api_key:
         raise ValueError(f"refusing to bind to {host} without an API key: pass --api-key (or bind to 127.0.0.1)")
     gen = Generator(model_dir, name=name, max_tokens_cap=max_tokens_cap, max_prompt_tokens=max_prompt_tokens,
-                    kv_cache_tokens=kv_cache_tokens)
+                    kv_cache_tokens=kv_cache_tokens, threads=threads)
     handler = type("BoundHandler", (Handler,), {"gen": gen, "api_key": api_key})
     try:
         server = _Server((host, port), handler)

@@ -1,0 +1,100 @@
+"""Stage 05 logic: the train/serve consistency check against live servers, the load generator, cost."""
+
+import math
+import shutil
+
+import pytest
+
+import ftkit
+from ftkit import cost, host, loadtest
+from ftkit.config import HostConfig
+from ftkit.masking import build_example
+from ftkit.modeling import load_tokenizer
+from ftkit.paths import write_jsonl
+from ftkit.server_process import ServerProcess
+
+CONVERSATIONS = [
+    [{"role": "system", "content": "You are AcmeCorp support."}, {"role": "user", "content": "Where is AC-123456?"},
+     {"role": "assistant", "content": "It ships today.\n— AcmeCorp Support"}],
+    [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+     {"role": "user", "content": "Reset my password"}, {"role": "assistant", "content": "Use the link."}],
+]
+
+
+@pytest.fixture(scope="module")
+def run(tiny_path, tmp_path_factory):
+    """A stage-02 hand-off (test chats + their training tokens) for the tiny model."""
+    out = tmp_path_factory.mktemp("outputs")
+    cfg = ftkit.load_config(experiment="t", outputs_dir=str(out), model={"name": "tiny-random"},
+                            host={"min_stop_rate": 0.0, "consistency_max_tokens": 8, "load_concurrency": [1, 4],
+                                  "load_requests_per_client": 1, "load_max_tokens": 8})
+    paths = ftkit.run_paths(cfg)
+    tok = load_tokenizer(tiny_path)
+    write_jsonl(paths.chat("test"), [{"id": f"c{i}", "messages": m} for i, m in enumerate(CONVERSATIONS)])
+    write_jsonl(paths.tokens("test"), [{"id": f"c{i}", **build_example(tok, m).to_dict()}
+                                       for i, m in enumerate(CONVERSATIONS)])
+    return cfg, paths
+
+
+def test_consistency_passes_on_the_served_model(run, tiny_path, tmp_path):
+    cfg, paths = run
+    with ServerProcess(tiny_path, log_path=tmp_path / "s.log") as srv:
+        check = host.consistency_check(srv, cfg, paths)
+    assert check["consistency_cases"] == 3  # one + two assistant turns
+    assert check["consistency_prompts_match"] and check["consistency_no_run_on"] and check["consistency_passed"]
+    assert "3/3 prompts equal their training tokens" in check["consistency_reason"]
+
+
+def test_consistency_catches_a_template_that_drifted(run, tiny_path, tmp_path):
+    """A server whose chat template differs by one newline from training's fails, and says where."""
+    cfg, paths = run
+    drifted = tmp_path / "drifted"
+    shutil.copytree(tiny_path, drifted)
+    tok = load_tokenizer(str(drifted))
+    tok.chat_template = tok.chat_template.replace("message['role'] + '\n'", "message['role'] + ':\n'")
+    assert tok.chat_template != load_tokenizer(tiny_path).chat_template
+    tok.save_pretrained(drifted)
+    with ServerProcess(drifted, log_path=tmp_path / "s.log") as srv:
+        check = host.consistency_check(srv, cfg, paths)
+    assert not check["consistency_prompts_match"] and not check["consistency_passed"]
+    assert "0/3 prompts equal their training tokens (first difference: c" in check["consistency_reason"]
+    assert all(r["first_difference_at"] is not None for r in check["consistency_rows"])
+
+
+def test_consistency_requires_replies_that_stop(run, tiny_path, tmp_path):
+    """The random model never emits end-of-turn in 8 tokens: with min_stop_rate 1 the check fails."""
+    cfg, paths = run
+    strict = ftkit.load_config(cfg.to_dict() | {"host": {**cfg.to_dict()["host"], "min_stop_rate": 1.0}})
+    with ServerProcess(tiny_path, log_path=tmp_path / "s.log") as srv:
+        check = host.consistency_check(srv, strict, paths)
+        levels = loadtest.measure(srv, cfg, host.check_prompts(paths, n=2))
+    assert check["consistency_prompts_match"] and not check["consistency_passed"]
+    assert "0% of replies end with the end-of-turn token" in check["consistency_reason"]
+    assert [lv["concurrency"] for lv in levels] == [1, 4] and [lv["requests"] for lv in levels] == [1, 4]
+    for lv in levels:
+        assert 0 < lv["completion_tokens"] <= 8 * lv["requests"]
+        assert 0 < lv["ttft_median_s"] <= lv["wall_s"] and lv["tokens_per_s_total"] > 0
+
+
+def test_monthly_costs_and_payback():
+    h = HostConfig(requests_per_day=10_000, tokens_per_request=600, hosted_price_per_million_tokens=1.5,
+                   machine_hourly_usd=0.10, fine_tune_cost_usd=20.0)
+    c = cost.monthly_costs(h, tokens_per_second=40.0)
+    assert c["tokens_per_month"] == pytest.approx(182_400_000)
+    assert c["hosted_monthly_usd"] == pytest.approx(273.6)
+    assert c["needed_tokens_per_s"] == pytest.approx(69.444, abs=1e-3) and c["machines"] == 2  # 69.4 / 40 → 2
+    assert c["self_hosted_monthly_usd"] == pytest.approx(146.0)
+    assert c["payback_months"] == pytest.approx(20.0 / (273.6 - 146.0))
+    dear = cost.monthly_costs(HostConfig(machine_hourly_usd=5.0), tokens_per_second=40.0)
+    assert dear["monthly_saving_usd"] < 0 and math.isinf(dear["payback_months"])
+    curve = cost.cumulative(c, months=2)
+    assert curve[0] == {"month": 0, "hosted API": 0.0, "fine-tuned, self-hosted": 20.0}
+
+
+def test_serving_commands(run):
+    cfg, paths = run
+    cmds = host.serving_commands(cfg, paths, {"gguf": [{"type": "q8_0", "path": "/x/t-q8_0.gguf"}],
+                                              "modelfile": "/x/Modelfile"})
+    assert cmds["vLLM, merged model"].startswith(f"vllm serve {paths.merged_dir} --served-model-name t")
+    assert cmds["llama.cpp server, q8_0"].startswith("llama-server -m /x/t-q8_0.gguf --jinja")
+    assert "ollama create t -f Modelfile" in cmds["Ollama"]
