@@ -69,3 +69,7 @@ lab: $(STAMP)  ## JupyterLab on the notebooks
 
 clean:  ## remove generated outputs (keeps outputs/.gitkeep)
 	find $(OUTPUTS) -mindepth 1 -maxdepth 1 ! -name .gitkeep -exec rm -rf {} +
+
+.PHONY: bench-train
+bench-train: $(STAMP)  ## GPU training speed, baseline vs ftkit (a CUDA GPU; writes bench/results/)
+	$(BIN)/python bench/train_throughput.py $(BENCH_ARGS)

@@ -171,9 +171,16 @@ class TrainConfig:
     attention: Literal["auto", "varlen", "sdpa"] = "auto"
     """`auto`: with packing on a GPU, PyTorch's variable-length flash attention (each example's own
     causal triangle, nothing across examples); `sdpa`: the model's SDPA with a block mask."""
-    kernels: Literal["auto", "liger", "none"] = "auto"
-    """`auto`: on a GPU, Liger's fused RMSNorm, SwiGLU and linear + cross-entropy (no logits tensor)
-    when `liger-kernel` is installed; `none`: the model's own modules."""
+    kernels: Literal["auto", "liger", "liger+loss", "none"] = "auto"
+    """`auto`: `liger` on a GPU when `liger-kernel` is installed, else `none`. `liger`: Liger's fused
+    RMSNorm and SwiGLU; `liger+loss`: also its fused linear + cross-entropy (no logits tensor: less
+    memory, but slower on an H200); `none`: the model's own modules."""
+    compile: bool | None = None
+    """torch.compile each decoder layer (dynamic shapes; attention stays eager). null: off."""
+    merge_accumulation: bool | None = None
+    """Fold gradient-accumulation steps into one larger packed micro-batch where the memory estimate
+    allows (same examples per optimiser step, same loss normalisation: the same maths, fewer and
+    larger kernels). null: on with packing on a GPU."""
     group_by_length: bool = False
     """Batch examples of similar length together (less padding, faster)."""
     neftune_noise_alpha: float | None = None

@@ -94,6 +94,11 @@ def estimate(cfg, model_path: str, train_tokens_per_epoch: int, n_train: int, me
                                                                                 else 1)
     attn_scores = 0 if device.type == "cuda" else 5 * heads * seq / max(h, 1) * 2  # CPU SDPA may keep them
     act = per_batch * layers * h * (per_unit + attn_scores) + per_batch * vocab * 10  # + logits, fp32 loss
+    ckpt = t.gradient_checkpointing
+    if ckpt is None:  # stage 03's default (train.device_plan): on for QLoRA on a GPU
+        ckpt = device.type == "cuda" and t.method == "qlora"
+    if ckpt:  # each layer's input kept, plus one layer's activations while it is recomputed
+        act = per_batch * h * (layers * bytes_per + per_unit + attn_scores) + per_batch * vocab * 10
     gflops = matmul_gflops(device)
     efficiency = 0.25 if device.type == "cpu" else 0.4
     secs = 4 * total * tokens / (efficiency * gflops * 1e9) if gflops else float("nan")
@@ -154,7 +159,8 @@ def check_fits(est: Estimate, cfg, free_bytes: int) -> None:
             small = max(1, t.batch_size // 4)
             tips.append(f"train.batch_size: {small} with train.gradient_accumulation_steps: "
                         f"{t.gradient_accumulation_steps * t.batch_size // small} (same effective batch)")
-        tips.append("gradient checkpointing (trades compute for activation memory)")
+        if not t.gradient_checkpointing:
+            tips.append("train.gradient_checkpointing: true (trades compute for activation memory)")
         if cfg.convert.max_seq_len > 512:
             tips.append(f"a shorter convert.max_seq_len than {cfg.convert.max_seq_len}")
         raise PreflightError(

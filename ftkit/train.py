@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,13 +99,236 @@ def check_packing(model, tolerance: float = 1e-3) -> float:
     return leak
 
 
-def make_collator(pad_token_id: int, packing: bool):
-    """Padding-free packing (transformers' DataCollatorWithFlattening) or right padding."""
+def make_collator(pad_token_id: int, packing: bool, boundaries: bool = False):
+    """Padding-free packing (transformers' DataCollatorWithFlattening) or right padding.
+
+    ``boundaries``: also hand the model each packed example's start (``cu_seq_lens_q/k``) and the
+    longest example's length, computed here on the host, so the varlen attention needs no device sync.
+    """
     if packing:
         from transformers import DataCollatorWithFlattening
 
-        return DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE_INDEX)
+        return DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE_INDEX,
+                                          return_flash_attn_kwargs=boundaries)
     return PadCollator(pad_token_id)
+
+
+# ---- the GPU path ---------------------------------------------------------------------------------
+# What stage 03 uses on a CUDA device, each piece kept because it measured faster on an H200 against
+# the plain transformers + PEFT path (bench/train_throughput.py; figures in bench/results/ and the
+# README). On CPU every choice stays what it was. Each can be switched off in the config.
+
+VARLEN = "ftkit_varlen"
+
+
+def _varlen_fn():
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn
+
+
+def varlen_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
+                             scaling: float | None = None, is_causal: bool | None = None, **kwargs):
+    """Attention over packed examples with PyTorch's variable-length flash kernel.
+
+    Each example attends only to itself, and the kernel computes only the examples' own causal
+    triangles (sum of L^2/2), not the packed row's (sum of L)^2/2 as SDPA with a block mask does.
+    Boundaries come from the collator (``cu_seq_lens_q``, ``max_length_q``: no device sync), else
+    from ``position_ids`` (restarting at 0 per example). Without the kernel (CPU, fp32) each example
+    goes through SDPA on its own. transformers builds no mask for this implementation: a batch of
+    several right-padded rows gets plain causal SDPA, exact for every real token.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if query.shape[0] != 1 or attention_mask is not None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=attention_mask is None, **kwargs)
+    n = query.shape[2]
+    cu, longest = kwargs.get("cu_seq_lens_q"), kwargs.get("max_length_q")
+    if cu is None:
+        position_ids = kwargs.get("position_ids")
+        starts = torch.zeros(1, dtype=torch.int32, device=query.device)
+        if position_ids is not None:
+            found = (position_ids.reshape(-1) == 0).nonzero().reshape(-1).to(torch.int32)
+            starts = torch.unique(torch.cat([starts, found]))
+        cu = torch.cat([starts, torch.tensor([n], dtype=torch.int32, device=query.device)])
+        longest = int(cu.diff().max())
+    cu = cu.to(device=query.device, dtype=torch.int32)
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (tokens, heads, head_dim)
+    fn = _varlen_fn()
+    if fn is None or query.device.type != "cuda" or query.dtype not in (torch.bfloat16, torch.float16) or dropout:
+        outs = []
+        for a, b in zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True):
+            qs, ks, vs = (t[a:b].transpose(0, 1).unsqueeze(0) for t in (q, k, v))
+            outs.append(sdpa_attention_forward(module, qs, ks, vs, None, dropout=dropout, scaling=scaling,
+                                               is_causal=True)[0][0])
+        return torch.cat(outs).unsqueeze(0), None
+    kw = {"scale": scaling}
+    kw.update({"is_causal": True} if _accepts(fn, "is_causal") else {"window_size": (-1, 0)})
+    if q.shape[1] != k.shape[1]:  # grouped-query attention
+        if _accepts(fn, "enable_gqa"):
+            kw["enable_gqa"] = True
+        else:
+            k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
+    out = fn(q, k, v, cu, cu, int(longest), int(longest), **kw)
+    return out.unsqueeze(0), None
+
+
+_SIG: dict = {}
+
+
+def _accepts(fn, name: str) -> bool:
+    import inspect
+
+    if fn not in _SIG:
+        _SIG[fn] = set(inspect.signature(fn).parameters)
+    return name in _SIG[fn]
+
+
+def register_varlen_attention() -> bool:
+    """Register :func:`varlen_attention_forward` with transformers as ``ftkit_varlen``; False when
+    this PyTorch has no ``torch.nn.attention.varlen`` (then SDPA with a block mask is used)."""
+    if _varlen_fn() is None:
+        return False
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(VARLEN, torch.compiler.disable(varlen_attention_forward))
+    return True
+
+
+def liger_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("liger_kernel") is not None
+
+
+def apply_fused_kernels(model, fused_loss: bool = False) -> bool:
+    """Liger's fused RMSNorm and SwiGLU (and, with ``fused_loss``, its linear + cross-entropy that never
+    builds the logits) on this model instance; rotary embeddings stay (Liger patches those
+    module-wide). False when unsupported."""
+    try:
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+        from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+    except ImportError:
+        return False
+    if getattr(model.config, "model_type", None) not in MODEL_TYPE_TO_APPLY_LIGER_FN:
+        return False
+    # Liger also swaps the classes in the model's modeling module (e.g. modeling_llama.LlamaRMSNorm),
+    # so every model built later in the process would get its modules too: put the module back.
+    module = sys.modules[type(model).__module__]
+    before = dict(vars(module))
+    try:
+        _apply_liger_kernel_to_instance(model=model, rope=False, fused_linear_cross_entropy=fused_loss)
+    finally:
+        for name in [n for n in vars(module) if n not in before]:
+            delattr(module, name)
+        for name, value in before.items():
+            if getattr(module, name, None) is not value:
+                setattr(module, name, value)
+    return True
+
+
+def device_plan(cfg: ExperimentConfig) -> dict:
+    """The settings stage 03 uses on this device, with every ``auto`` resolved.
+
+    On CUDA: fused AdamW; padding-free packing with the varlen flash attention; Liger's fused
+    kernels when installed; no gradient checkpointing except for QLoRA (whose point is memory);
+    accumulation steps folded into larger micro-batches (:func:`fold_accumulation` sizes them).
+    On CPU: what ftkit always did (AdamW, SDPA, no fused kernels, no checkpointing).
+    """
+    t = cfg.train
+    cuda = resolve_device(cfg.model).type == "cuda"
+    optimizer = t.optimizer if t.optimizer != "auto" else ("adamw_torch_fused" if cuda else "adamw_torch")
+    ckpt = t.gradient_checkpointing if t.gradient_checkpointing is not None else (cuda and t.method == "qlora")
+    attention = t.attention
+    if attention == "auto":
+        attention = "varlen" if cuda and t.packing and _varlen_fn() is not None else "sdpa"
+    kernels = t.kernels
+    if kernels == "auto":
+        kernels = "liger" if cuda and liger_available() else "none"
+    merge = t.merge_accumulation if t.merge_accumulation is not None else (cuda and t.packing)
+    compile_ = bool(t.compile) if t.compile is not None else False
+    return {"device": "cuda" if cuda else str(resolve_device(cfg.model)), "optimizer": optimizer,
+            "gradient_checkpointing": bool(ckpt), "attention": attention, "kernels": kernels,
+            "compile": compile_ and t.method != "qlora",
+            "merge_accumulation": bool(merge and t.gradient_accumulation_steps > 1),
+            "micro_batch": t.batch_size, "accumulation": t.gradient_accumulation_steps}
+
+
+def fold_accumulation(cfg: ExperimentConfig, plan: dict, lengths: list[int], free_bytes: int,
+                      headroom: float = 0.9) -> dict:
+    """With ``merge_accumulation``, the fewest accumulation steps (a divisor of the configured ones)
+    whose larger micro-batch the memory estimate fits in ``headroom`` of the free memory.
+
+    A packed micro-batch holds as many tokens as its examples, so it is sized by the 90th percentile
+    of the token count of random micro-batches of that many examples (drawn with a fixed seed), not
+    by the mean: with long documents the largest batches are twice the mean or more.
+    """
+    import dataclasses
+    import random
+
+    from .estimate import estimate
+    from .modeling import resolve_model_path
+
+    if not plan["merge_accumulation"] or not lengths:
+        return plan
+    t, path = cfg.train, resolve_model_path(cfg.model.name)
+    accum = t.gradient_accumulation_steps
+    for k in [d for d in range(accum, 0, -1) if accum % d == 0]:
+        size = min(t.batch_size * k, len(lengths))
+        rng = random.Random(0)
+        sums = sorted(sum(rng.sample(lengths, size)) for _ in range(256))
+        trial = dataclasses.replace(cfg, train=dataclasses.replace(t, batch_size=t.batch_size * k,
+                                                                   gradient_accumulation_steps=accum // k))
+        est = estimate(trial, path, sum(lengths), len(lengths), sums[int(0.9 * (len(sums) - 1))] / size)
+        if est.total_gb * 1024**3 <= headroom * free_bytes or k == 1:
+            return {**plan, "micro_batch": t.batch_size * k, "accumulation": accum // k}
+    return plan
+
+
+def prepare_for_device(model, plan: dict) -> dict:
+    """Apply a :func:`device_plan` to a loaded model (before adapters are added); returns what was
+    applied (a piece that is unavailable for this model falls back to the plain path)."""
+    applied = {"kernels": "none", "attention": getattr(model.config, "_attn_implementation", None)}
+    if plan["kernels"] in ("liger", "liger+loss") and apply_fused_kernels(model, plan["kernels"] == "liger+loss"):
+        applied["kernels"] = plan["kernels"]
+    if plan.get("compile"):
+        applied["compiled_layers"] = compile_layers(model)
+    if plan["attention"] == "varlen" and register_varlen_attention():
+        model.config._attn_implementation = VARLEN
+        applied["attention"] = VARLEN
+    model._ftkit_applied = applied
+    return applied
+
+
+def compile_layers(model) -> int:
+    """torch.compile every decoder layer in place (one graph shared by the layers; dynamic shapes,
+    as packed lengths change every step); the attention kernel call itself stays eager."""
+    layers = next((m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m)
+                   and type(m[0]).__name__.endswith("DecoderLayer")), None)
+    if layers is None:
+        return 0
+    for layer in layers:
+        layer.compile(dynamic=True)
+    return len(layers)
+
+
+def _trainer_class():
+    from transformers import Trainer
+
+    class _Trainer(Trainer):
+        """The Trainer, counting input tokens from tensor shapes on one process: the stock count moves
+        the number to the GPU and back every step, a host sync that stalls the queue of kernels."""
+
+        def _track_num_input_tokens(self, inputs):
+            if (self.args.world_size > 1 or self.args.include_num_input_tokens_seen not in (True, "all")
+                    or "input_ids" not in inputs):
+                return super()._track_num_input_tokens(inputs)
+            self.state.num_input_tokens_seen += inputs["input_ids"].numel()
+
+    return _Trainer
 
 
 def load_tokens(path: Path, limit: int | None = None, objective: str = "instruction") -> list[dict]:
@@ -172,17 +396,21 @@ def find_resume_checkpoint(checkpoints_dir: Path, resume: str) -> Path | None:
     return None
 
 
-def build_trainer(cfg: ExperimentConfig, paths: RunPaths, model, tokenizer, train_rows, val_rows):
-    """A configured transformers Trainer; kept separate so tests can inspect it."""
+def build_trainer(cfg: ExperimentConfig, paths: RunPaths, model, tokenizer, train_rows, val_rows,
+                  plan: dict | None = None):
+    """A configured transformers Trainer; kept separate so tests can inspect it.
+
+    ``plan``: :func:`device_plan`'s choices (micro-batches sized by :func:`fold_accumulation`)."""
     from transformers import Trainer, TrainingArguments
 
     t = cfg.train
     device = resolve_device(cfg.model)
+    plan = plan or device_plan(cfg)
     args = TrainingArguments(
         output_dir=str(paths.checkpoints_dir),
-        per_device_train_batch_size=t.batch_size,
+        per_device_train_batch_size=plan["micro_batch"],
         per_device_eval_batch_size=t.batch_size,
-        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        gradient_accumulation_steps=plan["accumulation"],
         learning_rate=t.learning_rate,
         num_train_epochs=t.epochs,
         max_steps=t.max_steps,
@@ -204,7 +432,9 @@ def build_trainer(cfg: ExperimentConfig, paths: RunPaths, model, tokenizer, trai
         seed=cfg.seed,
         data_seed=cfg.seed,
         full_determinism=t.deterministic,
-        optim=t.optimizer,
+        optim=plan["optimizer"],
+        gradient_checkpointing=plan["gradient_checkpointing"],
+        gradient_checkpointing_kwargs={"use_reentrant": False} if plan["gradient_checkpointing"] else None,
         **_sampling_args(t.group_by_length),
         neftune_noise_alpha=t.neftune_noise_alpha,
         use_cpu=device.type == "cpu",
@@ -218,13 +448,15 @@ def build_trainer(cfg: ExperimentConfig, paths: RunPaths, model, tokenizer, trai
     callbacks = [CompleteCheckpointMarker()]
     if t.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=t.early_stopping_patience))
-    return Trainer(
+    trainer_class = _trainer_class() if plan["device"] == "cuda" else Trainer
+    return trainer_class(
         model=model,
         callbacks=callbacks,
         args=args,
         train_dataset=TokenizedDataset(train_rows),
         eval_dataset=TokenizedDataset(val_rows) if val_rows else None,
-        data_collator=make_collator(tokenizer.pad_token_id, cfg.train.packing),
+        data_collator=make_collator(tokenizer.pad_token_id, cfg.train.packing,
+                                    boundaries=plan["attention"] == "varlen"),
     )
 
 
@@ -267,14 +499,22 @@ def load_4bit(base_path: str, cfg: ExperimentConfig):
 def load_for_training(cfg: ExperimentConfig, base_path: str):
     """The model to train: 4-bit NF4 for QLoRA, otherwise in the configured dtype; adapters added."""
     method = cfg.train.method
+    plan = device_plan(cfg)
     if method == "qlora":
         from peft import prepare_model_for_kbit_training
 
         model = load_4bit(base_path, cfg)
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        if plan["device"] == "cuda":
+            # frozen norms, embeddings and head stay bf16: prepare_model_for_kbit_training's fp32 copies
+            # double their memory (2 GB more on an 8B model) and make the head's matmul an fp32 one
+            for p in model.parameters():
+                p.requires_grad_(False)
+        else:
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     else:
         model = load_model(base_path, cfg.model)
     model.config.use_cache = False
+    prepare_for_device(model, plan)
     if method == "full":
         for p in model.parameters():
             p.requires_grad_(True)
@@ -343,12 +583,16 @@ def run_training(cfg: ExperimentConfig, paths: RunPaths):
     plan = preflight(cfg, paths, lengths=[len(r["input_ids"]) for r in train_rows])
     log.info("pre-flight: ~%.2f GB needed of %.1f GB free, ~%.0f s estimated", plan["total_gb"], plan["free_gb"],
              plan["est_train_seconds"])
+    choices = fold_accumulation(cfg, device_plan(cfg), [len(r["input_ids"]) for r in train_rows],
+                                int(plan["free_gb"] * 1024**3))
     model = load_for_training(cfg, base_path)
+    choices.update({f"applied_{k}": v for k, v in getattr(model, "_ftkit_applied", {}).items()})
+    log.info("device plan: %s", choices)
     packing_leak_max = check_packing(model) if cfg.train.packing else None
     trainable, total = count_parameters(model)
     log.info("trainable parameters: %s of %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
 
-    trainer = build_trainer(cfg, paths, model, tokenizer, train_rows, val_rows)
+    trainer = build_trainer(cfg, paths, model, tokenizer, train_rows, val_rows, choices)
     start = time.perf_counter()
     resume_from = find_resume_checkpoint(paths.checkpoints_dir, cfg.train.resume)
     if resume_from:
@@ -409,6 +653,7 @@ def run_training(cfg: ExperimentConfig, paths: RunPaths):
         "preflight": plan,
         "packing": cfg.train.packing,
         "packing_leak_max_logit_diff": packing_leak_max,
+        "device_plan": choices,
     }
 
 

@@ -1,0 +1,500 @@
+"""Training speed on one GPU: the plain Hugging Face path (baseline) against ftkit's own GPU path.
+
+In one process, for each model shape and data mix, it trains for ``--warmup`` steps, then times
+``--steps`` more, for:
+
+* **baseline**: what a typical tutorial does: transformers Trainer + PEFT LoRA (r=16, alpha 32,
+  dropout 0.05, all linear layers), bf16, SDPA attention, padding to the longest example of each
+  batch (``DataCollatorForSeq2Seq``), no packing, gradient checkpointing on, AdamW;
+* **ftkit**: ``ftkit.train.run_training``, the function notebook 03 calls, with its defaults on a
+  GPU (``ftkit.train.device_plan``) and the same model, examples, micro-batch, learning rate,
+  schedule and seed. Two things are changed around it, neither inside the timed steps: the
+  pre-flight memory check only records its estimate (instead of stopping a run it thinks too big),
+  and the LoRA initialisation is seeded just before the adapters are added, as the baseline's is;
+* ablations (``--ablations``): ftkit with pieces of its GPU path switched off through the config,
+  to show what each piece buys.
+
+Models are real architecture shapes with random weights (speed does not depend on the values):
+Llama-3.1-8B, Qwen2.5-1.5B and SmolLM2-135M. Examples are random token ids with realistic lengths:
+``bitext`` draws (length, prompt length) pairs measured on the Bitext customer-support pairs with
+SmolLM2's chat template (``bench/bitext_lengths.json``: lengths only, no text; loss on the reply);
+``longdoc`` draws lengths log-uniformly between 256 and 4,096 tokens (loss on every token).
+
+Useful tokens: every non-pad token of the timed steps, trained or not.
+
+MFU, counted honestly. Useful FLOPs of a step are
+
+    sum over its examples (length L) of
+        L * (c * N_frozen + 6 * N_lora)            matmuls of non-pad tokens only
+      + 3 * 2 * L * (L + 1) * d_attn * n_layers    attention over the example's own causal triangle
+
+with ``N_frozen`` the weights of every matrix product (attention and MLP projections and the LM
+head; not the embedding lookup), ``c`` = 4 for LoRA/QLoRA (forward, 2N, plus activation gradients,
+2N; frozen weights get no weight gradients) and 6 for full fine-tuning (plus weight gradients, 2N),
+``N_lora`` = r * (in + out) per adapted layer (forward, activation and weight gradients), and
+``d_attn`` = heads * head_dim: the forward computes QK^T and PV over L(L+1)/2 query-key pairs at
+4 * d_attn FLOPs a pair, and the backward twice that. Recomputation (gradient checkpointing),
+padding, the fp32 optimiser and the elementwise work are not counted. MFU = useful FLOPs / step
+time / 989e12 (the H200's dense bf16 datasheet peak); ``of_matmul_peak`` is the same against the
+~790 TFLOP/s a large bf16 matrix product measures on this GPU (``--measure-peak`` measures it).
+
+Run: ``python bench/train_throughput.py [--tokenizer DIR]`` (``make bench-train``); writes
+``bench/results/<date>-<gpu>.json``. ``--models``, ``--mixes``, ``--ablations`` and ``--append``
+(keep other models' rows of today's file) split a run; each model's baseline and ftkit rows always
+come from one process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import gc
+import json
+import math
+import random
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+DATASHEET_PEAK = 989e12  # H200/H100 SXM dense bf16, FLOP/s
+MATMUL_PEAK = 790e12  # an 8192^3 bf16 matrix product measured on this H200
+
+ARCHS = {  # (model_type, config): real architecture shapes
+    "llama-3.1-8b": ("llama", dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                                   num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+                                   max_position_embeddings=8192, rope_theta=500000.0, rms_norm_eps=1e-5,
+                                   tie_word_embeddings=False)),
+    "qwen2.5-1.5b": ("qwen2", dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                                   num_attention_heads=12, num_key_value_heads=2, vocab_size=151936,
+                                   max_position_embeddings=32768, rope_theta=1000000.0, rms_norm_eps=1e-6,
+                                   tie_word_embeddings=True, use_sliding_window=False)),
+    "smollm2-135m": ("llama", dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                                   num_attention_heads=9, num_key_value_heads=3, vocab_size=49152,
+                                   max_position_embeddings=8192, rope_theta=100000.0, rms_norm_eps=1e-5,
+                                   tie_word_embeddings=True)),
+}
+MIXES = {"bitext": (8, 8), "longdoc": (2, 8)}  # data mix -> (micro-batch, accumulation steps), in examples
+LORA = dict(r=16, alpha=32, dropout=0.05)
+
+# ablations: ftkit with parts of its GPU path switched off (config overrides)
+_OFF = {"attention": "sdpa", "kernels": "none", "optimizer": "adamw_torch", "merge_accumulation": False}
+ABLATIONS = {
+    "packed-sdpa (ftkit before)": _OFF,
+    "+ varlen attention": {**_OFF, "attention": "varlen"},
+    "+ liger rmsnorm/swiglu": {**_OFF, "attention": "varlen", "kernels": "liger"},
+    "+ liger incl. fused loss": {**_OFF, "attention": "varlen", "kernels": "liger+loss"},
+    "+ fused adamw": {**_OFF, "attention": "varlen", "kernels": "liger", "optimizer": "adamw_torch_fused"},
+    "+ compile, liger off (on ftkit's default)": {"compile": True, "kernels": "none"},
+    "ftkit, liger off": {"kernels": "none"},
+}
+
+
+# ---- data -----------------------------------------------------------------------------------------
+def make_rows(mix: str, n: int, seed: int, vocab: int, zipf: bool = False) -> list[dict]:
+    """``n`` examples of random token ids with the mix's lengths; labels as stage 02 writes them."""
+    rng = random.Random(seed)
+    if mix == "bitext":
+        pairs = json.loads((HERE / "bitext_lengths.json").read_text())["pairs"]
+        shapes = [tuple(rng.choice(pairs)) for _ in range(n)]
+    elif mix == "longdoc":
+        shapes = [(int(math.exp(rng.uniform(math.log(256), math.log(4096)))), 1) for _ in range(n)]
+    elif mix.startswith("fixed"):  # fixed-<length>: every example that long, loss on every token
+        shapes = [(int(mix.split("-")[1]), 1)] * n
+    else:
+        raise ValueError(mix)
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for total, prompt in shapes:
+        if zipf:  # a learnable unigram distribution over 2,000 ids, so the loss falls
+            ids = (torch.multinomial(_zipf(2000), total, replacement=True, generator=g) + 100).tolist()
+        else:
+            ids = torch.randint(100, vocab, (total,), generator=g).tolist()
+        rows.append({"input_ids": ids, "labels": [-100] * prompt + ids[prompt:]})
+    return rows
+
+
+def _zipf(k: int) -> torch.Tensor:
+    p = 1.0 / torch.arange(1, k + 1, dtype=torch.float64)
+    return p / p.sum()
+
+
+# ---- FLOPs ----------------------------------------------------------------------------------------
+def shape_numbers(arch: str) -> dict:
+    _, c = ARCHS[arch]
+    h, i, n = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"]
+    hd = h // c["num_attention_heads"]
+    dq, dkv = c["num_attention_heads"] * hd, c["num_key_value_heads"] * hd
+    linears = [(h, dq), (h, dkv), (h, dkv), (dq, h), (h, i), (h, i), (i, h)]  # q k v o gate up down
+    per_layer = sum(a * b for a, b in linears)
+    lora = LORA["r"] * sum(a + b for a, b in linears) * n
+    return {"n_matmul": per_layer * n + h * c["vocab_size"], "n_lora": lora, "d_attn": dq, "layers": n}
+
+
+def useful_flops(lengths: list[int], arch: str, method: str) -> float:
+    s = shape_numbers(arch)
+    c = 6 if method == "full" else 4
+    lora = 0 if method == "full" else 6 * s["n_lora"]
+    return float(sum(L * (c * s["n_matmul"] + lora) + 6 * L * (L + 1) * s["d_attn"] * s["layers"] for L in lengths))
+
+
+# ---- timing ---------------------------------------------------------------------------------------
+class Recorder:
+    """Wraps a collator to record each batch's example lengths; a callback times the steps after
+    warm-up (CUDA synchronised at both ends only)."""
+
+    def __init__(self, collator, warmup: int, steps: int, accum: int = 1):
+        self.collator, self.warmup, self.total, self.accum = collator, warmup, warmup + steps, accum
+        self.batches: list[list[int]] = []
+        self.t0 = self.t1 = None
+        self.losses: list[float] = []
+
+    def __call__(self, batch):
+        self.batches.append([len(b["input_ids"]) for b in batch])
+        return self.collator(batch)
+
+    def callback(self):
+        from transformers import TrainerCallback
+
+        rec = self
+
+        class _Timer(TrainerCallback):
+            def on_step_end(self, args, state, control, **kw):
+                if state.global_step == rec.warmup:
+                    torch.cuda.synchronize()
+                    rec.t0 = time.perf_counter()
+                elif state.global_step == rec.total:
+                    torch.cuda.synchronize()
+                    rec.t1 = time.perf_counter()
+
+            def on_log(self, args, state, control, logs=None, **kw):
+                if logs and "loss" in logs:
+                    rec.losses.append(logs["loss"])
+
+        return _Timer()
+
+    def result(self, arch: str, method: str) -> dict:
+        a = self.accum  # step k (from 1) trains batches (k-1)*a .. k*a-1; the loader may read one ahead
+        timed = self.batches[self.warmup * a:self.total * a]
+        lengths = [x for b in timed for x in b]
+        seconds = self.t1 - self.t0
+        flops = useful_flops(lengths, arch, method)
+        return {"tokens_per_second": sum(lengths) / seconds, "step_time_s": seconds / (self.total - self.warmup),
+                "mfu": flops / seconds / DATASHEET_PEAK, "of_matmul_peak": flops / seconds / MATMUL_PEAK,
+                "useful_tflops_per_s": flops / seconds / 1e12, "timed_steps": self.total - self.warmup,
+                "tokens_timed": sum(lengths)}
+
+
+def free_gpu():
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+
+
+# ---- models ---------------------------------------------------------------------------------------
+def build_model(arch: str, tok, seed: int = 0):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model_type, kw = ARCHS[arch]
+    config = AutoConfig.for_model(model_type, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                  pad_token_id=tok.pad_token_id, **kw)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device("cuda"):
+            model = AutoModelForCausalLM.from_config(config)
+    finally:
+        torch.set_default_dtype(old)
+    return model.to(torch.bfloat16)
+
+
+# ---- baseline -------------------------------------------------------------------------------------
+def run_baseline(model, tok, rows, arch, batch, lr, warmup, steps, seed, out, accum=1, dropout=LORA["dropout"],
+                 logging_steps=None):
+    from peft import LoraConfig, get_peft_model
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
+    from transformers import set_seed as hf_set_seed
+
+    from ftkit.train import TokenizedDataset
+
+    model.config.use_cache = False
+    model.enable_input_require_grads()  # as tutorials do for gradient checkpointing with PEFT
+    hf_set_seed(seed)
+    model = get_peft_model(model, LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=dropout,
+                                             target_modules="all-linear", task_type="CAUSAL_LM", bias="none"))
+    rec = Recorder(DataCollatorForSeq2Seq(tok, padding="longest", label_pad_token_id=-100), warmup, steps, accum)
+    args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=batch, learning_rate=lr,
+                             gradient_accumulation_steps=accum,
+                             max_steps=warmup + steps, lr_scheduler_type="cosine", warmup_steps=0.05,
+                             weight_decay=0.0, max_grad_norm=1.0, bf16=torch.cuda.is_available(), gradient_checkpointing=True,
+                             logging_steps=logging_steps or 10_000, save_strategy="no", report_to="none",
+                             seed=seed, data_seed=seed, remove_unused_columns=False, dataloader_num_workers=0,
+                             disable_tqdm=True)
+    trainer = Trainer(model=model, args=args, train_dataset=TokenizedDataset(rows), data_collator=rec,
+                      callbacks=[rec.callback()])
+    trainer.train()
+    peak = torch.cuda.max_memory_allocated() / 1e9
+    del trainer, model
+    return rec, peak
+
+
+# ---- ftkit ----------------------------------------------------------------------------------------
+def run_ftkit(model_dir, tok_dir, rows, arch, method, batch, lr, warmup, steps, seed, out, accum=1,
+              train_overrides=None, dropout=LORA["dropout"], logging_steps=None):
+    """``ftkit.train.run_training`` on a prepared experiment directory; see the module docstring."""
+    import ftkit.estimate as est
+    import ftkit.train as ft
+    from ftkit.config import load_config
+    from ftkit.paths import RunPaths, write_jsonl
+    from ftkit.train import set_seed
+
+    cfg = load_config(experiment="bench", seed=seed, outputs_dir=str(out), model={"name": str(model_dir)},
+                      train={"method": method, "batch_size": batch, "gradient_accumulation_steps": accum,
+                             "learning_rate": lr, "max_steps": warmup + steps,
+                             "logging_steps": logging_steps or 10_000, "eval_steps": 0, "save_steps": 0,
+                             "resume": "never", "lora": {**LORA, "dropout": dropout}, **(train_overrides or {})})
+    paths = RunPaths(Path(out), cfg.experiment)
+    paths.formatted_dir.mkdir(parents=True, exist_ok=True)
+    write_jsonl(paths.tokens("train"), rows)
+    write_jsonl(paths.tokens("val"), [])
+    if not paths.tokenizer_dir.exists():
+        import shutil
+
+        shutil.copytree(tok_dir, paths.tokenizer_dir)
+
+    recs, plans = [], {}
+    orig = (ft.make_collator, ft.build_trainer, est.check_fits, ft.add_lora)
+
+    def make_collator(*a, **k):
+        recs.append(Recorder(orig[0](*a, **k), warmup, steps))
+        return recs[-1]
+
+    def build_trainer(*a, **k):
+        trainer = orig[1](*a, **k)
+        recs[-1].accum = trainer.args.gradient_accumulation_steps
+        trainer.add_callback(recs[-1].callback())
+        return trainer
+
+    def check_fits(e, c, free):
+        plans["preflight_total_gb"] = e.total_gb
+
+    def add_lora(model, c):
+        set_seed(seed)
+        return orig[3](model, c)
+
+    ft.make_collator, ft.build_trainer, est.check_fits, ft.add_lora = make_collator, build_trainer, check_fits, add_lora
+    try:
+        trainer, metrics = ft.run_training(cfg, paths)
+    finally:
+        ft.make_collator, ft.build_trainer, est.check_fits, ft.add_lora = orig
+    peak = torch.cuda.max_memory_allocated() / 1e9
+    del trainer
+    return recs[-1], peak, {**plans, "device_plan": metrics["device_plan"]}
+
+
+# ---- main -----------------------------------------------------------------------------------------
+def record(runs, **kw):
+    runs.append(kw)
+    print(json.dumps(kw), flush=True)
+
+
+def same_maths(tok, tok_dir, work, steps=50, seed=0, lr=1e-3, batch=4, accum=4) -> dict:
+    """135M shape: the first ``steps`` losses of the baseline and of ftkit's GPU path on the same
+    examples, order, seed and initial weights. LoRA dropout is 0 for both: dropout draws masks whose
+    shape follows the batch layout (padded vs packed), so even identical maths would differ there."""
+    arch = "smollm2-135m"
+    rows = make_rows("bitext", steps * batch * accum, seed, ARCHS[arch][1]["vocab_size"], zipf=True)
+    model = build_model(arch, tok)
+    model_dir = work / f"model-{arch}"
+    if not model_dir.exists():
+        model.save_pretrained(model_dir)
+        tok.save_pretrained(model_dir)
+    base, _ = run_baseline(model, tok, rows, arch, batch, lr, 0, steps, seed, work / "sm-base", accum=accum,
+                           dropout=0.0, logging_steps=1)
+    free_gpu()
+    ours, _, plan = run_ftkit(model_dir, tok_dir, rows, arch, "lora", batch, lr, 0, steps, seed, work / "sm-ftkit",
+                              accum=accum, dropout=0.0, logging_steps=1)
+    free_gpu()
+    a, b = base.losses, ours.losses
+    rel = [abs(x - y) / abs(x) for x, y in zip(a, b, strict=True)]
+    tolerance = 0.02
+    n = steps * batch * accum  # examples seen, in order
+    return {"model": arch, "steps": steps, "learning_rate": lr, "micro_batch": batch, "accumulation": accum,
+            "same_examples_in_order": sum(base.batches, [])[:n] == sum(ours.batches, [])[:n],
+            "loss_baseline": a, "loss_ftkit": b, "max_rel_diff": max(rel), "mean_rel_diff": sum(rel) / len(rel),
+            "tolerance_rel_per_step": tolerance, "within_tolerance": max(rel) <= tolerance,
+            "loss_first_last_baseline": [a[0], a[-1]], "loss_first_last_ftkit": [b[0], b[-1]],
+            "device_plan": plan["device_plan"]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--tokenizer", default=None, help="a tokenizer directory (default: the embedded SmolLM2's)")
+    ap.add_argument("--models", default="smollm2-135m,qwen2.5-1.5b,llama-3.1-8b")
+    ap.add_argument("--mixes", default="bitext,longdoc")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--lr", type=float, default=2e-4)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--ablations", default="qwen2.5-1.5b,llama-3.1-8b", help="models to ablate on the bitext mix")
+    ap.add_argument("--ablation-names", default="all", help=f"'all' or ';'-separated of: {'; '.join(ABLATIONS)}")
+    ap.add_argument("--variants", default="baseline,ftkit")
+    ap.add_argument("--append", action="store_true", help="keep other models' runs already in today's file")
+    ap.add_argument("--qlora", default="llama-3.1-8b", help="models for QLoRA at 2,048-token micro-batches")
+    ap.add_argument("--same-maths", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--measure-peak", action="store_true")
+    ap.add_argument("--work", default=None, help="scratch directory (models are saved there)")
+    ap.add_argument("--out", default=str(HERE / "results"))
+    args = ap.parse_args()
+
+    import peft
+    import transformers
+    from transformers import AutoTokenizer
+
+    from ftkit.modeling import prepare_tokenizer
+
+    if args.tokenizer is None:
+        from ftkit.modeling import EMBEDDED, resolve_model_path
+
+        args.tokenizer = resolve_model_path(EMBEDDED)
+    work = Path(args.work or tempfile.mkdtemp(prefix="ftkit-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    tok = AutoTokenizer.from_pretrained(args.tokenizer)
+    prepare_tokenizer(tok)
+    gpu = torch.cuda.get_device_name(0)
+    versions = {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
+                "cuda": torch.version.cuda}
+    for name in ("liger_kernel", "bitsandbytes", "triton"):
+        try:
+            versions[name] = __import__(name).__version__
+        except Exception as e:  # noqa: BLE001
+            versions[name] = f"absent ({type(e).__name__})"
+    result = {"gpu": gpu, "date": dt.date.today().isoformat(), "versions": versions,
+              "setup": {"warmup_steps": args.warmup, "timed_steps": args.steps, "learning_rate": args.lr,
+                        "lora": LORA, "mixes": {m: {"micro_batch": b, "accumulation": a} for m, (b, a) in MIXES.items()},
+                        "datasheet_peak_flops": DATASHEET_PEAK, "matmul_peak_flops": MATMUL_PEAK},
+              "runs": [], "ablations": []}
+    if args.measure_peak:
+        a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+        for _ in range(3):
+            a @ a
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(10):
+            a @ a
+        torch.cuda.synchronize()
+        result["setup"]["matmul_measured_flops"] = 2 * 8192**3 * 10 / (time.perf_counter() - t)
+        del a
+
+    common = dict(lr=args.lr, warmup=args.warmup, steps=args.steps, seed=args.seed)
+    if args.same_maths:
+        result["same_maths"] = sm = same_maths(tok, args.tokenizer, work)
+        print(json.dumps({k: v for k, v in sm.items() if not k.startswith("loss_")}), flush=True)
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{result['date']}-{re.sub(r'[^a-z0-9]+', '-', gpu.lower()).strip('-')}.json"
+    if args.append and path.exists():  # another invocation's models, kept; this one's replace theirs
+        old = json.loads(path.read_text())
+        mine = set(args.models.split(","))
+        mixes = set(args.mixes.split(","))
+        result["runs"] = [r for r in old.get("runs", []) if r["model"] not in mine
+                          or (r["data"] not in mixes and r["method"] == "lora")
+                          or (r["method"] == "qlora" and r["model"] not in args.qlora.split(","))]
+        names = list(ABLATIONS) if args.ablation_names == "all" else args.ablation_names.split(";")
+        redo = {(m, n) for m in mine & set(args.ablations.split(",")) for n in names}
+        result["ablations"] = [r for r in old.get("ablations", []) if (r["model"], r["variant"]) not in redo]
+        if "same_maths" in old and "same_maths" not in result:
+            result["same_maths"] = old["same_maths"]
+
+    def save():
+        path.write_text(json.dumps(result, indent=1))
+
+    for arch in args.models.split(","):
+        vocab = ARCHS[arch][1]["vocab_size"]
+        model_dir = work / f"model-{arch}"
+        for mix in args.mixes.split(","):
+            batch, accum = MIXES[mix]
+            rows = make_rows(mix, (args.warmup + args.steps + 2) * batch * accum, args.seed, vocab)
+            free_gpu()
+            model = build_model(arch, tok)
+            if not model_dir.exists():
+                model.save_pretrained(model_dir)
+                tok.save_pretrained(model_dir)
+            base = dict(model=arch, method="lora", micro_batch=batch, accumulation=accum,
+                        seq_len=max(len(r["input_ids"]) for r in rows), data=mix)
+            b = {"tokens_per_second": float("nan")}
+            if "baseline" in args.variants.split(","):
+                rec, peak = run_baseline(model, tok, rows, arch, batch, out=work / "base", accum=accum, **common)
+                b = {**base, "variant": "baseline", **rec.result(arch, "lora"), "peak_memory_gb": peak}
+                record(result["runs"], **b)
+                save()
+            del model
+            free_gpu()
+            if "ftkit" not in args.variants.split(","):
+                bitext_rows, bitext_base, bitext_info = rows, b, base
+                continue
+            rec, peak, plan = run_ftkit(model_dir, args.tokenizer, rows, arch, "lora", batch, out=work / "ftkit",
+                                        accum=accum, **common)
+            f = {**base, "variant": "ftkit", **rec.result(arch, "lora"), "peak_memory_gb": peak, **plan}
+            f["ratio_to_baseline"] = f["tokens_per_second"] / b["tokens_per_second"]
+            record(result["runs"], **f)
+            save()
+            if mix == "bitext":
+                bitext_rows, bitext_base, bitext_info = rows, b, base
+        if arch in args.qlora.split(","):
+            free_gpu()
+            rows = make_rows("fixed-2048", (args.warmup + args.steps + 2), args.seed, vocab)
+            rec, peak, plan = run_ftkit(model_dir, args.tokenizer, rows, arch, "qlora", 1, out=work / "qlora",
+                                        **common)
+            record(result["runs"], model=arch, method="qlora", variant="ftkit", micro_batch=1, accumulation=1,
+                   seq_len=2048, data="fixed-2048", **rec.result(arch, "qlora"), peak_memory_gb=peak, **plan)
+            save()
+        if arch in args.ablations.split(",") and "bitext" in args.mixes.split(","):
+            batch, accum = MIXES["bitext"]
+            names = list(ABLATIONS) if args.ablation_names == "all" else args.ablation_names.split(";")
+            for name in names:
+                free_gpu()
+                t = time.perf_counter()
+                try:
+                    rec, peak, plan = run_ftkit(model_dir, args.tokenizer, bitext_rows, arch, "lora", batch,
+                                                out=work / "abl", accum=accum, train_overrides=ABLATIONS[name],
+                                                **common)
+                except Exception as e:  # noqa: BLE001  (an ablation that fails is recorded, not fatal)
+                    record(result["ablations"], **bitext_info, variant=name, overrides=ABLATIONS[name],
+                           error=f"{type(e).__name__}: {str(e)[:300]}")
+                    save()
+                    continue
+                r = {**bitext_info, "variant": name, "wall_s_incl_load_and_compile": time.perf_counter() - t,
+                     "overrides": ABLATIONS[name], **rec.result(arch, "lora"), "peak_memory_gb": peak, **plan}
+                r["ratio_to_baseline"] = r["tokens_per_second"] / bitext_base["tokens_per_second"]
+                record(result["ablations"], **r)
+                save()
+        free_gpu()
+
+    save()
+    print(f"wrote {path}")
+    print(table(result))
+
+
+def table(result: dict) -> str:
+    lines = [f"{'model':14} {'method':6} {'data':10} {'variant':28} {'tok/s':>9} {'MFU':>6} {'peak GB':>8} {'x base':>7}"]
+    for r in result["runs"] + result["ablations"]:
+        if "error" in r:
+            lines.append(f"{r['model']:14} {r['method']:6} {r['data']:10} {r['variant']:28} failed: {r['error'][:60]}")
+            continue
+        lines.append(f"{r['model']:14} {r['method']:6} {r['data']:10} {r['variant']:28} {r['tokens_per_second']:9,.0f} "
+                     f"{r['mfu']:6.1%} {r['peak_memory_gb']:8.1f} {r.get('ratio_to_baseline', 1.0):7.2f}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,141 @@
+"""ftkit's GPU path (train.device_plan): the choices per device, and the varlen attention's plumbing.
+
+The varlen flash kernel runs only on CUDA; on CPU it is replaced by a reference (SDPA on each
+example) so the code around it (boundaries from the collator or from position ids, grouped-query
+heads, the layout handed back to the model) is checked without a GPU. The same check on the real
+kernel is the GPU test at the end (``pytest -m gpu``).
+"""
+
+import pytest
+import torch
+
+from ftkit import train as ft
+from ftkit.config import load_config
+from ftkit.masking import IGNORE_INDEX
+
+
+def test_cpu_plan_is_unchanged():
+    plan = ft.device_plan(load_config(model={"device": "cpu"}))
+    assert plan == {"device": "cpu", "optimizer": "adamw_torch", "gradient_checkpointing": False,
+                    "attention": "sdpa", "kernels": "none", "compile": False, "merge_accumulation": False,
+                    "micro_batch": 4, "accumulation": 1}
+    assert ft.device_plan(load_config(model={"device": "cpu"}, train={"method": "qlora"}))["gradient_checkpointing"] \
+        is False
+
+
+def test_explicit_choices_win():
+    cfg = load_config(model={"device": "cpu"}, train={"optimizer": "sgd", "gradient_checkpointing": True})
+    plan = ft.device_plan(cfg)
+    assert plan["optimizer"] == "sgd" and plan["gradient_checkpointing"] is True
+
+
+def test_cuda_plan(monkeypatch):
+    monkeypatch.setattr(ft, "_varlen_fn", lambda: object())
+    monkeypatch.setattr(ft, "liger_available", lambda: True)
+    plan = ft.device_plan(load_config(model={"device": "cuda"}))
+    assert plan == {"device": "cuda", "optimizer": "adamw_torch_fused", "gradient_checkpointing": False,
+                    "attention": "varlen", "kernels": "liger", "compile": False, "merge_accumulation": False,
+                    "micro_batch": 4, "accumulation": 1}
+    assert ft.device_plan(load_config(model={"device": "cuda"}, train={"gradient_accumulation_steps": 4})
+                          )["merge_accumulation"]
+    assert ft.device_plan(load_config(model={"device": "cuda"}, train={"method": "qlora"}))["gradient_checkpointing"]
+    assert ft.device_plan(load_config(model={"device": "cuda"}, train={"packing": False}))["attention"] == "sdpa"
+
+
+def _reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1), enable_gqa=False):
+    """What the flash kernel computes: causal attention inside each [cu[i], cu[i+1]) segment."""
+    assert window_size == (-1, 0) and max_q == int(cu_q.diff().max())
+    outs = []
+    for a, b in zip(cu_q[:-1].tolist(), cu_q[1:].tolist(), strict=True):
+        qs, ks, vs = (t[a:b].transpose(0, 1) for t in (q, k, v))
+        outs.append(torch.nn.functional.scaled_dot_product_attention(
+            qs, ks, vs, is_causal=True, scale=scale, enable_gqa=enable_gqa).transpose(0, 1))
+    return torch.cat(outs)
+
+
+@pytest.fixture
+def tiny_model():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=1100, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, attn_implementation="sdpa")
+    return LlamaForCausalLM(config).to(torch.bfloat16).eval()
+
+
+@pytest.mark.parametrize("from_collator", [True, False])
+def test_varlen_attention_matches_per_example(monkeypatch, tiny_model, from_collator):
+    monkeypatch.setattr(ft, "_varlen_fn", lambda: _reference_varlen)
+    examples = [[5, 17, 42, 99, 7], [11, 13, 19], [61, 8, 300 - 1, 12, 77, 200, 3]]
+    separate = [tiny_model(input_ids=torch.tensor([e])).logits[0].float() for e in examples]
+    batch = ft.make_collator(0, packing=True, boundaries=from_collator)(
+        [{"input_ids": e, "labels": e} for e in examples])
+    assert ("cu_seq_lens_q" in batch) == from_collator
+    assert ft.register_varlen_attention()
+    tiny_model.config._attn_implementation = ft.VARLEN
+    batch.pop("labels")
+    packed = tiny_model(**batch).logits[0].float()
+    assert torch.allclose(packed, torch.cat(separate), atol=0.05), (packed - torch.cat(separate)).abs().max()
+    assert ft.packing_leak(tiny_model) == 0.0
+
+
+def test_collator_boundaries():
+    batch = ft.make_collator(0, packing=True, boundaries=True)(
+        [{"input_ids": [1, 2, 3], "labels": [1, 2, 3]}, {"input_ids": [4, 5], "labels": [4, 5]}])
+    assert batch["cu_seq_lens_q"].tolist() == [0, 3, 5] and batch["max_length_q"] == 3
+    assert batch["labels"].tolist() == [[IGNORE_INDEX, 2, 3, IGNORE_INDEX, 5]]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_varlen_kernel_on_gpu(tiny_model):
+    model = tiny_model.cuda()
+    examples = [[5, 17, 42, 99, 7], [11, 13, 19], [61, 8, 299, 12, 77, 200, 3]]
+    separate = torch.cat([model(input_ids=torch.tensor([e], device="cuda")).logits[0].float() for e in examples])
+    assert ft.register_varlen_attention()
+    model.config._attn_implementation = ft.VARLEN
+    batch = ft.make_collator(0, packing=True, boundaries=True)([{"input_ids": e, "labels": e} for e in examples])
+    batch = {k: v.cuda() if torch.is_tensor(v) else v for k, v in batch.items() if k != "labels"}
+    assert torch.allclose(model(**batch).logits[0].float(), separate, atol=0.05)
+
+
+def test_fused_kernels_leave_other_models_alone(monkeypatch, tiny_model):
+    """Liger swaps classes in the modeling module; ftkit restores them, so only this model changes."""
+    import sys
+    import types
+
+    from transformers.models.llama import modeling_llama
+
+    original = modeling_llama.LlamaRMSNorm
+
+    def fake_apply(model, **kw):
+        modeling_llama.LlamaRMSNorm = object  # what Liger does module-wide
+        model.model.norm.patched = True
+
+    fake = types.ModuleType("liger_kernel.transformers")
+    fake._apply_liger_kernel_to_instance = fake_apply
+    patch = types.ModuleType("liger_kernel.transformers.monkey_patch")
+    patch.MODEL_TYPE_TO_APPLY_LIGER_FN = {"llama": None}
+    monkeypatch.setitem(sys.modules, "liger_kernel", types.ModuleType("liger_kernel"))
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers", fake)
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers.monkey_patch", patch)
+    assert ft.apply_fused_kernels(tiny_model)
+    assert tiny_model.model.norm.patched and modeling_llama.LlamaRMSNorm is original
+
+
+def test_fold_accumulation_sizes_micro_batches_by_memory(monkeypatch):
+    import types
+
+    import ftkit.estimate as est
+
+    # a stand-in estimate: 1 GB per 100 tokens in a micro-batch
+    monkeypatch.setattr(est, "estimate", lambda cfg, path, tokens, n, mean: types.SimpleNamespace(
+        total_gb=cfg.train.batch_size * mean / 100))
+    cfg = load_config(model={"device": "cpu"}, train={"batch_size": 2, "gradient_accumulation_steps": 8})
+    plan = {**ft.device_plan(cfg), "merge_accumulation": True}
+    lengths = [100] * 64
+    fits_8 = 8.5 * 1024**3 / 0.9  # room for 8 examples of 100 tokens, not 16
+    folded = ft.fold_accumulation(cfg, plan, lengths, int(fits_8))
+    assert (folded["micro_batch"], folded["accumulation"]) == (8, 2)
+    assert ft.fold_accumulation(cfg, plan, lengths, 10**15)["micro_batch"] == 16
+    assert ft.fold_accumulation(cfg, {**plan, "merge_accumulation": False}, lengths, 10**15)["micro_batch"] == 2
