@@ -23,10 +23,12 @@ import torch
 log = logging.getLogger("ftkit")
 
 # Round-trip tolerances: (max |Δlogit| relative to the merged model's largest |logit|, least share of
-# positions with the same greedy next token). float16 keeps 11 significant bits per weight; Q8_0 keeps
-# 8 bits per block of 32 weights with a shared scale, so near-ties may flip. Measured on SmolLM2-135M
-# (69 positions): f16 0.11% / 100%, q8_0 3.5% / 98.6% (README, "Exports").
-TOLERANCE = {"f32": (1e-5, 1.0), "f16": (1e-2, 0.99), "q8_0": (5e-2, 0.95)}
+# positions with the same greedy next token, largest mean KL divergence merged → GGUF per position).
+# float16 keeps 11 significant bits per weight; Q8_0 8 bits per block of 32 weights with a shared scale.
+# Near-ties can flip the greedy token for either, so agreement is bounded loosely and the KL divergence
+# (llama.cpp's measure of quantisation loss) carries the distribution-level check. Measured on the demo's
+# merged SmolLM2-135M: f16 0.19% / 98.3% / <1e-4, q8_0 3.1% / 98.3% / 0.003 (README, "Exports").
+TOLERANCE = {"f32": (1e-5, 1.0, 1e-6), "f16": (1e-2, 0.95, 1e-3), "q8_0": (5e-2, 0.95, 1e-2)}
 
 _LAYER_NAMES = {
     "input_layernorm.weight": "attn_norm.weight",
@@ -143,6 +145,7 @@ def write_gguf(model_dir: str | Path, out: str | Path, qtype: str = "f16") -> di
                  "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[qtype]
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
+    logging.getLogger("gguf").setLevel(logging.WARNING)  # its writer narrates every file at INFO
     writer = gguf.GGUFWriter(tmp, "llama")
     writer.add_name(model_dir.name)
     writer.add_context_length(config.max_position_embeddings)
@@ -181,8 +184,8 @@ def verify(model_dir: str | Path, gguf_file: str | Path, prompts: list[list[dict
     """Load the GGUF back with transformers (``gguf_file=``) and compare logits with the merged model's.
 
     Also checks that the GGUF's own tokenizer encodes the prompts to the same ids and carries the same
-    chat template. Passing means: max |Δlogit| / max |logit| and the share of positions with the same
-    greedy next token within :data:`TOLERANCE`; the mean KL divergence per position is reported too.
+    chat template. Passing means: max |Δlogit| / max |logit|, the share of positions with the same
+    greedy next token and the mean KL divergence per position all within :data:`TOLERANCE`.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -208,12 +211,13 @@ def verify(model_dir: str | Path, gguf_file: str | Path, prompts: list[list[dict
         kl += (la.exp() * (la - lb)).sum(-1).sum().item()
         total += len(ids)
     rel, top1 = diff / scale, agree / total
-    max_rel, min_top1 = TOLERANCE[qtype]
+    max_rel, min_top1, max_kl = TOLERANCE[qtype]
     template_ok = gtok.chat_template == tok.chat_template
     return {"type": qtype, "positions": total, "max_abs_logit_diff": diff, "relative_logit_diff": rel,
             "relative_tolerance": max_rel, "top1_agreement": top1, "min_top1_agreement": min_top1,
-            "mean_kl_divergence": kl / total, "tokenizer_matches": same_ids, "chat_template_matches": template_ok,
-            "passed": rel <= max_rel and top1 >= min_top1 and same_ids and template_ok}
+            "mean_kl_divergence": kl / total, "max_mean_kl_divergence": max_kl, "tokenizer_matches": same_ids,
+            "chat_template_matches": template_ok,
+            "passed": rel <= max_rel and top1 >= min_top1 and kl / total <= max_kl and same_ids and template_ok}
 
 
 def export_all(merged_dir: str | Path, paths, qtypes: list[str], prompts: list[list[dict]],

@@ -114,7 +114,7 @@ def gguf_table(exports: dict):
     rows = [{"file": g["path"].rsplit("/", 1)[-1], "MB": g["bytes"] / 1e6, "max |Δlogit|": g["max_abs_logit_diff"],
              "relative Δ (tolerance)": f"{g['relative_logit_diff']:.2e} ({g['relative_tolerance']:.0e})",
              "same greedy token": f"{100 * g['top1_agreement']:.1f}% (≥ {100 * g['min_top1_agreement']:.0f}%)",
-             "mean KL": g["mean_kl_divergence"], "tokenizer/template": g["tokenizer_matches"] and g["chat_template_matches"],
+             "mean KL (max)": f"{g['mean_kl_divergence']:.1e} ({g['max_mean_kl_divergence']:.0e})", "tokenizer/template": g["tokenizer_matches"] and g["chat_template_matches"],
              "round trip": _mark(g["passed"])} for g in exports.get("gguf", [])]
     if not rows:
         _md("No GGUF export (host.gguf_types is empty).")

@@ -13,7 +13,7 @@ not ``transformers serve``, because ``transformers serve`` (5.24) has no API key
 to a public address, no prompt-length or ``max_tokens`` cap (an oversized request reaches the model),
 renders prompts with its own code path rather than the one that built the training data, and needs
 FastAPI + uvicorn; what it would add over this module is its HTTP plumbing only, the engine is
-the same. See the README, "Serving".
+the same. See the README, "Serving, exports and cost".
 
 Safety: binds to 127.0.0.1 by default and refuses any other address without an API key; keys
 are compared in constant time; malformed JSON, unknown models, oversized prompts and
@@ -61,7 +61,7 @@ class Generator:
     Generation runs in transformers' :class:`ContinuousBatchingManager` (``model.init_continuous_batching``):
     one background thread steps every in-flight request together, so concurrent requests share each
     forward pass instead of queueing behind a lock (on 2 CPU cores, 16 concurrent greedy requests of
-    SmolLM2-135M run ~4x the tokens/s of one at a time; README "Serving"). Greedy requests
+    SmolLM2-135M ran ~4x the tokens/s of one at a time; README, "Serving, exports and cost"). Greedy requests
     (``temperature`` 0, the default) go to one manager; sampled requests go to a second one, created
     on first use, with per-request temperature and top-p. The KV cache is a fixed pool of
     ``kv_cache_tokens`` tokens: requests wait for room, and one that could never fit is refused up front.

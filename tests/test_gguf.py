@@ -28,6 +28,7 @@ def test_round_trip_tiny(tiny_path, tmp_path, qtype):
     check = gguf_export.verify(tiny_path, out["path"], PROMPTS, qtype)
     assert check["tokenizer_matches"] and check["chat_template_matches"]
     assert check["relative_logit_diff"] <= gguf_export.TOLERANCE[qtype][0], check
+    assert check["mean_kl_divergence"] <= gguf_export.TOLERANCE[qtype][2], check
     assert check["passed"], check
 
 

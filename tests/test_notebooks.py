@@ -46,6 +46,14 @@ def test_stage_metrics(smoke):
     assert m5["merge_check_passed"] and m5["max_logit_diff_adapter_vs_base"] > m5["max_logit_diff_merged_vs_adapter"]
     assert m5["stream_matches_plain"] and m5["shutdown_exit_code"] == 0
     assert (smoke / "merged" / "model.safetensors").exists()
+    assert m5["saved_eos_includes_end_of_turn"] and m5["saved_chat_template_matches"]
+    # the random smoke model does not learn to stop (min_stop_rate 0 in smoke.yaml); its prompts must still match
+    assert m5["consistency_prompts_match"] and m5["consistency_no_run_on"] and m5["consistency_cases"] >= 8
+    assert [lv["concurrency"] for lv in m5["load"]] == [1, 4, 16]
+    assert all(lv["tokens_per_s_total"] > 0 and lv["ttft_median_s"] > 0 for lv in m5["load"])
+    assert m5["cost"]["hosted_monthly_usd"] > 0 and m5["cost"]["machines"] >= 1
+    assert m5["gguf_passed"] and [g["type"] for g in m5["gguf"]] == ["q8_0"]
+    assert (smoke / "exports" / "smoke-q8_0.gguf").exists() and "<|im_end|>" in (smoke / "exports" / "Modelfile").read_text()
 
 
 def test_unknown_key_stops_at_config_cell(tmp_path, root):
