@@ -209,4 +209,6 @@ def chat_box(server, cfg):
         history.append({"role": "assistant", "content": "".join(pieces)})
 
     send.on_click(on_send)
-    return widgets.VBox([widgets.HBox([box, send]), out])
+    chat = widgets.VBox([widgets.HBox([box, send]), out])
+    chat.history = history  # the conversation so far (what the next request sends)
+    return chat

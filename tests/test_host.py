@@ -76,6 +76,19 @@ def test_consistency_requires_replies_that_stop(run, tiny_path, tmp_path):
         assert 0 < lv["ttft_median_s"] <= lv["wall_s"] and lv["tokens_per_s_total"] > 0
 
 
+def test_chat_box_streams_a_reply(tiny_path, tmp_path):
+    cfg = ftkit.load_config(model={"name": "tiny-random"}, convert={"system_prompt": "Be brief."},
+                            evaluate={"max_new_tokens": 6})
+    with ServerProcess(tiny_path, log_path=tmp_path / "s.log") as srv:
+        chat = host.chat_box(srv, cfg)
+        text, send = chat.children[0].children
+        text.value = "Where is AC-123456?"
+        send.click()
+    assert text.value == ""
+    assert [m["role"] for m in chat.history] == ["system", "user", "assistant"]
+    assert chat.history[1]["content"] == "Where is AC-123456?" and chat.history[2]["content"]
+
+
 def test_monthly_costs_and_payback():
     h = HostConfig(requests_per_day=10_000, tokens_per_request=600, hosted_price_per_million_tokens=1.5,
                    machine_hourly_usd=0.10, fine_tune_cost_usd=20.0)

@@ -209,6 +209,34 @@ def test_disconnect_cancels_and_shutdown_is_clean(tiny_path, tmp_path):
     assert "server stopped" in log.read_text()
 
 
+def test_serves_base_plus_adapter(tiny_path, tmp_path):
+    """An adapter directory is served as base + adapter: replies equal the merged model's greedy ones."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from ftkit.masking import encode_prompt
+    from ftkit.modeling import load_tokenizer
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_path)
+    peft_model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    adapter = tmp_path / "adapter"
+    peft_model.save_pretrained(adapter)
+    tok = load_tokenizer(tiny_path)
+    tok.save_pretrained(adapter)
+    msgs = [{"role": "user", "content": "Where is my order?"}]
+    ids = torch.tensor([encode_prompt(tok, msgs)])
+    merged = peft_model.merge_and_unload().eval()
+    want = merged.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=2)[0, ids.shape[1]:]
+    with ServerProcess(adapter, log_path=tmp_path / "s.log") as srv:
+        status, body = _post(srv, "/v1/chat/completions", json.dumps(
+            {"messages": msgs, "max_tokens": 8, "return_token_ids": True}).encode())
+    assert status == 200 and body["model"] == "adapter"
+    assert body["choices"][0]["token_ids"] == want.tolist()[:len(body["choices"][0]["token_ids"])]
+    assert len(body["choices"][0]["token_ids"]) == 8 or body["choices"][0]["token_ids"][-1] == 2
+
+
 def test_refuses_public_bind_without_key(tiny_path):
     out = subprocess.run([sys.executable, "-m", "ftkit", "serve", tiny_path, "--host", "0.0.0.0", "--port", "0"],
                          capture_output=True, text=True, timeout=120, env={"FTKIT_API_KEY": "", "PATH": ""})
