@@ -162,8 +162,12 @@ class Generator:
                 q.put(result)
 
     def _submit(self, prompt_ids: list[int], req: dict, max_tokens: int, streaming: bool):
-        temperature = float(req.get("temperature") or 0.0)
-        top_p = float(req.get("top_p") if req.get("top_p") is not None else 1.0)
+        try:
+            temperature = float(req.get("temperature") or 0.0)
+            top_p = float(req.get("top_p") if req.get("top_p") is not None else 1.0)
+        except (TypeError, ValueError):
+            raise APIError(400, f"temperature and top_p must be numbers, got {req.get('temperature')!r} and "
+                                f"{req.get('top_p')!r}", param="temperature") from None
         if temperature < 0 or not 0 < top_p <= 1:
             raise APIError(400, f"temperature must be >= 0 and top_p in (0, 1], got {temperature} and {top_p}",
                            param="temperature")
@@ -351,7 +355,9 @@ class Handler(BaseHTTPRequestHandler):
             raise APIError(404, f"no route POST {self.path}", code="not_found")
 
     def _complete(self, body: dict, prompt_ids: list[int], chat: bool) -> None:
-        max_tokens = body.get("max_completion_tokens") or body.get("max_tokens") or min(256, self.gen.max_tokens_cap)
+        max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
+        if max_tokens is None:  # not asked for: as much as fits, up to 256 and the cap
+            max_tokens = max(1, min(256, self.gen.max_tokens_cap, self.gen.max_sequence_tokens - len(prompt_ids)))
         if not isinstance(max_tokens, int) or isinstance(max_tokens, bool):
             raise APIError(400, f"max_tokens must be an integer, got {max_tokens!r}", param="max_tokens")
         if body.get("n", 1) != 1:

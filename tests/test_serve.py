@@ -103,6 +103,9 @@ def test_errors_in_openai_shape(server, client):
     status, body = _post(server, "/v1/chat/completions", json.dumps(
         {"messages": [{"role": "user", "content": "x"}], "max_tokens": "8"}).encode())
     assert status == 400 and body["error"]["param"] == "max_tokens"
+    status, body = _post(server, "/v1/chat/completions", json.dumps(
+        {"messages": [{"role": "user", "content": "x"}], "temperature": "hot"}).encode())
+    assert status == 400 and "must be numbers" in body["error"]["message"]
 
 
 def test_prompt_over_context_is_refused(tiny_path, tmp_path):
