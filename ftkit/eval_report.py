@@ -51,6 +51,14 @@ def show_verdict(metrics: dict) -> None:
              f"replies per model; held-out loss per assistant token {b['loss']:.3f} (base) → "
              f"{t['loss']:.3f} (tuned), {100 * metrics['loss_reduction']:.1f}% lower.", ""]
     lines += [f"- {s}" for s in metrics["verdict"]]
+    ref = metrics.get("reference") or {}
+    if ref.get("rule_pass_rate") is not None:
+        lines.append(f"- The reference replies themselves pass the house rules {100 * ref['rule_pass_rate']:.0f}% of "
+                     f"the time (the ceiling); base {100 * b['rule_pass_rate']:.0f}%, prompted "
+                     f"{100 * metrics['prompted']['rule_pass_rate']:.0f}%, tuned {100 * t['rule_pass_rate']:.0f}%."
+                     if "prompted" in metrics else
+                     f"- The reference replies themselves pass the house rules {100 * ref['rule_pass_rate']:.0f}% of "
+                     "the time (the ceiling).")
     f = metrics["forgetting"]
     lines += ["", f"- **Forgetting** ({f['examples']} general questions): loss {f['base']['loss']:.3f} → "
               f"{f['tuned']['loss']:.3f} ({100 * f['relative_loss_increase']:+.1f}%), stop rate "

@@ -21,7 +21,7 @@ same examples. A general-ability check (forgetting) and an optional LLM judge co
 ci_high}, and ``accuracy``/``macro_f1``/``confusion_matrix`` for labels or ``json_valid_rate`` for
 JSON); ``deltas`` {``tuned_vs_base``, ``tuned_vs_prompted``, ``prompted_vs_base``: {metric: delta,
 ci_low, ci_high}}; ``verdict`` (sentences); ``forgetting``; ``overfitting``; ``judge`` (when on);
-``task``, ``test_examples``, ``generations``, ``few_shot_ids``, ``stop_token_ids``, ``seconds``.
+``reference`` (the references' own rule pass rate and length: the ceiling); ``task``, ``test_examples``, ``generations``, ``few_shot_ids``, ``stop_token_ids``, ``seconds``.
 """
 
 from __future__ import annotations
@@ -518,6 +518,10 @@ def evaluate_run(cfg, paths) -> dict:
         samples[name] = {"loss": Sample.of(sums, counts), **{k: Sample.of(v) for k, v in per.items()}}
         seconds[name] = time.perf_counter() - t0
 
+    # the references through the same rules: the ceiling a model that writes like the data would reach
+    reference = {"rule_pass_rate": (sum(check_rules(r, q, e.rules).passed for r, q in zip(refs, prompt_texts, strict=True))
+                                    / max(len(refs), 1)) if has_rules(e.rules) else None,
+                 "length": {"words": length_stats([float(len(r.split())) for r in refs])}}
     cis, deltas = compare_models(samples, e.bootstrap_samples, e.confidence, cfg.seed)
     for name in results:
         results[name]["ci"] = cis[name]
@@ -555,6 +559,7 @@ def evaluate_run(cfg, paths) -> dict:
     seconds["total"] = time.perf_counter() - started
     return {
         **results,
+        "reference": reference,
         "deltas": deltas,
         "verdict": verdict(deltas, e.confidence),
         "loss_reduction": 1 - results["tuned"]["loss"] / results["base"]["loss"],

@@ -313,6 +313,7 @@ def test_evaluate_run_reports_three_models_with_intervals(evaluated):
         assert d["ci_low"] <= d["delta"] <= d["ci_high"]
     assert m["deltas"]["tuned_vs_base"]["loss"]["delta"] == pytest.approx(m["tuned"]["loss"] - m["base"]["loss"])
     assert m["verdict"] and all(s.startswith("Fine-tuning") for s in m["verdict"])
+    assert m["reference"]["rule_pass_rate"] == 1.0  # every demo reply ends with the sign-off
     assert m["forgetting"]["examples"] == 40 and isinstance(m["forgetting"]["flag"], bool)
     assert len(m["few_shot_ids"]) == 2 and m["test_examples"] > 0
     from ftkit.paths import read_jsonl
