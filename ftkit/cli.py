@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="refuse longer prompts (default: the model's context)")
     s.add_argument("--kv-cache-tokens", type=int, default=16384,
                    help="KV cache pool shared by concurrent requests, in tokens (bounds memory)")
-    s.add_argument("--threads", type=int, default=None, help="CPU threads for the model (default: torch's choice)")
+    s.add_argument("--threads", type=int, default=None, help="CPU threads for the model (default: one less than the cores)")
 
     c = sub.add_parser("check-params", help="validate a parameters YAML file without running anything")
     c.add_argument("file")

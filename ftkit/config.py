@@ -296,8 +296,8 @@ class HostConfig:
     kv_cache_tokens: int = 16384
     """KV cache pool of the continuous-batching engine, in tokens, shared by concurrent requests."""
     threads: int | None = None
-    """CPU threads for the served model; None: torch's default (one per core). On a CPU shared with other
-    jobs, 1 avoids threads spinning while they wait for a core (measured 10x faster under such load)."""
+    """CPU threads for the served model; None: one less than the cores (at least 1), leaving a core for the
+    HTTP threads and the load generator; threads waiting for a busy core spin (measured 10x slower)."""
     prompts: list[str] = field(
         default_factory=lambda: ["Hi, my order AC-482913 has not arrived yet. Can you check it?"]
     )

@@ -72,13 +72,15 @@ class Generator:
                  device: str = "auto", threads: int | None = None):
         from transformers import AutoModelForCausalLM
 
-        if threads:  # on a CPU shared with other work, fewer threads than cores avoids spinning threads waiting
-            torch.set_num_threads(threads)
+        dev = resolve_device(ModelConfig(device=device))
+        if dev.type == "cpu":
+            # one core less than torch would take: the HTTP threads (and, in the notebook, the load
+            # generator) need one, and threads that wait for a busy core spin (measured 10x slower)
+            torch.set_num_threads(threads or max(1, torch.get_num_threads() - 1))
 
         model_dir = Path(model_dir)
         self.name = name or model_dir.name
         self.max_tokens_cap = max_tokens_cap
-        dev = resolve_device(ModelConfig(device=device))
         self.tokenizer = load_tokenizer(str(model_dir))
         if (model_dir / "adapter_config.json").exists():
             from peft import AutoPeftModelForCausalLM
