@@ -111,3 +111,33 @@ def test_serving_commands(run):
     assert cmds["vLLM, merged model"].startswith(f"vllm serve {paths.merged_dir} --served-model-name t")
     assert cmds["llama.cpp server, q8_0"].startswith("llama-server -m /x/t-q8_0.gguf --jinja")
     assert "ollama create t -f Modelfile" in cmds["Ollama"]
+
+
+def test_qlora_adapter_merges_into_the_full_precision_base(tiny_path, tmp_path):
+    """A QLoRA run's adapter is merged into the base loaded unquantised (not into de-quantised 4-bit
+    weights): no 4-bit layer in the merged model, logits equal base + adapter, and the saved directory
+    stops on the end-of-turn token with the training chat template."""
+    import json
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from ftkit.export import merge_adapter
+
+    cfg = ftkit.load_config(experiment="q", outputs_dir=str(tmp_path), model={"name": "tiny-random"},
+                            train={"method": "qlora"})
+    paths = ftkit.run_paths(cfg)
+    torch.manual_seed(0)
+    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_path),
+                                LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    peft_model.save_pretrained(paths.adapter_dir)
+    load_tokenizer(tiny_path).save_pretrained(paths.adapter_dir)
+    (paths.adapter_dir / "ftkit_train.json").write_text(json.dumps({"base_model": "tiny-random", "method": "qlora"}))
+    merged = merge_adapter(cfg, paths, [m[:-1] for m in CONVERSATIONS])
+    assert merged["method"] == "qlora" and merged["merged_dtype"] == "float32"
+    assert merged["merge_check_passed"] and merged["max_logit_diff_adapter_vs_base"] > 100 * merged[
+        "max_logit_diff_merged_vs_adapter"]
+    assert merged["saved_eos_includes_end_of_turn"] and merged["saved_chat_template_matches"]
+    reloaded = AutoModelForCausalLM.from_pretrained(paths.merged_dir)
+    assert not [n for n, m in reloaded.named_modules() if "4bit" in type(m).__name__]
