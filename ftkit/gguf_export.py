@@ -1,7 +1,8 @@
 """GGUF export for llama.cpp and Ollama (Llama-architecture models), written with the ``gguf`` package.
 
-Our own converter, for ``LlamaForCausalLM`` (SmolLM2, TinyLlama, Llama 2, Llama 3 without rope
-scaling) with a byte-level BPE tokenizer: hyper-parameters and the tokenizer (tokens, types, merges,
+Our own converter, for ``LlamaForCausalLM`` without rope scaling or biases and with a plain GPT-2-style
+byte-level BPE tokenizer (the SmolLM2 family; Llama 2/TinyLlama's SentencePiece and Llama 3's split
+pre-tokenizer are refused): hyper-parameters and the tokenizer (tokens, types, merges,
 special ids, chat template) go into GGUF metadata; weights are renamed to GGUF's tensor names, with
 the query/key rows reordered from Hugging Face's rotary layout (first half / second half of each head)
 to GGML's (interleaved pairs). Norms stay float32; matrices are float16 or Q8_0 (blocks of 32 weights
