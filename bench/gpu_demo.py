@@ -41,7 +41,7 @@ def build_model(arch: str, tokenizer_dir: str, out: Path) -> Path:
     return out
 
 
-def run(method: str, model_dir: Path, out: Path, steps: int) -> dict:
+def run(method: str, model_dir: Path, out: Path, steps: int, through_stage: int = 5) -> dict:
     from ftkit import conversion, data, evaluate, export, host, launch
     from ftkit.config import load_config
     from ftkit.paths import RunPaths
@@ -64,21 +64,27 @@ def run(method: str, model_dir: Path, out: Path, steps: int) -> dict:
     m3 = launch.train(cfg, paths)
     times["03_train"] = time.perf_counter() - t
     torch.cuda.empty_cache()
+    pre = m3["preflight"]
+    trained = {
+        "method": method, "rows_kept": prep.rows_kept, "stage_seconds": times,
+        "train": {k: m3[k] for k in ("steps", "train_loss", "eval_loss", "train_tokens", "tokens_per_second",
+                                     "peak_memory_mb", "trainable_params", "total_params", "runtime_s")},
+        "device_plan": m3.get("device_plan"),
+        "preflight_estimate_gb": pre["total_gb"], "measured_peak_gb": m3["peak_memory_mb"] / 1024,
+        "estimate_over_measured": pre["total_gb"] / (m3["peak_memory_mb"] / 1024),
+        "preflight_parts_gb": {k: pre[k] for k in ("weights_gb", "trainable_state_gb", "activations_gb")},
+    }
+    if through_stage < 4:
+        return trained
     t = time.perf_counter()
     m4 = evaluate.evaluate_run(cfg, paths)
     times["04_evaluate"] = time.perf_counter() - t
     t = time.perf_counter()
     m5 = export.merge_adapter(cfg, paths, host.check_prompts(paths))
     times["05_merge"] = time.perf_counter() - t
-    pre = m3["preflight"]
     return {
-        "method": method, "rows_kept": prep.rows_kept, "stage_seconds": times,
-        "train": {k: m3[k] for k in ("steps", "train_loss", "eval_loss", "train_tokens", "tokens_per_second",
-                                     "peak_memory_mb", "trainable_params", "total_params", "runtime_s")},
-        "preflight_estimate_gb": pre["total_gb"], "measured_peak_gb": m3["peak_memory_mb"] / 1024,
-        "estimate_over_measured": pre["total_gb"] / (m3["peak_memory_mb"] / 1024),
-        "preflight_parts_gb": {k: pre[k] for k in ("weights_gb", "trainable_state_gb", "activations_gb")},
-        "eval": {k: {x: m4[k][x] for x in ("loss", "stop_rate", "mean_new_tokens")} for k in ("base", "tuned")},
+        **trained,
+        "eval": {k: {x: m4[k][x] for x in ("loss", "stop_rate", "mean_new_tokens")} for k in ("base", "prompted", "tuned")},
         "merge": {k: m5[k] for k in ("max_logit_diff_merged_vs_adapter", "relative_logit_diff", "relative_tolerance",
                                      "top1_agreement", "max_logit_diff_adapter_vs_base", "merge_check_passed")},
     }
@@ -92,6 +98,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--out", default="/tmp/ftkit-gpu")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--through-stage", type=int, default=5, help="3: stop after training (memory/speed check)")
     args = ap.parse_args()
     out = Path(args.out)
     summary = {"gpu": torch.cuda.get_device_name(0),
@@ -100,7 +107,7 @@ def main() -> None:
     for arch in args.arch.split(","):
         model_dir = build_model(arch, args.tokenizer, out / f"model-{arch}")
         for m in args.methods.split(","):
-            summary["runs"].append({"arch": arch, **run(m, model_dir, out / arch, args.steps)})
+            summary["runs"].append({"arch": arch, **run(m, model_dir, out / arch, args.steps, args.through_stage)})
             torch.cuda.empty_cache()
     text = json.dumps(summary, indent=1)
     print(text)
