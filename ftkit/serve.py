@@ -9,11 +9,13 @@ choice's ``token_ids``: stage 05's consistency check compares those with the tra
 
 Generation: transformers' continuous batching (``model.init_continuous_batching``), which batches
 concurrent requests into shared forward passes; see :class:`Generator`. The HTTP layer is ours,
-not ``transformers serve``, because ``transformers serve`` (5.24) has no API key, no refusal to bind
-to a public address, no prompt-length or ``max_tokens`` cap (an oversized request reaches the model),
-renders prompts with its own code path rather than the one that built the training data, and needs
-FastAPI + uvicorn; what it would add over this module is its HTTP plumbing only, the engine is
-the same. See the README, "Serving, exports and cost".
+not ``transformers serve``: run on the demo model (5.24, CPU, offline) it served a local directory
+but took requests without a key (it has none, and binds wherever asked), accepted
+``max_tokens: 100000`` and answered a prompt longer than the model's context with 200 and garbage
+after 98 s; its errors are FastAPI's ``{"detail": ...}``, not OpenAI's shape; it renders prompts in
+its own handler, not the function that built the training data; and it needs FastAPI + uvicorn.
+What it would add over this module is HTTP plumbing; the engine is the same. See the README,
+"Serving, exports and cost".
 
 Safety: binds to 127.0.0.1 by default and refuses any other address without an API key; keys
 are compared in constant time; malformed JSON, unknown models, oversized prompts and
