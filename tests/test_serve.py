@@ -197,18 +197,21 @@ def test_disconnect_cancels_and_shutdown_is_clean(tiny_path, tmp_path):
     with a stream in flight stops the server promptly with exit code 0."""
     log = tmp_path / "s.log"
     srv = ServerProcess(tiny_path, log_path=log, extra_args=["--max-tokens-cap", "2000"]).start()
-    s = _open_stream(srv, 2000)  # 2,000 tokens: far longer than the few seconds waited below
-    s.recv(4096)
-    assert (n := _in_flight(srv)) == 1, (n, log.read_text()[-3000:])
-    s.close()
-    deadline = time.monotonic() + 10
-    while _in_flight(srv) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert _in_flight(srv) == 0, "the request of a disconnected client kept running"
-    with _open_stream(srv, 2000):
-        t0 = time.monotonic()
-        assert srv.stop(timeout=30) == 0, log.read_text()[-2000:]
-        assert time.monotonic() - t0 < 20
+    try:
+        s = _open_stream(srv, 2000)  # 2,000 tokens: far longer than the few seconds waited below
+        s.recv(4096)
+        assert (n := _in_flight(srv)) == 1, (n, log.read_text()[-3000:])
+        s.close()
+        deadline = time.monotonic() + 10
+        while _in_flight(srv) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _in_flight(srv) == 0, "the request of a disconnected client kept running"
+        with _open_stream(srv, 2000):
+            t0 = time.monotonic()
+            assert srv.stop(timeout=30) == 0, log.read_text()[-2000:]
+            assert time.monotonic() - t0 < 20
+    finally:
+        srv.stop()  # a failed assertion must not leave the server running
     assert "server stopped" in log.read_text()
 
 
