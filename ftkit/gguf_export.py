@@ -61,7 +61,8 @@ def _check_supported(config, tokenizer_json: dict) -> None:
         problems.append("the tokenizer is not a plain byte-level BPE (GPT-2 style) tokenizer")
     if problems:
         raise GGUFExportError("cannot export to GGUF: " + "; ".join(problems)
-                              + ". Use llama.cpp's convert_hf_to_gguf.py for this model.")
+                              + ". Use llama.cpp's convert_hf_to_gguf.py on the merged directory for this model, "
+                              "and set host.gguf_types: [] so stage 05 skips ftkit's export.")
 
 
 def _to_ggml_rotary(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -231,7 +232,9 @@ def export_all(merged_dir: str | Path, paths, qtypes: list[str], prompts: list[l
         written = write_gguf(merged_dir, paths.gguf(q), q)
         log.info("wrote %s (%s MB); verifying against %s", written["path"], f"{written['bytes'] / 1e6:,.0f}", merged_dir)
         results.append({**written, **verify(merged_dir, written["path"], prompts, q)})
-    out = {"gguf": results, "gguf_passed": all(r["passed"] for r in results)}
+    out = {"gguf": results, "gguf_passed": all(r["passed"] for r in results) if results else None}
+    if not results:
+        out["gguf_note"] = "no GGUF export: host.gguf_types is empty"
     if results:
         smallest = min(results, key=lambda r: r["bytes"])
         try:
