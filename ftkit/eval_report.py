@@ -104,7 +104,11 @@ def plot_lengths(rows: list[dict], models=MODELS):
 
     data = [{"who": "reference", "words": len(r["reference"].split())} for r in rows]
     data += [{"who": m, "words": len(r[m].split())} for r in rows for m in models if m in r]
-    ax = sns.histplot(pd.DataFrame(data), x="words", hue="who", element="step", stat="count", common_bins=True)
+    deep = sns.color_palette("deep", 3)
+    palette = {"reference": "0.5", **{m: deep[i] for i, m in enumerate(MODELS)}}  # same colours as plot_metrics
+    order = ["reference"] + [m for m in models if any(d["who"] == m for d in data)]
+    ax = sns.histplot(pd.DataFrame(data), x="words", hue="who", hue_order=order, palette=palette, element="step",
+                      stat="count", common_bins=True)
     ax.set_title("Reply length (words)")
     return ax.figure
 
