@@ -47,8 +47,9 @@ def child(model_name: str, rows_path: str, limit: int, batch_size: int) -> None:
     import itertools
 
     from ftkit.config import ModelConfig
-    from ftkit.evaluate import example_losses, iter_jsonl, summarise_loss
+    from ftkit.evaluate import example_losses, summarise_loss
     from ftkit.modeling import load_model, load_tokenizer, resolve_model_path
+    from ftkit.paths import iter_jsonl
 
     path = resolve_model_path(model_name)
     model = load_model(path, ModelConfig(name=model_name))

@@ -57,6 +57,7 @@ from .metrics import (
     rouge_l,
     token_f1,
 )
+from .paths import iter_jsonl
 from .train import PadCollator
 
 MODELS = ("base", "prompted", "tuned")
@@ -66,16 +67,6 @@ CHUNK = 256  # rows read (and length-sorted) at a time for the loss pass
 
 
 # ----------------------------------------------------------------------------- loss
-
-def iter_jsonl(path: Path) -> Iterator[dict]:
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    yield json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg}); fix or remove that line") from None
-
 
 @torch.no_grad()
 def example_losses(model, rows: Iterable[dict], pad_token_id: int, batch_size: int = 8,

@@ -172,17 +172,20 @@ def write_jsonl(path: Path, rows) -> int:
     return n
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    rows = []
+def iter_jsonl(path: Path):
+    """The records of a JSONL file, one at a time (blank lines skipped); a bad line names file:line and the fix."""
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                rows.append(json.loads(line))
+                yield json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg}); fix or remove that line") from None
-    return rows
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return list(iter_jsonl(path))
 
 
 def _jsonable(obj: Any) -> Any:
