@@ -75,6 +75,7 @@ def run(method: str, model_dir: Path, out: Path, steps: int, through_stage: int 
         "device_plan": m3.get("device_plan"),
         "preflight_estimate_gb": pre["total_gb"], "measured_peak_gb": m3["peak_memory_mb"] / 1024,
         "estimate_over_measured": pre["total_gb"] / (m3["peak_memory_mb"] / 1024),
+        "load_peak_gb": m3["load_peak_memory_mb"] / 1024, "train_peak_gb": (m3["train_peak_memory_mb"] or 0) / 1024,
         "preflight_parts_gb": {k: pre[k] for k in ("weights_gb", "trainable_state_gb", "activations_gb")},
     }
     if through_stage < 4:

@@ -4,8 +4,8 @@ In one process, for each model shape and data mix, it trains for ``--warmup`` st
 ``--steps`` more, for:
 
 * **baseline**: what a typical tutorial does: transformers Trainer + PEFT LoRA (r=16, alpha 32,
-  dropout 0.05, all linear layers), bf16, SDPA attention, padding to the longest example of each
-  batch (``DataCollatorForSeq2Seq``), no packing, gradient checkpointing on, AdamW;
+  all linear layers, dropout 0: PEFT's default), bf16, SDPA attention, padding to the longest
+  example of each batch (``DataCollatorForSeq2Seq``), no packing, gradient checkpointing on, AdamW;
 * **ftkit**: ``ftkit.train.run_training``, the function notebook 03 calls, with its defaults on a
   GPU (``ftkit.train.device_plan``) and the same model, examples, micro-batch, learning rate,
   schedule and seed. Two things are changed around it, neither inside the timed steps: the
@@ -81,18 +81,21 @@ ARCHS = {  # (model_type, config): real architecture shapes
                                    tie_word_embeddings=True)),
 }
 MIXES = {"bitext": (8, 8), "longdoc": (2, 8)}  # data mix -> (micro-batch, accumulation steps), in examples
-LORA = dict(r=16, alpha=32, dropout=0.05)
+LORA = dict(r=16, alpha=32, dropout=0.0)  # PEFT's default dropout; the ablations show ftkit at 0.05
 
-# ablations: ftkit with parts of its GPU path switched off (config overrides)
-_OFF = {"attention": "sdpa", "kernels": "none", "optimizer": "adamw_torch", "merge_accumulation": False}
+# ablations: ftkit with parts of its GPU path switched off (config overrides; "lora_dropout" sets the
+# adapters' dropout instead, against the same dropout-0 baseline)
+_OFF = {"attention": "sdpa", "kernels": "none", "optimizer": "adamw_torch", "merge_accumulation": False,
+        "compile": False}
 ABLATIONS = {
     "packed-sdpa (ftkit before)": _OFF,
     "+ varlen attention": {**_OFF, "attention": "varlen"},
     "+ liger rmsnorm/swiglu": {**_OFF, "attention": "varlen", "kernels": "liger"},
     "+ liger incl. fused loss": {**_OFF, "attention": "varlen", "kernels": "liger+loss"},
     "+ fused adamw": {**_OFF, "attention": "varlen", "kernels": "liger", "optimizer": "adamw_torch_fused"},
-    "+ compile, liger off (on ftkit's default)": {"compile": True, "kernels": "none"},
-    "ftkit, liger off": {"kernels": "none"},
+    "+ folded micro-batches (not compiled)": {"compile": False},
+    "ftkit at lora dropout 0.05": {"lora_dropout": 0.05},
+    "ftkit, again": {},  # the default path a second time (with --profile: where its time goes)
 }
 
 
@@ -149,8 +152,9 @@ class Recorder:
     """Wraps a collator to record each batch's example lengths; a callback times the steps after
     warm-up (CUDA synchronised at both ends only)."""
 
-    def __init__(self, collator, warmup: int, steps: int, accum: int = 1):
+    def __init__(self, collator, warmup: int, steps: int, accum: int = 1, profile: bool = False):
         self.collator, self.warmup, self.total, self.accum = collator, warmup, warmup + steps, accum
+        self.profile, self.prof = profile, None
         self.batches: list[list[int]] = []
         self.t0 = self.t1 = None
         self.losses: list[float] = []
@@ -168,10 +172,17 @@ class Recorder:
             def on_step_end(self, args, state, control, **kw):
                 if state.global_step == rec.warmup:
                     torch.cuda.synchronize()
+                    if rec.profile:
+                        rec.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
+                        rec.prof.__enter__()
                     rec.t0 = time.perf_counter()
                 elif state.global_step == rec.total:
                     torch.cuda.synchronize()
                     rec.t1 = time.perf_counter()
+                    if rec.prof is not None:
+                        rec.prof.__exit__(None, None, None)
+                        print(kernel_summary(rec.prof, rec.t1 - rec.t0), flush=True)
+                        rec.prof = None
 
             def on_log(self, args, state, control, logs=None, **kw):
                 if logs and "loss" in logs:
@@ -189,6 +200,29 @@ class Recorder:
                 "mfu": flops / seconds / DATASHEET_PEAK, "of_matmul_peak": flops / seconds / MATMUL_PEAK,
                 "useful_tflops_per_s": flops / seconds / 1e12, "timed_steps": self.total - self.warmup,
                 "tokens_timed": sum(lengths)}
+
+
+def kernel_summary(prof, seconds: float, top: int = 25) -> str:
+    """GPU kernel time of a profiled stretch: by class (matrix products, attention, the rest) and the
+    top kernels, as shares of the wall time."""
+    rows = [(e.key, e.self_device_time_total / 1e6, e.count) for e in prof.key_averages()
+            if e.self_device_time_total > 0]
+    def cls(name):
+        n = name.lower()
+        if any(k in n for k in ("gemm", "cutlass", "nvjet", "sm90_xmma", "matmul", "cublas")):
+            return "matmul"
+        if "flash" in n or "attention" in n or "fmha" in n:
+            return "attention"
+        return "other"
+    by = {}
+    for name, s, _ in rows:
+        by[cls(name)] = by.get(cls(name), 0.0) + s
+    busy = sum(by.values())
+    lines = [f"profile: wall {seconds:.3f} s, GPU busy {busy:.3f} s ({busy / seconds:.0%}); "
+             + ", ".join(f"{k} {v:.3f} s ({v / seconds:.0%})" for k, v in sorted(by.items(), key=lambda x: -x[1]))]
+    for name, s, n in sorted(rows, key=lambda r: -r[1])[:top]:
+        lines.append(f"  {s:8.4f} s {s / seconds:5.1%} x{n:<6} [{cls(name)}] {name[:110]}")
+    return "\n".join(lines)
 
 
 def free_gpu():
@@ -248,7 +282,7 @@ def run_baseline(model, tok, rows, arch, batch, lr, warmup, steps, seed, out, ac
 
 # ---- ftkit ----------------------------------------------------------------------------------------
 def run_ftkit(model_dir, tok_dir, rows, arch, method, batch, lr, warmup, steps, seed, out, accum=1,
-              train_overrides=None, dropout=LORA["dropout"], logging_steps=None):
+              train_overrides=None, dropout=LORA["dropout"], logging_steps=None, profile=False):
     """``ftkit.train.run_training`` on a prepared experiment directory; see the module docstring."""
     import ftkit.estimate as est
     import ftkit.train as ft
@@ -256,6 +290,8 @@ def run_ftkit(model_dir, tok_dir, rows, arch, method, batch, lr, warmup, steps, 
     from ftkit.paths import RunPaths, write_jsonl
     from ftkit.train import set_seed
 
+    train_overrides = dict(train_overrides or {})
+    dropout = train_overrides.pop("lora_dropout", dropout)
     cfg = load_config(experiment="bench", seed=seed, outputs_dir=str(out), model={"name": str(model_dir)},
                       train={"method": method, "batch_size": batch, "gradient_accumulation_steps": accum,
                              "learning_rate": lr, "max_steps": warmup + steps,
@@ -274,7 +310,7 @@ def run_ftkit(model_dir, tok_dir, rows, arch, method, batch, lr, warmup, steps, 
     orig = (ft.make_collator, ft.build_trainer, est.check_fits, ft.add_lora)
 
     def make_collator(*a, **k):
-        recs.append(Recorder(orig[0](*a, **k), warmup, steps))
+        recs.append(Recorder(orig[0](*a, **k), warmup, steps, profile=profile))
         return recs[-1]
 
     def build_trainer(*a, **k):
@@ -297,7 +333,20 @@ def run_ftkit(model_dir, tok_dir, rows, arch, method, batch, lr, warmup, steps, 
         ft.make_collator, ft.build_trainer, est.check_fits, ft.add_lora = orig
     peak = torch.cuda.max_memory_allocated() / 1e9
     del trainer
-    return recs[-1], peak, {**plans, "device_plan": metrics["device_plan"]}
+    return recs[-1], peak, {**plans, "device_plan": metrics["device_plan"], "compiler": compiler_counts()}
+
+
+def compiler_counts() -> dict:
+    """torch.compile's counters so far in this process (graphs, graph breaks, recompilations): a
+    layer that keeps recompiling, or falls back to eager, shows here."""
+    try:
+        from torch._dynamo.utils import counters
+    except Exception:  # noqa: BLE001
+        return {}
+    stats = dict(counters.get("stats", {}))
+    return {"unique_graphs": stats.get("unique_graphs", 0), "calls_captured": stats.get("calls_captured", 0),
+            "graph_breaks": sum(counters.get("graph_break", {}).values()),
+            "recompiles": sum(counters.get("recompiles", {}).values())}
 
 
 # ---- main -----------------------------------------------------------------------------------------
@@ -335,6 +384,39 @@ def same_maths(tok, tok_dir, work, steps=50, seed=0, lr=1e-3, batch=4, accum=4) 
             "device_plan": plan["device_plan"]}
 
 
+def compile_check(tok, tok_dir, work, steps=20, seed=0, lr=1e-3, batch=4, accum=4) -> list[dict]:
+    """135M shape, per method: ftkit's GPU path with compiled layers against the same path eager,
+    on the same examples and seed: loss curves (same maths) and tokens/s."""
+    arch = "smollm2-135m"
+    rows = make_rows("bitext", (steps + 2) * batch * accum, seed, ARCHS[arch][1]["vocab_size"], zipf=True)
+    model_dir = work / f"model-{arch}"
+    if not model_dir.exists():
+        model = build_model(arch, tok)
+        model.save_pretrained(model_dir)
+        tok.save_pretrained(model_dir)
+        del model
+    out = []
+    for method in ("lora", "full", "dora"):
+        res = {}
+        for compiled in (False, True):
+            free_gpu()
+            rec, peak, plan = run_ftkit(model_dir, tok_dir, rows, arch, method, batch, lr, 2, steps, seed,
+                                        work / f"cc-{method}-{compiled}", accum=accum, dropout=0.0, logging_steps=1,
+                                        train_overrides={"compile": compiled, "kernels": "none"})
+            res[compiled] = (rec, rec.result(arch, method), peak, plan)
+        a, b = res[False][0].losses, res[True][0].losses
+        rel = [abs(x - y) / abs(x) for x, y in zip(a, b, strict=True)]
+        out.append({"model": arch, "method": method, "steps": steps + 2, "max_rel_loss_diff": max(rel),
+                    "loss_first_last_eager": [a[0], a[-1]], "loss_first_last_compiled": [b[0], b[-1]],
+                    "tokens_per_second_eager": res[False][1]["tokens_per_second"],
+                    "tokens_per_second_compiled": res[True][1]["tokens_per_second"],
+                    "speedup": res[True][1]["tokens_per_second"] / res[False][1]["tokens_per_second"],
+                    "peak_memory_gb_eager": res[False][2], "peak_memory_gb_compiled": res[True][2],
+                    "compiler": res[True][3]["compiler"]})
+        print(json.dumps(out[-1]), flush=True)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tokenizer", default=None, help="a tokenizer directory (default: the embedded SmolLM2's)")
@@ -351,6 +433,10 @@ def main() -> None:
     ap.add_argument("--qlora", default="llama-3.1-8b", help="models for QLoRA at 2,048-token micro-batches")
     ap.add_argument("--same-maths", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--measure-peak", action="store_true")
+    ap.add_argument("--compile-check", action=argparse.BooleanOptionalAction, default=True,
+                    help="135M: compiled vs eager layers for LoRA, full fine-tuning and DoRA")
+    ap.add_argument("--profile", action="store_true",
+                    help="print the GPU kernel time of the ablation rows' timed steps (e.g. of 'ftkit, again')")
     ap.add_argument("--work", default=None, help="scratch directory (models are saved there)")
     ap.add_argument("--out", default=str(HERE / "results"))
     args = ap.parse_args()
@@ -399,6 +485,9 @@ def main() -> None:
         result["same_maths"] = sm = same_maths(tok, args.tokenizer, work)
         print(json.dumps({k: v for k, v in sm.items() if not k.startswith("loss_")}), flush=True)
 
+    if args.compile_check:
+        result["compile_check"] = compile_check(tok, args.tokenizer, work)
+
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{result['date']}-{re.sub(r'[^a-z0-9]+', '-', gpu.lower()).strip('-')}.json"
@@ -412,8 +501,9 @@ def main() -> None:
         names = list(ABLATIONS) if args.ablation_names == "all" else args.ablation_names.split(";")
         redo = {(m, n) for m in mine & set(args.ablations.split(",")) for n in names}
         result["ablations"] = [r for r in old.get("ablations", []) if (r["model"], r["variant"]) not in redo]
-        if "same_maths" in old and "same_maths" not in result:
-            result["same_maths"] = old["same_maths"]
+        for key in ("same_maths", "compile_check"):
+            if key in old and key not in result:
+                result[key] = old[key]
 
     def save():
         path.write_text(json.dumps(result, indent=1))
@@ -467,7 +557,7 @@ def main() -> None:
                 try:
                     rec, peak, plan = run_ftkit(model_dir, args.tokenizer, bitext_rows, arch, "lora", batch,
                                                 out=work / "abl", accum=accum, train_overrides=ABLATIONS[name],
-                                                **common)
+                                                profile=args.profile, **common)
                 except Exception as e:  # noqa: BLE001  (an ablation that fails is recorded, not fatal)
                     record(result["ablations"], **bitext_info, variant=name, overrides=ABLATIONS[name],
                            error=f"{type(e).__name__}: {str(e)[:300]}")

@@ -172,11 +172,13 @@ class TrainConfig:
     """`auto`: with packing on a GPU, PyTorch's variable-length flash attention (each example's own
     causal triangle, nothing across examples); `sdpa`: the model's SDPA with a block mask."""
     kernels: Literal["auto", "liger", "liger+loss", "none"] = "auto"
-    """`auto`: `liger` on a GPU when `liger-kernel` is installed, else `none`. `liger`: Liger's fused
-    RMSNorm and SwiGLU; `liger+loss`: also its fused linear + cross-entropy (no logits tensor: less
-    memory, but slower on an H200); `none`: the model's own modules."""
+    """`auto`: `none` when the layers are compiled (the compiler fuses the same operations, faster
+    on an H200), else `liger` on a GPU when `liger-kernel` is installed, else `none`. `liger`: Liger's
+    fused RMSNorm and SwiGLU; `liger+loss`: also its fused linear + cross-entropy (no logits tensor:
+    less memory, but slower on an H200); `none`: the model's own modules."""
     compile: bool | None = None
-    """torch.compile each decoder layer (dynamic shapes; attention stays eager). null: off."""
+    """torch.compile each decoder layer (dynamic shapes; attention stays eager). null: on for LoRA
+    and full fine-tuning on a GPU (measured 1.4-1.7x faster on an H200), off for QLoRA/DoRA and on CPU."""
     merge_accumulation: bool | None = None
     """Fold gradient-accumulation steps into one larger packed micro-batch where the memory estimate
     allows (same examples per optimiser step, same loss normalisation: the same maths, fewer and
@@ -555,6 +557,9 @@ def _check_values(cfg: ExperimentConfig) -> list[str]:
         errors.append(f"train.max_steps: use -1 (run train.epochs) or a positive number, got {t.max_steps}")
     if t.lora.r < 1:
         errors.append(f"train.lora.r: must be at least 1, got {t.lora.r}")
+    if t.compile and t.kernels in ("liger", "liger+loss"):
+        errors.append(f"train.kernels: {t.kernels!r} cannot run inside compiled layers (Liger's kernels fail to "
+                      "trace); set train.kernels: none (the compiler fuses the same operations) or train.compile: false")
     tm = t.lora.target_modules
     if not (tm == "all-linear" or (isinstance(tm, list) and tm and all(isinstance(x, str) for x in tm))):
         errors.append(f"train.lora.target_modules: use 'all-linear' or a list of module names, got {tm!r}")

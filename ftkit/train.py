@@ -233,9 +233,10 @@ def apply_fused_kernels(model, fused_loss: bool = False) -> bool:
 def device_plan(cfg: ExperimentConfig) -> dict:
     """The settings stage 03 uses on this device, with every ``auto`` resolved.
 
-    On CUDA: fused AdamW; padding-free packing with the varlen flash attention; Liger's fused
-    kernels when installed; no gradient checkpointing except for QLoRA (whose point is memory);
-    accumulation steps folded into larger micro-batches (:func:`fold_accumulation` sizes them).
+    On CUDA: fused AdamW; padding-free packing with the varlen flash attention; decoder layers
+    compiled (LoRA and full fine-tuning), else Liger's fused kernels when installed; no gradient
+    checkpointing except for QLoRA (whose point is memory); accumulation steps folded into larger
+    micro-batches (:func:`fold_accumulation` sizes them).
     On CPU: what ftkit always did (AdamW, SDPA, no fused kernels, no checkpointing).
     """
     t = cfg.train
@@ -245,14 +246,17 @@ def device_plan(cfg: ExperimentConfig) -> dict:
     attention = t.attention
     if attention == "auto":
         attention = "varlen" if cuda and t.packing and _varlen_fn() is not None else "sdpa"
+    # compiled layers: measured on an H200 (bench/train_throughput.py) for LoRA; QLoRA's 4-bit
+    # layers and DoRA's weight norms are left eager (not measured compiled)
+    compile_ = bool(t.compile) if t.compile is not None else (cuda and t.method in ("lora", "full"))
+    compile_ = compile_ and t.method != "qlora"
     kernels = t.kernels
     if kernels == "auto":
-        kernels = "liger" if cuda and liger_available() else "none"
+        kernels = "liger" if cuda and liger_available() and not compile_ else "none"
     merge = t.merge_accumulation if t.merge_accumulation is not None else (cuda and t.packing)
-    compile_ = bool(t.compile) if t.compile is not None else False
     return {"device": "cuda" if cuda else str(resolve_device(cfg.model)), "optimizer": optimizer,
             "gradient_checkpointing": bool(ckpt), "attention": attention, "kernels": kernels,
-            "compile": compile_ and t.method != "qlora",
+            "compile": compile_,
             "merge_accumulation": bool(merge and t.gradient_accumulation_steps > 1),
             "micro_batch": t.batch_size, "accumulation": t.gradient_accumulation_steps}
 
@@ -429,6 +433,9 @@ def build_trainer(cfg: ExperimentConfig, paths: RunPaths, model, tokenizer, trai
         metric_for_best_model="eval_loss" if t.early_stopping_patience else None,
         report_to=t.report_to or "none",
         include_num_input_tokens_seen=True,
+        # a nan/inf loss is logged as it is: the Trainer's filter would hide it, and its check reads
+        # the loss back to the host after every micro-batch, which leaves a GPU idle between steps
+        logging_nan_inf_filter=False,
         seed=cfg.seed,
         data_seed=cfg.seed,
         full_determinism=t.deterministic,
@@ -585,7 +592,11 @@ def run_training(cfg: ExperimentConfig, paths: RunPaths):
              plan["est_train_seconds"])
     choices = fold_accumulation(cfg, device_plan(cfg), [len(r["input_ids"]) for r in train_rows],
                                 int(plan["free_gb"] * 1024**3))
+    device = resolve_device(cfg.model)
     model = load_for_training(cfg, base_path)
+    load_peak = peak_memory_mb(device)  # loading can peak above training (QLoRA quantises as it loads)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     choices.update({f"applied_{k}": v for k, v in getattr(model, "_ftkit_applied", {}).items()})
     log.info("device plan: %s", choices)
     packing_leak_max = check_packing(model) if cfg.train.packing else None
@@ -631,7 +642,9 @@ def run_training(cfg: ExperimentConfig, paths: RunPaths):
         "train_loss": result.training_loss,
         "eval_loss": final_eval.get("eval_loss"),
         "train_tokens": tokens,
-        "peak_memory_mb": peak_memory_mb(resolve_device(cfg.model)),
+        "peak_memory_mb": max(load_peak, peak_memory_mb(device)),
+        "load_peak_memory_mb": load_peak,
+        "train_peak_memory_mb": peak_memory_mb(device) if device.type == "cuda" else None,
         "trainable_params": trainable,
         "total_params": total,
         "runtime_s": seconds,

@@ -23,6 +23,13 @@ def test_cpu_plan_is_unchanged():
         is False
 
 
+def test_compile_with_liger_is_refused():
+    from ftkit.config import ConfigError
+
+    with pytest.raises(ConfigError, match="train.kernels: 'liger' cannot run inside compiled layers"):
+        load_config(train={"compile": True, "kernels": "liger"})
+
+
 def test_explicit_choices_win():
     cfg = load_config(model={"device": "cpu"}, train={"optimizer": "sgd", "gradient_checkpointing": True})
     plan = ft.device_plan(cfg)
@@ -34,8 +41,13 @@ def test_cuda_plan(monkeypatch):
     monkeypatch.setattr(ft, "liger_available", lambda: True)
     plan = ft.device_plan(load_config(model={"device": "cuda"}))
     assert plan == {"device": "cuda", "optimizer": "adamw_torch_fused", "gradient_checkpointing": False,
-                    "attention": "varlen", "kernels": "liger", "compile": False, "merge_accumulation": False,
+                    "attention": "varlen", "kernels": "none", "compile": True, "merge_accumulation": False,
                     "micro_batch": 4, "accumulation": 1}
+    # Liger's kernels where the layers stay eager: QLoRA, DoRA, or compile switched off
+    for train in ({"method": "qlora"}, {"method": "dora"}, {"compile": False}):
+        p = ft.device_plan(load_config(model={"device": "cuda"}, train=train))
+        assert (p["compile"], p["kernels"]) == (False, "liger"), train
+    assert ft.device_plan(load_config(model={"device": "cuda"}, train={"method": "full"}))["compile"]
     assert ft.device_plan(load_config(model={"device": "cuda"}, train={"gradient_accumulation_steps": 4})
                           )["merge_accumulation"]
     assert ft.device_plan(load_config(model={"device": "cuda"}, train={"method": "qlora"}))["gradient_checkpointing"]
