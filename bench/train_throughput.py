@@ -294,6 +294,9 @@ def run_ftkit(model_dir, tok_dir, rows, arch, method, batch, lr, warmup, steps, 
     dropout = train_overrides.pop("lora_dropout", dropout)
     cfg = load_config(experiment="bench", seed=seed, outputs_dir=str(out), model={"name": str(model_dir)},
                       train={"method": method, "batch_size": batch, "gradient_accumulation_steps": accum,
+                             # as in a run long enough to win back the compile time (what `auto` does
+                             # there); this short timed run would otherwise not compile
+                             "compile": method != "qlora",
                              "learning_rate": lr, "max_steps": warmup + steps,
                              "logging_steps": logging_steps or 10_000, "eval_steps": 0, "save_steps": 0,
                              "resume": "never", "lora": {**LORA, "dropout": dropout}, **(train_overrides or {})})
@@ -351,6 +354,7 @@ def compiler_counts() -> dict:
 
 # ---- main -----------------------------------------------------------------------------------------
 def record(runs, **kw):
+    kw.setdefault("run", "final code")
     runs.append(kw)
     print(json.dumps(kw), flush=True)
 

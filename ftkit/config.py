@@ -177,8 +177,9 @@ class TrainConfig:
     fused RMSNorm and SwiGLU; `liger+loss`: also its fused linear + cross-entropy (no logits tensor:
     less memory, but slower on an H200); `none`: the model's own modules."""
     compile: bool | None = None
-    """torch.compile each decoder layer (dynamic shapes; attention stays eager). null: on for LoRA
-    and full fine-tuning on a GPU (measured 1.4-1.7x faster on an H200), off for QLoRA/DoRA and on CPU."""
+    """torch.compile each decoder layer (dynamic shapes; attention stays eager). null: on a GPU for
+    LoRA, DoRA and full fine-tuning when the run is estimated to take 5 minutes or more (compiling
+    takes ~30-60 s; measured 1.4-1.7x faster on an H200); off for QLoRA and on CPU."""
     merge_accumulation: bool | None = None
     """Fold gradient-accumulation steps into one larger packed micro-batch where the memory estimate
     allows (same examples per optimiser step, same loss normalisation: the same maths, fewer and

@@ -230,8 +230,16 @@ def apply_fused_kernels(model, fused_loss: bool = False) -> bool:
     return True
 
 
-def device_plan(cfg: ExperimentConfig) -> dict:
+COMPILE_MIN_SECONDS = 300
+"""``train.compile: null`` compiles only when the pre-flight estimate of the training time is at
+least this long: compiling the layers takes ~30-60 s on an H200, which a short run does not win back."""
+
+
+def device_plan(cfg: ExperimentConfig, est_train_seconds: float | None = None) -> dict:
     """The settings stage 03 uses on this device, with every ``auto`` resolved.
+
+    ``est_train_seconds``: the pre-flight estimate; with ``train.compile: null`` a run estimated
+    shorter than :data:`COMPILE_MIN_SECONDS` is not compiled.
 
     On CUDA: fused AdamW; padding-free packing with the varlen flash attention; decoder layers
     compiled (LoRA and full fine-tuning), else Liger's fused kernels when installed; no gradient
@@ -246,9 +254,10 @@ def device_plan(cfg: ExperimentConfig) -> dict:
     attention = t.attention
     if attention == "auto":
         attention = "varlen" if cuda and t.packing and _varlen_fn() is not None else "sdpa"
-    # compiled layers: measured on an H200 (bench/train_throughput.py) for LoRA; QLoRA's 4-bit
-    # layers and DoRA's weight norms are left eager (not measured compiled)
-    compile_ = bool(t.compile) if t.compile is not None else (cuda and t.method in ("lora", "full"))
+    # compiled layers: measured on an H200 (bench/train_throughput.py: same losses as eager for LoRA,
+    # DoRA and full fine-tuning); QLoRA's 4-bit layers stay eager
+    short = est_train_seconds is not None and est_train_seconds < COMPILE_MIN_SECONDS
+    compile_ = bool(t.compile) if t.compile is not None else (cuda and t.method != "qlora" and not short)
     compile_ = compile_ and t.method != "qlora"
     kernels = t.kernels
     if kernels == "auto":
@@ -503,10 +512,11 @@ def load_4bit(base_path: str, cfg: ExperimentConfig):
     return model
 
 
-def load_for_training(cfg: ExperimentConfig, base_path: str):
-    """The model to train: 4-bit NF4 for QLoRA, otherwise in the configured dtype; adapters added."""
+def load_for_training(cfg: ExperimentConfig, base_path: str, plan: dict | None = None):
+    """The model to train: 4-bit NF4 for QLoRA, otherwise in the configured dtype; adapters added.
+    ``plan``: :func:`device_plan`'s choices (default: worked out from ``cfg``)."""
     method = cfg.train.method
-    plan = device_plan(cfg)
+    plan = plan or device_plan(cfg)
     if method == "qlora":
         from peft import prepare_model_for_kbit_training
 
@@ -590,10 +600,10 @@ def run_training(cfg: ExperimentConfig, paths: RunPaths):
     plan = preflight(cfg, paths, lengths=[len(r["input_ids"]) for r in train_rows])
     log.info("pre-flight: ~%.2f GB needed of %.1f GB free, ~%.0f s estimated", plan["total_gb"], plan["free_gb"],
              plan["est_train_seconds"])
-    choices = fold_accumulation(cfg, device_plan(cfg), [len(r["input_ids"]) for r in train_rows],
-                                int(plan["free_gb"] * 1024**3))
+    choices = fold_accumulation(cfg, device_plan(cfg, plan["est_train_seconds"]),
+                                [len(r["input_ids"]) for r in train_rows], int(plan["free_gb"] * 1024**3))
     device = resolve_device(cfg.model)
-    model = load_for_training(cfg, base_path)
+    model = load_for_training(cfg, base_path, choices)
     load_peak = peak_memory_mb(device)  # loading can peak above training (QLoRA quantises as it loads)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

@@ -43,11 +43,16 @@ def test_cuda_plan(monkeypatch):
     assert plan == {"device": "cuda", "optimizer": "adamw_torch_fused", "gradient_checkpointing": False,
                     "attention": "varlen", "kernels": "none", "compile": True, "merge_accumulation": False,
                     "micro_batch": 4, "accumulation": 1}
-    # Liger's kernels where the layers stay eager: QLoRA, DoRA, or compile switched off
-    for train in ({"method": "qlora"}, {"method": "dora"}, {"compile": False}):
+    # Liger's kernels where the layers stay eager: QLoRA, compile switched off, or a run too short
+    # to win back the compile time
+    cuda = load_config(model={"device": "cuda"})
+    for train in ({"method": "qlora"}, {"compile": False}):
         p = ft.device_plan(load_config(model={"device": "cuda"}, train=train))
         assert (p["compile"], p["kernels"]) == (False, "liger"), train
-    assert ft.device_plan(load_config(model={"device": "cuda"}, train={"method": "full"}))["compile"]
+    assert (ft.device_plan(cuda, est_train_seconds=60)["compile"], ft.device_plan(cuda, 3600)["compile"]) == (False, True)
+    assert ft.device_plan(load_config(model={"device": "cuda"}, train={"compile": True}), 60)["compile"]
+    for method in ("full", "dora"):
+        assert ft.device_plan(load_config(model={"device": "cuda"}, train={"method": method}))["compile"]
     assert ft.device_plan(load_config(model={"device": "cuda"}, train={"gradient_accumulation_steps": 4})
                           )["merge_accumulation"]
     assert ft.device_plan(load_config(model={"device": "cuda"}, train={"method": "qlora"}))["gradient_checkpointing"]
