@@ -334,9 +334,11 @@ def run_ftkit(model_dir, tok_dir, rows, arch, method, batch, lr, warmup, steps, 
         trainer, metrics = ft.run_training(cfg, paths)
     finally:
         ft.make_collator, ft.build_trainer, est.check_fits, ft.add_lora = orig
-    peak = torch.cuda.max_memory_allocated() / 1e9
+    # stage 03 resets the peak after loading; its own figure is the larger of loading and training
+    peak = metrics["peak_memory_mb"] * 2**20 / 1e9
     del trainer
-    return recs[-1], peak, {**plans, "device_plan": metrics["device_plan"], "compiler": compiler_counts()}
+    return recs[-1], peak, {**plans, "load_peak_memory_gb": metrics["load_peak_memory_mb"] * 2**20 / 1e9,
+                            "device_plan": metrics["device_plan"], "compiler": compiler_counts()}
 
 
 def compiler_counts() -> dict:

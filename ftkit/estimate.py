@@ -97,19 +97,14 @@ def estimate(cfg, model_path: str, train_tokens_per_epoch: int, n_train: int, me
     ckpt = t.gradient_checkpointing
     if ckpt is None:  # stage 03's default (train.device_plan): on for QLoRA on a GPU
         ckpt = device.type == "cuda" and t.method == "qlora"
-    held_weights = 0.0
     if ckpt:
-        # Under gradient checkpointing each layer keeps its input and one layer is recomputed at a time
-        # (~7 B per token, layer and hidden unit, fitted); QLoRA also holds about 0.8 of a 16-bit copy
-        # of its dequantised linear weights at the peak. Both constants were fitted on two H200 runs
-        # (SmolLM2-1.7B and -135M shapes, QLoRA: 4.39 vs 4.38 GB, 0.86 vs 0.86 GB); not yet checked on
-        # a third shape (bench/gpu_demo.py --arch tinyllama-1.1b --methods qlora --through-stage 3).
+        # Under gradient checkpointing each layer keeps its input and one layer is recomputed at a time:
+        # ~7 B per token, layer and hidden unit, plus the logits. Checked on an H200 with QLoRA
+        # (bench/results/2026-11-29-h200-qlora-memory.json): TinyLlama-1.1B shape 1.75 GB vs 1.76 measured,
+        # Llama-3.1-8B shape at 2,048 tokens 10.3 vs 9.3 GB, SmolLM2-135M 0.70 vs 0.86 GB; the
+        # SmolLM2-1.7B shape measured 3.36 GB against 1.97 (unexplained: not modelled).
         ckpt_unit = 7 * (bytes_per / 2 if t.method != "qlora" else 1)
         act = per_batch * layers * h * (ckpt_unit + attn_scores) + per_batch * vocab * 10
-        if t.method == "qlora":
-            tied = getattr(config, "tie_word_embeddings", True)
-            held_weights = 0.8 * 2 * (total - vocab * h * (1 if tied else 2))
-        act += held_weights
     gflops = matmul_gflops(device)
     efficiency = 0.25 if device.type == "cpu" else 0.4
     secs = 4 * total * tokens / (efficiency * gflops * 1e9) if gflops else float("nan")

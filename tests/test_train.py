@@ -74,6 +74,8 @@ def test_metrics_keys_and_logs(trained):
     assert metrics["train_tokens"] > 16 * 4 * 50  # 16 steps x 4 examples of > 50 tokens, no padding counted
     assert paths.train_log.with_suffix(".csv").read_text().startswith("epoch,")
     assert metrics["overfitting"]["flag"] in (True, False)
+    # the stage's peak is the larger of loading and training (CPU: the process's peak resident memory)
+    assert 0 < metrics["load_peak_memory_mb"] <= metrics["peak_memory_mb"]
 
 
 def test_overfitting_flag():
