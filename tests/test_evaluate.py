@@ -66,6 +66,32 @@ def test_example_losses_do_not_depend_on_batching(tiny_path, tokenizer):
     assert many[0] == pytest.approx(one[0], rel=1e-4) and tight[0] == pytest.approx(one[0], rel=1e-4)
 
 
+def test_prompted_losses_from_a_cached_prefix_equal_whole_rows(tiny_path, tokenizer):
+    """The prompted rows share their system prompt and few-shot turns; scoring them on one cached
+    forward of that prefix gives the losses of reading every row whole (also with adapters on)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from ftkit.evaluate import Prompting, _prefix_cache, _prefix_groups, example_losses, prompted_row
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_path)
+    model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)).eval()
+    shots = [{"role": "user", "content": "Where is AC-111111?"}, {"role": "assistant", "content": "Shipped today."},
+             {"role": "user", "content": "Can I return shoes?"}, {"role": "assistant", "content": "Yes, within 30 days."}]
+    prompting = Prompting("Answer briefly and sign as Acme.", shots, ["s1", "s2"])
+    rows = [prompted_row(tokenizer, [{"role": "user", "content": "question " * (i % 6 + 1)},
+                                     {"role": "assistant", "content": "reply " * (i % 4 + 1)}], prompting)
+            for i in range(11)]
+    plain, shared = _prefix_groups(rows)
+    assert plain == [] and len(shared) == 1 and len(next(iter(shared.values()))) == 11  # one shared prefix
+    assert _prefix_cache(model, next(iter(shared)), "cpu") is not None  # the cached path is the one taken
+    whole = [{k: r[k] for k in ("input_ids", "labels")} for r in rows]  # no prefix_len: read whole
+    ref = example_losses(model, iter(whole), tokenizer.pad_token_id, batch_size=4)
+    got = example_losses(model, iter(rows), tokenizer.pad_token_id, batch_size=4)
+    assert got[1] == ref[1] and all(n > 0 for n in got[1])
+    assert got[0] == pytest.approx(ref[0], rel=1e-4)
+
+
 def test_stop_detection(tiny_path, tokenizer):
     """A model that never emits a stop token is flagged; one whose first token is a stop token stops."""
     from transformers import AutoModelForCausalLM
