@@ -76,6 +76,7 @@ def run(method: str, model_dir: Path, out: Path, steps: int, through_stage: int 
         "preflight_estimate_gb": pre["total_gb"], "measured_peak_gb": m3["peak_memory_mb"] / 1024,
         "estimate_over_measured": pre["total_gb"] / (m3["peak_memory_mb"] / 1024),
         "load_peak_gb": m3["load_peak_memory_mb"] / 1024, "train_peak_gb": (m3["train_peak_memory_mb"] or 0) / 1024,
+        "held_before_gb": (m3["memory_held_before_mb"] or 0) / 1024,
         "preflight_parts_gb": {k: pre[k] for k in ("weights_gb", "trainable_state_gb", "activations_gb")},
     }
     if through_stage < 4:
@@ -112,6 +113,7 @@ def main() -> None:
         model_dir = build_model(arch, args.tokenizer, out / f"model-{arch}")
         for m in args.methods.split(","):
             summary["runs"].append({"arch": arch, **run(m, model_dir, out / arch, args.steps, args.through_stage)})
+            torch._dynamo.reset()  # compiled graphs hold the finished model's modules
             torch.cuda.empty_cache()
     text = json.dumps(summary, indent=1)
     print(text)

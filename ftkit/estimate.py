@@ -101,8 +101,8 @@ def estimate(cfg, model_path: str, train_tokens_per_epoch: int, n_train: int, me
         # Under gradient checkpointing each layer keeps its input and one layer is recomputed at a time:
         # ~7 B per token, layer and hidden unit, plus the logits. Checked on an H200 with QLoRA
         # (bench/results/2026-11-29-h200-qlora-memory.json): TinyLlama-1.1B shape 1.75 GB vs 1.76 measured,
-        # Llama-3.1-8B shape at 2,048 tokens 10.3 vs 9.3 GB, SmolLM2-135M 0.70 vs 0.86 GB; the
-        # SmolLM2-1.7B shape measured 3.36 GB against 1.97 (unexplained: not modelled).
+        # Llama-3.1-8B shape at 2,048 tokens 10.4 vs 9.3 GB (the SmolLM2 runs of that file followed
+        # other runs in the same process, whose models were still allocated: not clean measurements).
         ckpt_unit = 7 * (bytes_per / 2 if t.method != "qlora" else 1)
         act = per_batch * layers * h * (ckpt_unit + attn_scores) + per_batch * vocab * 10
     gflops = matmul_gflops(device)

@@ -539,6 +539,21 @@ def load_for_training(cfg: ExperimentConfig, base_path: str, plan: dict | None =
     return add_lora(model, cfg)
 
 
+def free_leftovers(device: torch.device) -> float | None:
+    """Before loading: collect what earlier runs in this process left in reference cycles (a notebook
+    that trains twice, a script that trains several models: the finished model, its optimizer and
+    compiled graphs stay on the GPU until a garbage collection) and reset the peak counter. Returns
+    the GPU memory still held after that (MB), which the stage's peak then includes."""
+    import gc
+
+    gc.collect()
+    if device.type != "cuda":
+        return None
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    return torch.cuda.memory_allocated(device) / 2**20
+
+
 def peak_memory_mb(device: torch.device) -> float:
     """Peak GPU memory allocated by torch, or this process's peak resident memory on CPU."""
     if device.type == "cuda":
@@ -587,6 +602,8 @@ def run_training(cfg: ExperimentConfig, paths: RunPaths):
     """Stage 03, returning ``(trainer, metrics)`` so callers can inspect the trained model."""
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
+    device = resolve_device(cfg.model)
+    held_before = free_leftovers(device)
     set_seed(cfg.seed, cfg.train.deterministic)
     base_path = resolve_model_path(cfg.model.name)
     tokenizer = load_tokenizer(paths.require(paths.tokenizer_dir, "02_format_conversion"), cfg.model)
@@ -602,7 +619,6 @@ def run_training(cfg: ExperimentConfig, paths: RunPaths):
              plan["est_train_seconds"])
     choices = fold_accumulation(cfg, device_plan(cfg, plan["est_train_seconds"]),
                                 [len(r["input_ids"]) for r in train_rows], int(plan["free_gb"] * 1024**3))
-    device = resolve_device(cfg.model)
     model = load_for_training(cfg, base_path, choices)
     load_peak = peak_memory_mb(device)  # loading can peak above training (QLoRA quantises as it loads)
     if device.type == "cuda":
@@ -654,6 +670,7 @@ def run_training(cfg: ExperimentConfig, paths: RunPaths):
         "train_tokens": tokens,
         "peak_memory_mb": max(load_peak, peak_memory_mb(device)),
         "load_peak_memory_mb": load_peak,
+        "memory_held_before_mb": held_before,
         "train_peak_memory_mb": peak_memory_mb(device) if device.type == "cuda" else None,
         "trainable_params": trainable,
         "total_params": total,

@@ -78,6 +78,27 @@ def test_metrics_keys_and_logs(trained):
     assert 0 < metrics["load_peak_memory_mb"] <= metrics["peak_memory_mb"]
 
 
+def test_leftovers_of_an_earlier_run_are_freed_before_loading():
+    """A finished model caught in a reference cycle (Liger's bound methods, a Params4bit pointing back at
+    its layer, a notebook's own objects) is collected before the next run loads its weights."""
+    import gc
+    import weakref
+
+    from ftkit.train import free_leftovers
+
+    gc.disable()
+    try:
+        old = torch.nn.Linear(64, 64)
+        old.me = [old]  # a cycle: only a garbage collection frees it
+        alive = weakref.ref(old)
+        del old
+        assert alive() is not None
+        assert free_leftovers(torch.device("cpu")) is None  # CPU: nothing to report
+        assert alive() is None
+    finally:
+        gc.enable()
+
+
 def test_overfitting_flag():
     from ftkit.train import overfitting
 
