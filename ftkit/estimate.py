@@ -6,7 +6,9 @@ fp32 (full fine-tuning: gradients and moments for every weight), activations as 
 per-layer, per-hidden-unit constant in the spirit of Korthikanti et al. (2022) but measured for
 ftkit's methods (``bench/gpu_demo.py``), and the logits kept for the loss. Time: ``4·N·T`` FLOPs for LoRA (forward plus activation gradients) at a share of the
 matrix-multiply rate measured on this device just now: 25% on CPU (calibrated on the demo: SmolLM2-135M
-LoRA measured 124 tokens/s on 2 cores) and 40% on GPU. These are estimates to plan with;
+LoRA measured 124 tokens/s on 2 cores) and 40% on GPU of a 4096 x 4096 product in the training dtype (bf16):
+what ftkit's eager GPU path reached on the Llama-3.1-8B shape (10,419 tokens/s, ~317 of ~790 TFLOP/s;
+compiled layers ran 1.4x faster, micro-batches of a few hundred tokens run far slower). These are estimates to plan with;
 stage 03 reports the measured figures.
 """
 
@@ -53,9 +55,10 @@ def count_parameters_from_config(model_path: str, target_modules="all-linear", r
     return total, trainable, config
 
 
-def matmul_gflops(device: torch.device, n: int = 1024, repeats: int = 5) -> float:
-    a = torch.randn(n, n, device=device)
-    b = torch.randn(n, n, device=device)
+def matmul_gflops(device: torch.device, n: int = 1024, repeats: int = 5, dtype: torch.dtype = torch.float32) -> float:
+    """The rate of an ``n`` x ``n`` matrix product in ``dtype`` on ``device``, GFLOP/s."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
     a @ b
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -105,7 +108,10 @@ def estimate(cfg, model_path: str, train_tokens_per_epoch: int, n_train: int, me
         # other runs in the same process, whose models were still allocated: not clean measurements).
         ckpt_unit = 7 * (bytes_per / 2 if t.method != "qlora" else 1)
         act = per_batch * layers * h * (ckpt_unit + attn_scores) + per_batch * vocab * 10
-    gflops = matmul_gflops(device)
+    # the rate in the dtype training computes in: on a GPU a bf16 product runs ~15x faster than fp32
+    dtype = resolve_dtype(cfg.model, device)
+    gflops = (matmul_gflops(device, n=4096, dtype=dtype) if device.type == "cuda" and bytes_per == 2
+              else matmul_gflops(device))
     efficiency = 0.25 if device.type == "cpu" else 0.4
     secs = 4 * total * tokens / (efficiency * gflops * 1e9) if gflops else float("nan")
     gb = 1024**3
