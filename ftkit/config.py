@@ -179,7 +179,7 @@ class TrainConfig:
     compile: bool | None = None
     """torch.compile each decoder layer (dynamic shapes; attention stays eager). null: on a GPU for
     LoRA, DoRA and full fine-tuning when the run is estimated to take 5 minutes or more (compiling
-    takes ~30-60 s; measured 1.4-1.7x faster on an H200); off for QLoRA and on CPU."""
+    takes ~30-60 s; measured 1.4-1.7x faster on an H200); off for QLoRA, several processes and CPU."""
     merge_accumulation: bool | None = None
     """Fold gradient-accumulation steps into one larger packed micro-batch where the memory estimate
     allows (same examples per optimiser step, same loss normalisation: the same maths, fewer and

@@ -256,8 +256,10 @@ def device_plan(cfg: ExperimentConfig, est_train_seconds: float | None = None) -
         attention = "varlen" if cuda and t.packing and _varlen_fn() is not None else "sdpa"
     # compiled layers: measured on an H200 (bench/train_throughput.py: same losses as eager for LoRA,
     # DoRA and full fine-tuning); QLoRA's 4-bit layers stay eager
+    # (several processes: not measured compiled with DDP/FSDP/DeepSpeed, so `auto` leaves them eager)
     short = est_train_seconds is not None and est_train_seconds < COMPILE_MIN_SECONDS
-    compile_ = bool(t.compile) if t.compile is not None else (cuda and t.method != "qlora" and not short)
+    compile_ = bool(t.compile) if t.compile is not None else (cuda and t.method != "qlora" and not short
+                                                              and t.num_processes <= 1)
     compile_ = compile_ and t.method != "qlora"
     kernels = t.kernels
     if kernels == "auto":

@@ -53,6 +53,7 @@ def test_cuda_plan(monkeypatch):
     assert ft.device_plan(load_config(model={"device": "cuda"}, train={"compile": True}), 60)["compile"]
     for method in ("full", "dora"):
         assert ft.device_plan(load_config(model={"device": "cuda"}, train={"method": method}))["compile"]
+    assert not ft.device_plan(load_config(model={"device": "cuda"}, train={"num_processes": 2}))["compile"]
     assert ft.device_plan(load_config(model={"device": "cuda"}, train={"gradient_accumulation_steps": 4})
                           )["merge_accumulation"]
     assert ft.device_plan(load_config(model={"device": "cuda"}, train={"method": "qlora"}))["gradient_checkpointing"]
