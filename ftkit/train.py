@@ -451,8 +451,7 @@ def build_trainer(cfg: ExperimentConfig, paths: RunPaths, model, tokenizer, trai
         data_seed=cfg.seed,
         full_determinism=t.deterministic,
         optim=plan["optimizer"],
-        gradient_checkpointing=plan["gradient_checkpointing"],
-        gradient_checkpointing_kwargs={"use_reentrant": False} if plan["gradient_checkpointing"] else None,
+        **_checkpointing_args(plan["gradient_checkpointing"]),
         **_sampling_args(t.group_by_length),
         neftune_noise_alpha=t.neftune_noise_alpha,
         use_cpu=device.type == "cpu",
@@ -476,6 +475,18 @@ def build_trainer(cfg: ExperimentConfig, paths: RunPaths, model, tokenizer, trai
         data_collator=make_collator(tokenizer.pad_token_id, cfg.train.packing,
                                     boundaries=plan["attention"] == "varlen"),
     )
+
+
+def _checkpointing_args(on: bool) -> dict:
+    """Activation checkpointing for TrainingArguments under the name this transformers knows
+    (``activation_checkpointing`` from 5.2x; ``gradient_checkpointing`` before, a deprecated alias since)."""
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    name = "activation_checkpointing" if any(f.name == "activation_checkpointing"
+                                             for f in dataclasses.fields(TrainingArguments)) else "gradient_checkpointing"
+    return {name: on, f"{name}_kwargs": {"use_reentrant": False} if on else None}
 
 
 def add_lora(model, cfg: ExperimentConfig):

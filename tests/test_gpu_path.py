@@ -157,3 +157,16 @@ def test_fold_accumulation_sizes_micro_batches_by_memory(monkeypatch):
     assert (folded["micro_batch"], folded["accumulation"]) == (8, 2)
     assert ft.fold_accumulation(cfg, plan, lengths, 10**15)["micro_batch"] == 16
     assert ft.fold_accumulation(cfg, {**plan, "merge_accumulation": False}, lengths, 10**15)["micro_batch"] == 2
+
+
+def test_checkpointing_reaches_the_trainer_without_deprecation(tmp_path):
+    import warnings
+
+    from transformers import TrainingArguments
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none",
+                                 **ft._checkpointing_args(True))
+    assert getattr(args, "activation_checkpointing", None) or args.gradient_checkpointing
+    assert not [w for w in caught if "gradient_checkpointing" in str(w.message)]

@@ -109,3 +109,21 @@ def test_overfitting_flag():
     assert overfitting(rising)["flag"] and "best val loss 1.8000 at step 4" in overfitting(rising)["reason"]
     falling = history + [{"step": s, "eval_loss": v} for s, v in ((2, 2.0), (4, 1.8), (6, 1.7), (8, 1.6))]
     assert not overfitting(falling)["flag"]
+
+
+def test_gradient_checkpointing_trains_and_is_on(tmp_path):
+    """The path QLoRA takes on a GPU by default: checkpointed layers, adapters still learning."""
+    from ftkit.train import run_training
+
+    cfg = load_config(experiment="ck", outputs_dir=str(tmp_path), model={"name": "tiny-random"},
+                      data={"demo_size": 60},
+                      train={"max_steps": 6, "batch_size": 4, "learning_rate": 5e-3, "eval_steps": 0,
+                             "logging_steps": 1, "gradient_checkpointing": True, "lora": {"dropout": 0.0}})
+    paths = RunPaths(cfg.outputs_dir, cfg.experiment)
+    data.prepare(cfg.data, paths, cfg.seed)
+    conversion.convert(cfg, paths, conversion.run_tokenizer(cfg, paths))
+    trainer, metrics = run_training(cfg, paths)
+    assert trainer.model.base_model.model.is_gradient_checkpointing
+    assert metrics["device_plan"]["gradient_checkpointing"] is True
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert losses[-1] < losses[0], losses
