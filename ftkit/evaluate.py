@@ -86,13 +86,15 @@ def example_losses(model, rows: Iterable[dict], pad_token_id: int, batch_size: i
 
     A row may carry ``prefix_len``: its first ``prefix_len`` tokens are untrained and shared with
     other rows (the prompted model's system prompt and few-shot turns). Rows sharing a prefix are
-    then run on one cached forward of it (see :func:`_prefix_batches`) instead of each re-reading it.
+    then run on one cached forward of it (:func:`_prefix_groups`, :func:`_prefix_cache`) instead of each
+    re-reading it.
     """
     max_batch_tokens = max_batch_tokens or batch_size * 512
     device = next(model.parameters()).device
     collate = PadCollator(pad_token_id)
     sums, counts = [], []
     chunk: list[dict] = []
+    cache_arg = _cache_kwarg(model)
 
     def batches(rows_: list[dict], order: list[int]) -> Iterator[list[int]]:
         """Up to ``batch_size`` rows and ``max_batch_tokens`` padded tokens per batch (a longer row goes alone)."""
@@ -118,7 +120,7 @@ def example_losses(model, rows: Iterable[dict], pad_token_id: int, batch_size: i
                 past.batch_repeat_interleave(len(idx))
                 ones = torch.ones(len(idx), past.get_seq_length(), dtype=kw["attention_mask"].dtype, device=device)
                 kw.update(attention_mask=torch.cat([ones, kw["attention_mask"]], 1), use_cache=True,
-                          **{_cache_kwarg(model): past})
+                          **{cache_arg: past})
             try:
                 logits = model(**kw, logits_to_keep=keep).logits
             except TypeError:  # a model class without logits_to_keep: all positions, then select
