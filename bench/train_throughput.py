@@ -250,6 +250,16 @@ def build_model(arch: str, tok, seed: int = 0):
     return model.to(torch.bfloat16)
 
 
+def model_dir_for(arch: str, tok, work: Path, model=None) -> Path:
+    """The directory ftkit loads ``arch`` from, written once per run (from ``model`` when given, so
+    the baseline and ftkit start from the same weights)."""
+    model_dir = work / f"model-{arch}"
+    if not model_dir.exists():
+        (model if model is not None else build_model(arch, tok)).save_pretrained(model_dir)
+        tok.save_pretrained(model_dir)
+    return model_dir
+
+
 # ---- baseline -------------------------------------------------------------------------------------
 def run_baseline(model, tok, rows, arch, batch, lr, warmup, steps, seed, out, accum=1, dropout=LORA["dropout"],
                  logging_steps=None):
@@ -354,9 +364,26 @@ def compiler_counts() -> dict:
             "recompiles": sum(counters.get("recompiles", {}).values())}
 
 
+def _run_label() -> str:
+    """Which code a row comes from: the git commit when the checkout has one."""
+    import subprocess
+
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=HERE,
+                               capture_output=True, text=True).stdout.strip()
+        return f"commit {sha}" + (" + uncommitted changes" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "this invocation (no git checkout)"
+
+
+RUN_LABEL = _run_label()
+
+
 # ---- main -----------------------------------------------------------------------------------------
 def record(runs, **kw):
-    kw.setdefault("run", "final code")
+    kw.setdefault("run", RUN_LABEL)
     runs.append(kw)
     print(json.dumps(kw), flush=True)
 
@@ -368,10 +395,7 @@ def same_maths(tok, tok_dir, work, steps=50, seed=0, lr=1e-3, batch=4, accum=4) 
     arch = "smollm2-135m"
     rows = make_rows("bitext", steps * batch * accum, seed, ARCHS[arch][1]["vocab_size"], zipf=True)
     model = build_model(arch, tok)
-    model_dir = work / f"model-{arch}"
-    if not model_dir.exists():
-        model.save_pretrained(model_dir)
-        tok.save_pretrained(model_dir)
+    model_dir = model_dir_for(arch, tok, work, model)
     base, _ = run_baseline(model, tok, rows, arch, batch, lr, 0, steps, seed, work / "sm-base", accum=accum,
                            dropout=0.0, logging_steps=1)
     free_gpu()
@@ -395,12 +419,7 @@ def compile_check(tok, tok_dir, work, steps=20, seed=0, lr=1e-3, batch=4, accum=
     on the same examples and seed: loss curves (same maths) and tokens/s."""
     arch = "smollm2-135m"
     rows = make_rows("bitext", (steps + 2) * batch * accum, seed, ARCHS[arch][1]["vocab_size"], zipf=True)
-    model_dir = work / f"model-{arch}"
-    if not model_dir.exists():
-        model = build_model(arch, tok)
-        model.save_pretrained(model_dir)
-        tok.save_pretrained(model_dir)
-        del model
+    model_dir = model_dir_for(arch, tok, work)
     out = []
     for method in ("lora", "full", "dora"):
         res = {}
@@ -516,15 +535,12 @@ def main() -> None:
 
     for arch in args.models.split(","):
         vocab = ARCHS[arch][1]["vocab_size"]
-        model_dir = work / f"model-{arch}"
         for mix in args.mixes.split(","):
             batch, accum = MIXES[mix]
             rows = make_rows(mix, (args.warmup + args.steps + 2) * batch * accum, args.seed, vocab)
             free_gpu()
             model = build_model(arch, tok)
-            if not model_dir.exists():
-                model.save_pretrained(model_dir)
-                tok.save_pretrained(model_dir)
+            model_dir = model_dir_for(arch, tok, work, model)
             base = dict(model=arch, method="lora", micro_batch=batch, accumulation=accum,
                         seq_len=max(len(r["input_ids"]) for r in rows), data=mix)
             b = {"tokens_per_second": float("nan")}

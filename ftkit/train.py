@@ -242,7 +242,8 @@ def device_plan(cfg: ExperimentConfig, est_train_seconds: float | None = None) -
     shorter than :data:`COMPILE_MIN_SECONDS` is not compiled.
 
     On CUDA: fused AdamW; padding-free packing with the varlen flash attention; decoder layers
-    compiled (LoRA and full fine-tuning), else Liger's fused kernels when installed; no gradient
+    compiled (LoRA, DoRA, full fine-tuning; one process; runs long enough), else Liger's fused
+    kernels when installed; no gradient
     checkpointing except for QLoRA (whose point is memory); accumulation steps folded into larger
     micro-batches (:func:`fold_accumulation` sizes them).
     On CPU: what ftkit always did (AdamW, SDPA, no fused kernels, no checkpointing).
@@ -258,9 +259,8 @@ def device_plan(cfg: ExperimentConfig, est_train_seconds: float | None = None) -
     # DoRA and full fine-tuning); QLoRA's 4-bit layers stay eager
     # (several processes: not measured compiled with DDP/FSDP/DeepSpeed, so `auto` leaves them eager)
     short = est_train_seconds is not None and est_train_seconds < COMPILE_MIN_SECONDS
-    compile_ = bool(t.compile) if t.compile is not None else (cuda and t.method != "qlora" and not short
-                                                              and t.num_processes <= 1)
-    compile_ = compile_ and t.method != "qlora"
+    wanted = t.compile if t.compile is not None else (cuda and not short and t.num_processes <= 1)
+    compile_ = bool(wanted) and t.method != "qlora"
     kernels = t.kernels
     if kernels == "auto":
         kernels = "liger" if cuda and liger_available() and not compile_ else "none"
@@ -675,16 +675,17 @@ def run_training(cfg: ExperimentConfig, paths: RunPaths):
     tokens = int(getattr(trainer.state, "num_input_tokens_seen", 0) or
                  sum(len(r["input_ids"]) for r in train_rows) * seen / max(len(train_rows), 1))
     losses = [h["loss"] for h in history if "loss" in h]
+    train_peak = peak_memory_mb(device)
     if trainer.is_world_process_zero():
         write_log_csv(history, paths.train_log.with_suffix(".csv"))
     return trainer, {
         "train_loss": result.training_loss,
         "eval_loss": final_eval.get("eval_loss"),
         "train_tokens": tokens,
-        "peak_memory_mb": max(load_peak, peak_memory_mb(device)),
+        "peak_memory_mb": max(load_peak, train_peak),
         "load_peak_memory_mb": load_peak,
         "memory_held_before_mb": held_before,
-        "train_peak_memory_mb": peak_memory_mb(device) if device.type == "cuda" else None,
+        "train_peak_memory_mb": train_peak if device.type == "cuda" else None,
         "trainable_params": trainable,
         "total_params": total,
         "runtime_s": seconds,
