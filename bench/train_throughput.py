@@ -99,7 +99,6 @@ ABLATIONS = {
     # ftkit's default with one of its pieces put back as the plain path has it (bench-side switches)
     "ftkit, loss not compiled": {"compiled_loss": False},
     "ftkit, blocking input copies": {"non_blocking": False},
-    "ftkit, peft input cast on": {"peft_input_cast": True},
 }
 
 
@@ -306,7 +305,7 @@ def run_ftkit(model_dir, tok_dir, rows, arch, method, batch, lr, warmup, steps, 
 
     train_overrides = dict(train_overrides or {})
     dropout = train_overrides.pop("lora_dropout", dropout)
-    switches = {k: train_overrides.pop(k) for k in ("compiled_loss", "non_blocking", "peft_input_cast")
+    switches = {k: train_overrides.pop(k) for k in ("compiled_loss", "non_blocking")
                 if k in train_overrides}
     cfg = load_config(experiment="bench", seed=seed, outputs_dir=str(out), model={"name": str(model_dir)},
                       train={"method": method, "batch_size": batch, "gradient_accumulation_steps": accum,
@@ -326,7 +325,7 @@ def run_ftkit(model_dir, tok_dir, rows, arch, method, batch, lr, warmup, steps, 
         shutil.copytree(tok_dir, paths.tokenizer_dir)
 
     recs, plans = [], {}
-    orig = (ft.make_collator, ft.build_trainer, est.check_fits, ft.add_lora, ft.lora_input_casts_off)
+    orig = (ft.make_collator, ft.build_trainer, est.check_fits, ft.add_lora)
 
     def make_collator(*a, **k):
         recs.append(Recorder(orig[0](*a, **k), warmup, steps, profile=profile))
@@ -350,15 +349,11 @@ def run_ftkit(model_dir, tok_dir, rows, arch, method, batch, lr, warmup, steps, 
         set_seed(seed)
         return orig[3](model, c)
 
-    def lora_input_casts_off(model, on):
-        return orig[4](model, on and not switches.get("peft_input_cast"))
-
     ft.make_collator, ft.build_trainer, est.check_fits, ft.add_lora = make_collator, build_trainer, check_fits, add_lora
-    ft.lora_input_casts_off = lora_input_casts_off
     try:
         trainer, metrics = ft.run_training(cfg, paths)
     finally:
-        ft.make_collator, ft.build_trainer, est.check_fits, ft.add_lora, ft.lora_input_casts_off = orig
+        ft.make_collator, ft.build_trainer, est.check_fits, ft.add_lora = orig
     # stage 03 resets the peak after loading; its own figure is the larger of loading and training
     peak = metrics["peak_memory_mb"] * 2**20 / 1e9
     del trainer

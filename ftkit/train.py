@@ -8,7 +8,6 @@ across the whole accumulated batch (``num_items_in_batch``).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -300,7 +299,9 @@ def fold_accumulation(cfg: ExperimentConfig, plan: dict, lengths: list[int], fre
                                                                    gradient_accumulation_steps=accum // k))
         est = estimate(trial, path, sum(lengths), len(lengths), sums[int(0.9 * (len(sums) - 1))] / size)
         if est.total_gb * 1024**3 <= headroom * free_bytes or k == 1:
-            return {**plan, "micro_batch": t.batch_size * k, "accumulation": accum // k}
+            # the estimate for the micro-batch actually used (the pre-flight one is for the configured size)
+            return {**plan, "micro_batch": t.batch_size * k, "accumulation": accum // k,
+                    "folded_estimate_gb": round(est.total_gb, 2)}
     return plan
 
 
@@ -341,32 +342,6 @@ def compile_loss(model) -> bool:
         return False
     model.loss_function = torch.compile(model.loss_function, dynamic=True)
     return True
-
-
-@contextlib.contextmanager
-def lora_input_casts_off(model, on: bool):
-    """Within: PEFT's cast of every adapter's input to the adapters' dtype is off.
-
-    PEFT keeps the adapters in fp32 and casts each LoRA layer's bf16 input to fp32 before the
-    adapter's product; under bf16 autocast that product then casts it straight back to bf16 (and
-    the fp32 weight to bf16). The copy there and back, for every adapted layer, forward and backward,
-    buys nothing: without it autocast casts only the small weight, and the product is the same
-    (tests/test_gpu_path.py shows equal outputs and gradients under autocast). Only for training
-    under autocast: outside it the fp32 weight would meet a bf16 input."""
-    if not on:
-        yield
-        return
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer) and hasattr(m, "cast_input_dtype_enabled")]
-    before = [m.cast_input_dtype_enabled for m in layers]
-    for m in layers:
-        m.cast_input_dtype_enabled = False
-    try:
-        yield
-    finally:
-        for m, b in zip(layers, before, strict=True):
-            m.cast_input_dtype_enabled = b
 
 
 def _trainer_class():
@@ -690,11 +665,9 @@ def run_training(cfg: ExperimentConfig, paths: RunPaths):
     resume_from = find_resume_checkpoint(paths.checkpoints_dir, cfg.train.resume)
     if resume_from:
         log.info("resuming from %s", resume_from)
-    casts_off = (device.type == "cuda" and trainer.args.bf16 and cfg.train.method in ("lora", "qlora"))
-    with lora_input_casts_off(model, casts_off):
-        result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-        seconds = time.perf_counter() - start
-        final_eval = trainer.evaluate() if val_rows else {}
+    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    seconds = time.perf_counter() - start
+    final_eval = trainer.evaluate() if val_rows else {}
 
     if trainer.is_world_process_zero() and paths.adapter_dir.exists():
         import shutil
