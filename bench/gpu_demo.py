@@ -44,14 +44,16 @@ def build_model(arch: str, tokenizer_dir: str, out: Path) -> Path:
     return out
 
 
-def run(method: str, model_dir: Path, out: Path, steps: int, through_stage: int = 5) -> dict:
+def run(method: str, model_dir: Path, out: Path, steps: int, through_stage: int = 5, num_processes: int = 1,
+        accelerate_config: str | None = None) -> dict:
     from ftkit import conversion, data, evaluate, export, host, launch
     from ftkit.config import load_config
     from ftkit.paths import RunPaths
 
     cfg = load_config(experiment=f"gpu-{method}", outputs_dir=str(out), model={"name": str(model_dir)},
                       train={"method": method, "max_steps": steps, "batch_size": 8, "learning_rate": 2e-4,
-                             "eval_steps": 20, "logging_steps": 10},
+                             "eval_steps": 20, "logging_steps": 10, "num_processes": num_processes,
+                             "accelerate_config": accelerate_config},
                       evaluate={"num_generations": 32, "max_new_tokens": 80, "batch_size": 32})
     paths = RunPaths(out, cfg.experiment)
     times = {}
@@ -79,6 +81,8 @@ def run(method: str, model_dir: Path, out: Path, steps: int, through_stage: int 
         "held_before_gb": (m3["memory_held_before_mb"] or 0) / 1024,
         "preflight_parts_gb": {k: pre[k] for k in ("weights_gb", "trainable_state_gb", "activations_gb")},
     }
+    if num_processes > 1:  # each rank's trained parameters at the end (they must agree)
+        trained["ranks"] = [json.loads(f.read_text()) for f in sorted((paths.root / "logs").glob("rank*.json"))]
     if through_stage < 4:
         return trained
     t = time.perf_counter()
@@ -104,6 +108,8 @@ def main() -> None:
     ap.add_argument("--out", default="/tmp/ftkit-gpu")
     ap.add_argument("--json", default=None)
     ap.add_argument("--through-stage", type=int, default=5, help="3: stop after training (memory/speed check)")
+    ap.add_argument("--num-processes", type=int, default=1, help="GPUs: stage 03 through `accelerate launch`")
+    ap.add_argument("--accelerate-config", default=None, help="a template (ddp, fsdp, deepspeed-zero2/3) or a file")
     args = ap.parse_args()
     out = Path(args.out)
     summary = {"gpu": torch.cuda.get_device_name(0),
@@ -112,7 +118,8 @@ def main() -> None:
     for arch in args.arch.split(","):
         model_dir = build_model(arch, args.tokenizer, out / f"model-{arch}")
         for m in args.methods.split(","):
-            summary["runs"].append({"arch": arch, **run(m, model_dir, out / arch, args.steps, args.through_stage)})
+            summary["runs"].append({"arch": arch, **run(m, model_dir, out / arch, args.steps, args.through_stage,
+                                                        args.num_processes, args.accelerate_config)})
             torch._dynamo.reset()  # compiled graphs hold the finished model's modules
             torch.cuda.empty_cache()
     text = json.dumps(summary, indent=1)
