@@ -24,16 +24,21 @@ Useful tokens: every non-pad token of the timed steps, trained or not.
 
 MFU, counted honestly. Useful FLOPs of a step are
 
-    sum over its examples (length L) of
-        L * (c * N_frozen + 6 * N_lora)            matmuls of non-pad tokens only
+    sum over its examples (length L, of which T positions predict a trained token) of
+        L * (c * N_layers + 6 * N_lora)            matmuls of non-pad tokens only
+      + T * c * N_head                             the LM head where its output is trained
       + 3 * 2 * L * (L + 1) * d_attn * n_layers    attention over the example's own causal triangle
 
-with ``N_frozen`` the weights of every matrix product (attention and MLP projections and the LM
-head; not the embedding lookup), ``c`` = 4 for LoRA/QLoRA (forward, 2N, plus activation gradients,
+with ``N_layers`` the weights of the decoder layers' matrix products (attention and MLP
+projections), ``N_head`` the LM head's (not the embedding lookup), ``c`` = 4 for LoRA/QLoRA (forward, 2N, plus activation gradients,
 2N; frozen weights get no weight gradients) and 6 for full fine-tuning (plus weight gradients, 2N),
 ``N_lora`` = r * (in + out) per adapted layer (forward, activation and weight gradients), and
 ``d_attn`` = heads * head_dim: the forward computes QK^T and PV over L(L+1)/2 query-key pairs at
-4 * d_attn FLOPs a pair, and the backward twice that. Recomputation (gradient checkpointing),
+4 * d_attn FLOPs a pair, and the backward twice that. The head's logits over prompt positions are
+not useful work (nothing is learned from them; ftkit's GPU path does not compute them): rows
+marked ``"mfu_formula": 2`` count the head over trained positions only, earlier rows over every
+non-pad token (on Bitext 21% of the tokens are prompt: the old count is 1.5% higher on the 8B
+shape, 3% on the 1.5B one). Recomputation (gradient checkpointing),
 padding, the fp32 optimiser and the elementwise work are not counted. MFU = useful FLOPs / step
 time / 989e12 (the H200's dense bf16 datasheet peak); ``of_matmul_peak`` is the same against the
 ~790 TFLOP/s a large bf16 matrix product measures on this GPU (``--measure-peak`` measures it).
@@ -99,6 +104,7 @@ ABLATIONS = {
     # ftkit's default with one of its pieces put back as the plain path has it (bench-side switches)
     "ftkit, loss not compiled": {"compiled_loss": False},
     "ftkit, blocking input copies": {"non_blocking": False},
+    "ftkit, logits at every position": {"trained_logits_only": False},
 }
 
 
@@ -140,14 +146,16 @@ def shape_numbers(arch: str) -> dict:
     linears = [(h, dq), (h, dkv), (h, dkv), (dq, h), (h, i), (h, i), (i, h)]  # q k v o gate up down
     per_layer = sum(a * b for a, b in linears)
     lora = LORA["r"] * sum(a + b for a, b in linears) * n
-    return {"n_matmul": per_layer * n + h * c["vocab_size"], "n_lora": lora, "d_attn": dq, "layers": n}
+    return {"n_layers": per_layer * n, "n_head": h * c["vocab_size"], "n_lora": lora, "d_attn": dq, "layers": n}
 
 
-def useful_flops(lengths: list[int], arch: str, method: str) -> float:
+def useful_flops(examples: list[tuple[int, int]], arch: str, method: str) -> float:
+    """``examples``: (length, positions predicting a trained token) of each example; see the module docstring."""
     s = shape_numbers(arch)
     c = 6 if method == "full" else 4
     lora = 0 if method == "full" else 6 * s["n_lora"]
-    return float(sum(L * (c * s["n_matmul"] + lora) + 6 * L * (L + 1) * s["d_attn"] * s["layers"] for L in lengths))
+    return float(sum(L * (c * s["n_layers"] + lora) + T * c * s["n_head"] + 6 * L * (L + 1) * s["d_attn"] * s["layers"]
+                     for L, T in examples))
 
 
 # ---- timing ---------------------------------------------------------------------------------------
@@ -158,12 +166,12 @@ class Recorder:
     def __init__(self, collator, warmup: int, steps: int, accum: int = 1, profile: bool = False):
         self.collator, self.warmup, self.total, self.accum = collator, warmup, warmup + steps, accum
         self.profile, self.prof = profile, None
-        self.batches: list[list[int]] = []
+        self.batches: list[list[tuple[int, int]]] = []  # (length, trained positions) per example
         self.t0 = self.t1 = None
         self.losses: list[float] = []
 
     def __call__(self, batch):
-        self.batches.append([len(b["input_ids"]) for b in batch])
+        self.batches.append([(len(b["input_ids"]), sum(1 for x in b["labels"][1:] if x != -100)) for b in batch])
         return self.collator(batch)
 
     def callback(self):
@@ -196,13 +204,14 @@ class Recorder:
     def result(self, arch: str, method: str) -> dict:
         a = self.accum  # step k (from 1) trains batches (k-1)*a .. k*a-1; the loader may read one ahead
         timed = self.batches[self.warmup * a:self.total * a]
-        lengths = [x for b in timed for x in b]
+        examples = [x for b in timed for x in b]
+        tokens = sum(L for L, _ in examples)
         seconds = self.t1 - self.t0
-        flops = useful_flops(lengths, arch, method)
-        return {"tokens_per_second": sum(lengths) / seconds, "step_time_s": seconds / (self.total - self.warmup),
+        flops = useful_flops(examples, arch, method)
+        return {"tokens_per_second": tokens / seconds, "step_time_s": seconds / (self.total - self.warmup),
                 "mfu": flops / seconds / DATASHEET_PEAK, "of_matmul_peak": flops / seconds / MATMUL_PEAK,
                 "useful_tflops_per_s": flops / seconds / 1e12, "timed_steps": self.total - self.warmup,
-                "tokens_timed": sum(lengths)}
+                "tokens_timed": tokens, "trained_positions_timed": sum(T for _, T in examples), "mfu_formula": 2}
 
 
 def kernel_summary(prof, seconds: float, top: int = 25) -> str:

@@ -99,18 +99,56 @@ def check_packing(model, tolerance: float = 1e-3) -> float:
     return leak
 
 
-def make_collator(pad_token_id: int, packing: bool, boundaries: bool = False):
+def make_collator(pad_token_id: int, packing: bool, boundaries: bool = False, trained_logits_only: bool = False):
     """Padding-free packing (transformers' DataCollatorWithFlattening) or right padding.
 
     ``boundaries``: also hand the model each packed example's start (``cu_seq_lens_q/k``) and the
     longest example's length, computed here on the host, so the varlen attention needs no device sync.
+    ``trained_logits_only``: see :class:`TrainedPositions` (packing only).
     """
     if packing:
         from transformers import DataCollatorWithFlattening
 
-        return DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE_INDEX,
+        flat = DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE_INDEX,
                                           return_flash_attn_kwargs=boundaries)
+        return TrainedPositions(flat) if trained_logits_only else flat
     return PadCollator(pad_token_id)
+
+
+@dataclass
+class TrainedPositions:
+    """Wraps a packing collator so the model computes logits only where they are trained.
+
+    Adds ``logits_to_keep``: the positions of the packed row whose next token is trained, and
+    ``shift_labels``: those next tokens. A transformers causal LM then applies its LM head to those
+    positions alone and its loss takes ``shift_labels`` as the targets: the same loss, summed over
+    the same tokens (the Trainer counts them from ``shift_labels`` or ``labels``, which agree), without
+    the head's product and the softmax over the prompts' positions. A micro-batch with no trained
+    token keeps one position with no target (its loss adds 0)."""
+
+    collator: object
+
+    def __call__(self, features: list[dict]) -> dict:
+        batch = self.collator(features)
+        labels = batch["labels"]
+        if labels.shape[0] != 1:
+            return batch
+        targets = labels[0, 1:]
+        keep = (targets != IGNORE_INDEX).nonzero().reshape(-1)
+        if keep.numel() == 0:
+            keep = torch.zeros(1, dtype=torch.long)
+        batch["logits_to_keep"] = keep
+        batch["shift_labels"] = targets[keep].unsqueeze(0)
+        return batch
+
+
+def takes_logit_positions(model) -> bool:
+    """Whether the model's forward takes ``logits_to_keep`` (which transformers' causal LMs accept
+    as a tensor of positions)."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
 
 
 # ---- the GPU path ---------------------------------------------------------------------------------
@@ -245,7 +283,8 @@ def device_plan(cfg: ExperimentConfig, est_train_seconds: float | None = None) -
     compiled (LoRA, DoRA, full fine-tuning; one process; runs long enough), else Liger's fused
     kernels when installed; no gradient
     checkpointing except for QLoRA (whose point is memory); accumulation steps folded into larger
-    micro-batches (:func:`fold_accumulation` sizes them).
+    micro-batches (:func:`fold_accumulation` sizes them); the LM head and loss only at trained
+    positions (:class:`TrainedPositions`).
     On CPU: what ftkit always did (AdamW, SDPA, no fused kernels, no checkpointing).
     """
     t = cfg.train
@@ -265,10 +304,14 @@ def device_plan(cfg: ExperimentConfig, est_train_seconds: float | None = None) -
     if kernels == "auto":
         kernels = "liger" if cuda and liger_available() and not compile_ else "none"
     merge = t.merge_accumulation if t.merge_accumulation is not None else (cuda and t.packing)
+    # (Liger's fused linear cross-entropy replaces the model's forward: left as it computes)
+    trained_only = (t.trained_logits_only if t.trained_logits_only is not None else cuda) and t.packing
+    trained_only = trained_only and kernels != "liger+loss"
     return {"device": "cuda" if cuda else str(resolve_device(cfg.model)), "optimizer": optimizer,
             "gradient_checkpointing": bool(ckpt), "attention": attention, "kernels": kernels,
             "compile": compile_,
             "merge_accumulation": bool(merge and t.gradient_accumulation_steps > 1),
+            "trained_logits_only": bool(trained_only),
             "micro_batch": t.batch_size, "accumulation": t.gradient_accumulation_steps}
 
 
@@ -314,6 +357,7 @@ def prepare_for_device(model, plan: dict) -> dict:
     if plan.get("compile"):
         applied["compiled_layers"] = compile_layers(model)
         applied["compiled_loss"] = compile_loss(model)
+    applied["trained_logits_only"] = bool(plan.get("trained_logits_only")) and takes_logit_positions(model)
     if plan["attention"] == "varlen" and register_varlen_attention():
         model.config._attn_implementation = VARLEN
         applied["attention"] = VARLEN
@@ -491,7 +535,8 @@ def build_trainer(cfg: ExperimentConfig, paths: RunPaths, model, tokenizer, trai
         train_dataset=TokenizedDataset(train_rows),
         eval_dataset=TokenizedDataset(val_rows) if val_rows else None,
         data_collator=make_collator(tokenizer.pad_token_id, cfg.train.packing,
-                                    boundaries=plan["attention"] == "varlen"),
+                                    boundaries=plan["attention"] == "varlen",
+                                    trained_logits_only=plan.get("applied_trained_logits_only", False)),
     )
 
 

@@ -18,7 +18,7 @@ def test_cpu_plan_is_unchanged():
     plan = ft.device_plan(load_config(model={"device": "cpu"}))
     assert plan == {"device": "cpu", "optimizer": "adamw_torch", "gradient_checkpointing": False,
                     "attention": "sdpa", "kernels": "none", "compile": False, "merge_accumulation": False,
-                    "micro_batch": 4, "accumulation": 1}
+                    "trained_logits_only": False, "micro_batch": 4, "accumulation": 1}
     assert ft.device_plan(load_config(model={"device": "cpu"}, train={"method": "qlora"}))["gradient_checkpointing"] \
         is False
 
@@ -42,7 +42,7 @@ def test_cuda_plan(monkeypatch):
     plan = ft.device_plan(load_config(model={"device": "cuda"}))
     assert plan == {"device": "cuda", "optimizer": "adamw_torch_fused", "gradient_checkpointing": False,
                     "attention": "varlen", "kernels": "none", "compile": True, "merge_accumulation": False,
-                    "micro_batch": 4, "accumulation": 1}
+                    "trained_logits_only": True, "micro_batch": 4, "accumulation": 1}
     # Liger's kernels where the layers stay eager: QLoRA, compile switched off, or a run too short
     # to win back the compile time
     cuda = load_config(model={"device": "cuda"})
@@ -58,6 +58,9 @@ def test_cuda_plan(monkeypatch):
                           )["merge_accumulation"]
     assert ft.device_plan(load_config(model={"device": "cuda"}, train={"method": "qlora"}))["gradient_checkpointing"]
     assert ft.device_plan(load_config(model={"device": "cuda"}, train={"packing": False}))["attention"] == "sdpa"
+    assert not ft.device_plan(load_config(model={"device": "cuda"}, train={"packing": False}))["trained_logits_only"]
+    assert not ft.device_plan(load_config(model={"device": "cuda"}, train={"compile": False, "kernels": "liger+loss"})
+                              )["trained_logits_only"]
 
 
 def _reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1), enable_gqa=False):
@@ -194,3 +197,34 @@ def test_compiled_loss_matches_eager(tiny_model):
     assert "_loss_function" in model.__dict__
     assert torch.allclose(eager[0], compiled[0], rtol=1e-4), (eager[0], compiled[0])
     assert torch.allclose(eager[1], compiled[1], rtol=2e-2, atol=1e-5)
+
+
+def test_trained_positions_same_loss_and_gradients(tiny_model):
+    """Logits only where the next token is trained: the packed batch's loss (summed over an
+    accumulated batch's trained tokens) and every gradient equal the full-logits path, and the head
+    ran on the trained positions alone."""
+    model = tiny_model.float().train()
+    examples = [[5, 17, 42, 99, 7, 23, 8], [11, 13, 19], [61, 8, 299, 12, 77, 200, 3, 9]]
+    rows = [{"input_ids": e, "labels": [IGNORE_INDEX] * p + e[p:]} for e, p in zip(examples, (3, 3, 5), strict=True)]
+    n_items = torch.tensor(20)  # as the Trainer passes it: trained tokens of all micro-batches
+
+    def run(trained_only):
+        batch = ft.make_collator(0, packing=True, trained_logits_only=trained_only)(rows)
+        model.zero_grad(set_to_none=True)
+        out = model(**batch, num_items_in_batch=n_items)
+        out.loss.backward()
+        return batch, out, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    full_batch, full, full_grads = run(False)
+    batch, cut, grads = run(True)
+    trained = [2, 3, 4, 5, 14, 15, 16]  # positions whose next token is a trained reply token
+    assert batch["logits_to_keep"].tolist() == trained
+    assert batch["shift_labels"].tolist() == [[full_batch["labels"][0, i + 1].item() for i in trained]]
+    assert cut.logits.shape[1] == len(trained) and full.logits.shape[1] == sum(map(len, examples))
+    assert torch.allclose(cut.loss, full.loss, rtol=1e-5), (cut.loss, full.loss)
+    for n in full_grads:
+        assert torch.allclose(grads[n], full_grads[n], rtol=1e-4, atol=1e-7), n
+    # a micro-batch with nothing to train: one position kept, no target, loss 0
+    empty = ft.make_collator(0, packing=True, trained_logits_only=True)([{"input_ids": [4, 5], "labels": [-100, -100]}])
+    assert empty["shift_labels"].tolist() == [[IGNORE_INDEX]]
+    assert model(**empty, num_items_in_batch=n_items).loss.item() == 0.0

@@ -116,3 +116,24 @@ def test_packing_guard_catches_a_leaking_attention(prepared):
     model.forward = leaky
     with pytest.raises(PackingError, match="leak attention across examples"):
         check_packing(model)
+
+
+def test_logits_only_at_trained_positions_train_the_same(prepared):
+    """The Trainer with the LM head and loss only at trained positions (the GPU default) logs the
+    losses of the full-logits path, with accumulation over micro-batches and in evaluation."""
+    from ftkit.train import run_training
+
+    cfg0, paths, _ = prepared
+
+    def run(on):
+        cfg = load_config(experiment="tc", outputs_dir=cfg0.outputs_dir, model={"name": "tiny-random"},
+                          train={"max_steps": 4, "batch_size": 2, "gradient_accumulation_steps": 2, "logging_steps": 1,
+                                 "eval_steps": 0, "learning_rate": 5e-3, "deterministic": True,
+                                 "trained_logits_only": on})
+        trainer, metrics = run_training(cfg, paths)
+        assert metrics["device_plan"]["applied_trained_logits_only"] is on
+        return [h["loss"] for h in trainer.state.log_history if "loss" in h], metrics["eval_loss"]
+
+    (full, full_eval), (cut, cut_eval) = run(False), run(True)
+    assert len(full) == 4 and full[-1] < full[0]
+    assert cut == pytest.approx(full, rel=1e-4) and cut_eval == pytest.approx(full_eval, rel=1e-4)
