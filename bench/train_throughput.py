@@ -105,6 +105,9 @@ ABLATIONS = {
     "ftkit, loss not compiled": {"compiled_loss": False},
     "ftkit, blocking input copies": {"non_blocking": False},
     "ftkit, logits at every position": {"trained_logits_only": False},
+    # experiment: the varlen kernel (a torch custom op) traced into the compiled layers, so each layer
+    # is one graph instead of two around an eager attention call
+    "ftkit, attention traced into compiled layers": {"traced_attention": True},
 }
 
 
@@ -303,6 +306,36 @@ def run_baseline(model, tok, rows, arch, batch, lr, warmup, steps, seed, out, ac
 
 
 # ---- ftkit ----------------------------------------------------------------------------------------
+def register_traced_varlen() -> bool:
+    """Experiment: ftkit's varlen attention without ``torch.compiler.disable``, the kernel's options
+    resolved here (not while tracing), boundaries from the collator only."""
+    import ftkit.train as ft
+    from transformers import AttentionInterface
+
+    fn = ft._varlen_fn()
+    if fn is None:
+        return False
+    causal = {"is_causal": True} if ft._accepts(fn, "is_causal") else {"window_size": (-1, 0)}
+    gqa = ft._accepts(fn, "enable_gqa")
+
+    def forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
+        if query.shape[0] != 1 or attention_mask is not None or kwargs.get("cu_seq_lens_q") is None or dropout:
+            return ft.varlen_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                               scaling=scaling, is_causal=is_causal, **kwargs)
+        cu, longest = kwargs["cu_seq_lens_q"], kwargs["max_length_q"]
+        q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
+        kw = {"scale": scaling, **causal}
+        if q.shape[1] != k.shape[1]:
+            if gqa:
+                kw["enable_gqa"] = True
+            else:
+                k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
+        return fn(q, k, v, cu, cu, longest, longest, **kw).unsqueeze(0), None
+
+    AttentionInterface.register(ft.VARLEN, forward)
+    return True
+
+
 def run_ftkit(model_dir, tok_dir, rows, arch, method, batch, lr, warmup, steps, seed, out, accum=1,
               train_overrides=None, dropout=LORA["dropout"], logging_steps=None, profile=False):
     """``ftkit.train.run_training`` on a prepared experiment directory; see the module docstring."""
@@ -314,7 +347,7 @@ def run_ftkit(model_dir, tok_dir, rows, arch, method, batch, lr, warmup, steps, 
 
     train_overrides = dict(train_overrides or {})
     dropout = train_overrides.pop("lora_dropout", dropout)
-    switches = {k: train_overrides.pop(k) for k in ("compiled_loss", "non_blocking")
+    switches = {k: train_overrides.pop(k) for k in ("compiled_loss", "non_blocking", "traced_attention")
                 if k in train_overrides}
     cfg = load_config(experiment="bench", seed=seed, outputs_dir=str(out), model={"name": str(model_dir)},
                       train={"method": method, "batch_size": batch, "gradient_accumulation_steps": accum,
@@ -334,7 +367,7 @@ def run_ftkit(model_dir, tok_dir, rows, arch, method, batch, lr, warmup, steps, 
         shutil.copytree(tok_dir, paths.tokenizer_dir)
 
     recs, plans = [], {}
-    orig = (ft.make_collator, ft.build_trainer, est.check_fits, ft.add_lora)
+    orig = (ft.make_collator, ft.build_trainer, est.check_fits, ft.add_lora, ft.register_varlen_attention)
 
     def make_collator(*a, **k):
         recs.append(Recorder(orig[0](*a, **k), warmup, steps, profile=profile))
@@ -359,10 +392,12 @@ def run_ftkit(model_dir, tok_dir, rows, arch, method, batch, lr, warmup, steps, 
         return orig[3](model, c)
 
     ft.make_collator, ft.build_trainer, est.check_fits, ft.add_lora = make_collator, build_trainer, check_fits, add_lora
+    if switches.get("traced_attention"):
+        ft.register_varlen_attention = register_traced_varlen
     try:
         trainer, metrics = ft.run_training(cfg, paths)
     finally:
-        ft.make_collator, ft.build_trainer, est.check_fits, ft.add_lora = orig
+        ft.make_collator, ft.build_trainer, est.check_fits, ft.add_lora, ft.register_varlen_attention = orig
     # stage 03 resets the peak after loading; its own figure is the larger of loading and training
     peak = metrics["peak_memory_mb"] * 2**20 / 1e9
     del trainer
