@@ -163,8 +163,8 @@ def useful_flops(examples: list[tuple[int, int]], arch: str, method: str) -> flo
 
 # ---- timing ---------------------------------------------------------------------------------------
 class Recorder:
-    """Wraps a collator to record each batch's example lengths; a callback times the steps after
-    warm-up (CUDA synchronised at both ends only)."""
+    """Wraps a collator to record each batch's examples (length, positions predicting a trained
+    token); a callback times the steps after warm-up (CUDA synchronised at both ends only)."""
 
     def __init__(self, collator, warmup: int, steps: int, accum: int = 1, profile: bool = False):
         self.collator, self.warmup, self.total, self.accum = collator, warmup, warmup + steps, accum
@@ -306,36 +306,6 @@ def run_baseline(model, tok, rows, arch, batch, lr, warmup, steps, seed, out, ac
 
 
 # ---- ftkit ----------------------------------------------------------------------------------------
-def register_traced_varlen() -> bool:
-    """Experiment: ftkit's varlen attention without ``torch.compiler.disable``, the kernel's options
-    resolved here (not while tracing), boundaries from the collator only."""
-    import ftkit.train as ft
-    from transformers import AttentionInterface
-
-    fn = ft._varlen_fn()
-    if fn is None:
-        return False
-    causal = {"is_causal": True} if ft._accepts(fn, "is_causal") else {"window_size": (-1, 0)}
-    gqa = ft._accepts(fn, "enable_gqa")
-
-    def forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
-        if query.shape[0] != 1 or attention_mask is not None or kwargs.get("cu_seq_lens_q") is None or dropout:
-            return ft.varlen_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                               scaling=scaling, is_causal=is_causal, **kwargs)
-        cu, longest = kwargs["cu_seq_lens_q"], kwargs["max_length_q"]
-        q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
-        kw = {"scale": scaling, **causal}
-        if q.shape[1] != k.shape[1]:
-            if gqa:
-                kw["enable_gqa"] = True
-            else:
-                k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
-        return fn(q, k, v, cu, cu, longest, longest, **kw).unsqueeze(0), None
-
-    AttentionInterface.register(ft.VARLEN, forward)
-    return True
-
-
 def run_ftkit(model_dir, tok_dir, rows, arch, method, batch, lr, warmup, steps, seed, out, accum=1,
               train_overrides=None, dropout=LORA["dropout"], logging_steps=None, profile=False):
     """``ftkit.train.run_training`` on a prepared experiment directory; see the module docstring."""
@@ -393,7 +363,7 @@ def run_ftkit(model_dir, tok_dir, rows, arch, method, batch, lr, warmup, steps, 
 
     ft.make_collator, ft.build_trainer, est.check_fits, ft.add_lora = make_collator, build_trainer, check_fits, add_lora
     if switches.get("traced_attention"):
-        ft.register_varlen_attention = register_traced_varlen
+        ft.register_varlen_attention = lambda: orig[4](traced=True)
     try:
         trainer, metrics = ft.run_training(cfg, paths)
     finally:

@@ -59,8 +59,9 @@ from .metrics import (
     rouge_l,
     token_f1,
 )
+from .modeling import forward_params
 from .paths import iter_jsonl
-from .train import PadCollator
+from .train import PadCollator, takes_logit_positions
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +96,7 @@ def example_losses(model, rows: Iterable[dict], pad_token_id: int, batch_size: i
     sums, counts = [], []
     chunk: list[dict] = []
     cache_arg = _cache_kwarg(model)
+    positions = takes_logit_positions(model)  # else: all positions, then select
 
     def batches(rows_: list[dict], order: list[int]) -> Iterator[list[int]]:
         """Up to ``batch_size`` rows and ``max_batch_tokens`` padded tokens per batch (a longer row goes alone)."""
@@ -121,10 +123,7 @@ def example_losses(model, rows: Iterable[dict], pad_token_id: int, batch_size: i
                 ones = torch.ones(len(idx), past.get_seq_length(), dtype=kw["attention_mask"].dtype, device=device)
                 kw.update(attention_mask=torch.cat([ones, kw["attention_mask"]], 1), use_cache=True,
                           **{cache_arg: past})
-            try:
-                logits = model(**kw, logits_to_keep=keep).logits
-            except TypeError:  # a model class without logits_to_keep: all positions, then select
-                logits = model(**kw).logits[:, keep]
+            logits = model(**kw, logits_to_keep=keep).logits if positions else model(**kw).logits[:, keep]
             labels = batch["labels"][:, keep + 1]
             loss = torch.nn.functional.cross_entropy(
                 logits.float().transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none")
@@ -177,10 +176,7 @@ def _prefix_groups(rows: list[dict]) -> tuple[list[int], dict[tuple, list[int]]]
 
 def _cache_kwarg(model) -> str:
     """The forward argument that takes a key/value cache: ``cache`` (transformers >= 5.24) or ``past_key_values``."""
-    import inspect
-
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+    return "cache" if "cache" in forward_params(model) else "past_key_values"
 
 
 def _prefix_cache(model, prefix: tuple, device):

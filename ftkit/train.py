@@ -21,7 +21,7 @@ from transformers import TrainerCallback
 
 from .config import ExperimentConfig
 from .masking import IGNORE_INDEX
-from .modeling import count_parameters, load_model, load_tokenizer, resolve_device, resolve_model_path
+from .modeling import count_parameters, forward_params, load_model, load_tokenizer, resolve_device, resolve_model_path
 from .paths import RunPaths, read_jsonl, write_json
 
 log = logging.getLogger("ftkit")
@@ -145,10 +145,7 @@ class TrainedPositions:
 def takes_logit_positions(model) -> bool:
     """Whether the model's forward takes ``logits_to_keep`` (which transformers' causal LMs accept
     as a tensor of positions)."""
-    import inspect
-
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "logits_to_keep" in inspect.signature(base.forward).parameters
+    return "logits_to_keep" in forward_params(model)
 
 
 # ---- the GPU path ---------------------------------------------------------------------------------
@@ -167,9 +164,9 @@ def _varlen_fn():
     return varlen_attn
 
 
-def varlen_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
-                             scaling: float | None = None, is_causal: bool | None = None, **kwargs):
-    """Attention over packed examples with PyTorch's variable-length flash kernel.
+def varlen_attention(fn):
+    """ftkit's attention over packed examples, with PyTorch's variable-length flash kernel ``fn``
+    (its options resolved here once, not on every call).
 
     Each example attends only to itself, and the kernel computes only the examples' own causal
     triangles (sum of L^2/2), not the packed row's (sum of L)^2/2 as SDPA with a block mask does.
@@ -180,59 +177,64 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
     """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    if query.shape[0] != 1 or attention_mask is not None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      is_causal=attention_mask is None, **kwargs)
-    n = query.shape[2]
-    cu, longest = kwargs.get("cu_seq_lens_q"), kwargs.get("max_length_q")
-    if cu is None:
-        position_ids = kwargs.get("position_ids")
-        starts = torch.zeros(1, dtype=torch.int32, device=query.device)
-        if position_ids is not None:
-            found = (position_ids.reshape(-1) == 0).nonzero().reshape(-1).to(torch.int32)
-            starts = torch.unique(torch.cat([starts, found]))
-        cu = torch.cat([starts, torch.tensor([n], dtype=torch.int32, device=query.device)])
-        longest = int(cu.diff().max())
-    cu = cu.to(device=query.device, dtype=torch.int32)
-    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (tokens, heads, head_dim)
-    fn = _varlen_fn()
-    if fn is None or query.device.type != "cuda" or query.dtype not in (torch.bfloat16, torch.float16) or dropout:
-        outs = []
-        for a, b in zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True):
-            qs, ks, vs = (t[a:b].transpose(0, 1).unsqueeze(0) for t in (q, k, v))
-            outs.append(sdpa_attention_forward(module, qs, ks, vs, None, dropout=dropout, scaling=scaling,
-                                               is_causal=True)[0][0])
-        return torch.cat(outs).unsqueeze(0), None
-    kw = {"scale": scaling}
-    kw.update({"is_causal": True} if _accepts(fn, "is_causal") else {"window_size": (-1, 0)})
-    if q.shape[1] != k.shape[1]:  # grouped-query attention
-        if _accepts(fn, "enable_gqa"):
-            kw["enable_gqa"] = True
-        else:
-            k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
-    out = fn(q, k, v, cu, cu, int(longest), int(longest), **kw)
-    return out.unsqueeze(0), None
+    causal = {"is_causal": True} if _accepts(fn, "is_causal") else {"window_size": (-1, 0)}
+    gqa = _accepts(fn, "enable_gqa")
 
+    def forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
+                is_causal: bool | None = None, **kwargs):
+        if query.shape[0] != 1 or attention_mask is not None:
+            return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                          is_causal=attention_mask is None, **kwargs)
+        n = query.shape[2]
+        cu, longest = kwargs.get("cu_seq_lens_q"), kwargs.get("max_length_q")
+        if cu is None:
+            position_ids = kwargs.get("position_ids")
+            starts = torch.zeros(1, dtype=torch.int32, device=query.device)
+            if position_ids is not None:
+                found = (position_ids.reshape(-1) == 0).nonzero().reshape(-1).to(torch.int32)
+                starts = torch.unique(torch.cat([starts, found]))
+            cu = torch.cat([starts, torch.tensor([n], dtype=torch.int32, device=query.device)])
+            longest = int(cu.diff().max())
+        if isinstance(longest, torch.Tensor):  # an int from transformers' collator; kept symbolic when traced
+            longest = int(longest)
+        cu = cu.to(device=query.device, dtype=torch.int32)
+        q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (tokens, heads, head_dim)
+        if query.device.type != "cuda" or query.dtype not in (torch.bfloat16, torch.float16) or dropout:
+            outs = []
+            for a, b in zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True):
+                qs, ks, vs = (t[a:b].transpose(0, 1).unsqueeze(0) for t in (q, k, v))
+                outs.append(sdpa_attention_forward(module, qs, ks, vs, None, dropout=dropout, scaling=scaling,
+                                                   is_causal=True)[0][0])
+            return torch.cat(outs).unsqueeze(0), None
+        kw = {"scale": scaling, **causal}
+        if q.shape[1] != k.shape[1]:  # grouped-query attention
+            if gqa:
+                kw["enable_gqa"] = True
+            else:
+                k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
+        return fn(q, k, v, cu, cu, longest, longest, **kw).unsqueeze(0), None
 
-_SIG: dict = {}
+    return forward
 
 
 def _accepts(fn, name: str) -> bool:
     import inspect
 
-    if fn not in _SIG:
-        _SIG[fn] = set(inspect.signature(fn).parameters)
-    return name in _SIG[fn]
+    return name in inspect.signature(fn).parameters
 
 
-def register_varlen_attention() -> bool:
-    """Register :func:`varlen_attention_forward` with transformers as ``ftkit_varlen``; False when
-    this PyTorch has no ``torch.nn.attention.varlen`` (then SDPA with a block mask is used)."""
-    if _varlen_fn() is None:
+def register_varlen_attention(traced: bool = False) -> bool:
+    """Register :func:`varlen_attention` with transformers as ``ftkit_varlen``; False when this
+    PyTorch has no ``torch.nn.attention.varlen`` (then SDPA with a block mask is used). Compiled
+    layers call it eagerly unless ``traced`` (an experiment: the kernel is a torch custom op, so a
+    layer can be one graph; ``bench/train_throughput.py`` measures it)."""
+    fn = _varlen_fn()
+    if fn is None:
         return False
     from transformers import AttentionInterface
 
-    AttentionInterface.register(VARLEN, torch.compiler.disable(varlen_attention_forward))
+    forward = varlen_attention(fn)
+    AttentionInterface.register(VARLEN, forward if traced else torch.compiler.disable(forward))
     return True
 
 
