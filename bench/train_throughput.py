@@ -105,6 +105,8 @@ ABLATIONS = {
     "ftkit, loss not compiled": {"compiled_loss": False},
     "ftkit, blocking input copies": {"non_blocking": False},
     "ftkit, logits at every position": {"trained_logits_only": False},
+    # micro-batches as the fold sized them before the compiled-LoRA memory figure (8B Bitext: 32 x 2)
+    "ftkit, micro-batch 32 x 2": {"batch_size": 32, "gradient_accumulation_steps": 2, "merge_accumulation": False},
     # experiment: the varlen kernel (a torch custom op) traced into the compiled layers, so each layer
     # is one graph instead of two around an eager attention call
     "ftkit, attention traced into compiled layers": {"traced_attention": True},

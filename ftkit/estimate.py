@@ -70,7 +70,10 @@ def matmul_gflops(device: torch.device, n: int = 1024, repeats: int = 5, dtype: 
     return 2 * n**3 * repeats / (time.perf_counter() - t) / 1e9
 
 
-def estimate(cfg, model_path: str, train_tokens_per_epoch: int, n_train: int, mean_len: float) -> Estimate:
+def estimate(cfg, model_path: str, train_tokens_per_epoch: int, n_train: int, mean_len: float,
+             compiled: bool = False) -> Estimate:
+    """``compiled``: the decoder layers run compiled (stage 03's GPU plan), which keeps fewer
+    activations for LoRA; the pre-flight check leaves it off (the eager figure is the larger)."""
     from .modeling import resolve_device, resolve_dtype
 
     t = cfg.train
@@ -95,6 +98,11 @@ def estimate(cfg, model_path: str, train_tokens_per_epoch: int, n_train: int, me
     # and the embeddings in fp32 after prepare_model_for_kbit_training); doubled for fp32 training.
     per_unit = {"lora": 100, "dora": 120, "qlora": 165, "full": 60}[t.method] * (bytes_per / 2 if t.method != "qlora"
                                                                                 else 1)
+    if compiled and t.method == "lora":
+        # compiled LoRA layers keep ~40 B (bench/results/2026-11-29-nvidia-h200.json, peaks with the
+        # logits term below: Llama-3.1-8B shape +16%, Qwen2.5-1.5B +14%, SmolLM2-135M +49%); DoRA and
+        # full fine-tuning compiled were measured on the 135M shape only, so they keep the eager figure
+        per_unit = 40 * bytes_per / 2
     attn_scores = 0 if device.type == "cuda" else 5 * heads * seq / max(h, 1) * 2  # CPU SDPA may keep them
     act = per_batch * layers * h * (per_unit + attn_scores) + per_batch * vocab * 10  # + logits, fp32 loss
     ckpt = t.gradient_checkpointing

@@ -342,7 +342,8 @@ def fold_accumulation(cfg: ExperimentConfig, plan: dict, lengths: list[int], fre
         sums = sorted(sum(rng.sample(lengths, size)) for _ in range(256))
         trial = dataclasses.replace(cfg, train=dataclasses.replace(t, batch_size=t.batch_size * k,
                                                                    gradient_accumulation_steps=accum // k))
-        est = estimate(trial, path, sum(lengths), len(lengths), sums[int(0.9 * (len(sums) - 1))] / size)
+        est = estimate(trial, path, sum(lengths), len(lengths), sums[-1] / size,
+                       compiled=bool(plan.get("compile")))
         if est.total_gb * 1024**3 <= headroom * free_bytes or k == 1:
             # the estimate for the micro-batch actually used (the pre-flight one is for the configured size)
             return {**plan, "micro_batch": t.batch_size * k, "accumulation": accum // k,
