@@ -552,7 +552,7 @@ def main() -> None:
         names = list(ABLATIONS) if args.ablation_names == "all" else args.ablation_names.split(";")
         redo = {(m, n) for m in mine & set(args.ablations.split(",")) for n in names}
         result["ablations"] = [r for r in old.get("ablations", []) if (r["model"], r["variant"]) not in redo]
-        for key in ("same_maths", "compile_check"):
+        for key in ("same_maths", "compile_check", "notes"):  # notes: written by hand, about earlier rows
             if key in old and key not in result:
                 result[key] = old[key]
 

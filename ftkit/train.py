@@ -322,9 +322,11 @@ def fold_accumulation(cfg: ExperimentConfig, plan: dict, lengths: list[int], fre
     """With ``merge_accumulation``, the fewest accumulation steps (a divisor of the configured ones)
     whose larger micro-batch the memory estimate fits in ``headroom`` of the free memory.
 
-    A packed micro-batch holds as many tokens as its examples, so it is sized by the 90th percentile
-    of the token count of random micro-batches of that many examples (drawn with a fixed seed), not
-    by the mean: with long documents the largest batches are twice the mean or more.
+    A packed micro-batch holds as many tokens as its examples, so it is sized by the largest token
+    count of 256 random micro-batches of that many examples (drawn with a fixed seed), not by the
+    mean: with long documents the largest batches are twice the mean or more, and a run meets its
+    largest batches sooner or later. Compiled layers are estimated at their own (smaller) activation
+    figure (:func:`ftkit.estimate.estimate`'s ``compiled``).
     """
     import dataclasses
     import random

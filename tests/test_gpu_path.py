@@ -149,9 +149,14 @@ def test_fold_accumulation_sizes_micro_batches_by_memory(monkeypatch):
 
     import ftkit.estimate as est
 
-    # a stand-in estimate: 1 GB per 100 tokens in a micro-batch
-    monkeypatch.setattr(est, "estimate", lambda cfg, path, tokens, n, mean: types.SimpleNamespace(
-        total_gb=cfg.train.batch_size * mean / 100))
+    # a stand-in estimate: 1 GB per 100 tokens in a micro-batch (half that for compiled layers)
+    asked = []
+
+    def fake_estimate(cfg, path, tokens, n, mean, compiled=False):
+        asked.append(compiled)
+        return types.SimpleNamespace(total_gb=cfg.train.batch_size * mean / 100 / (2 if compiled else 1))
+
+    monkeypatch.setattr(est, "estimate", fake_estimate)
     cfg = load_config(model={"device": "cpu"}, train={"batch_size": 2, "gradient_accumulation_steps": 8})
     plan = {**ft.device_plan(cfg), "merge_accumulation": True}
     lengths = [100] * 64
@@ -161,6 +166,15 @@ def test_fold_accumulation_sizes_micro_batches_by_memory(monkeypatch):
     assert folded["folded_estimate_gb"] == 8.0  # the estimate for the micro-batch used, not the configured one
     assert ft.fold_accumulation(cfg, plan, lengths, 10**15)["micro_batch"] == 16
     assert ft.fold_accumulation(cfg, {**plan, "merge_accumulation": False}, lengths, 10**15)["micro_batch"] == 2
+    # compiled layers keep fewer activations: the same memory holds twice the examples
+    asked.clear()
+    assert ft.fold_accumulation(cfg, {**plan, "compile": True}, lengths, int(fits_8))["micro_batch"] == 16
+    assert asked and all(asked)
+    # sized by the largest sampled micro-batch, not a typical one: 4 long documents among 60 short ones
+    # make some 8-example micro-batches 4x the mean, so 8 no longer fits where uniform lengths did
+    skewed = [70] * 60 + [1000] * 4
+    assert sum(skewed) / len(skewed) < 130
+    assert ft.fold_accumulation(cfg, plan, skewed, int(fits_8))["micro_batch"] < 8
 
 
 def test_checkpointing_reaches_the_trainer_without_deprecation(tmp_path):

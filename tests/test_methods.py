@@ -110,6 +110,27 @@ def test_preflight_refuses_8b_full_fine_tune_on_24gb():
             check_fits(est, cfg, free_bytes=24 * 1024**3)
 
 
+def test_compiled_lora_estimate_keeps_fewer_activations():
+    """Compiled LoRA layers are estimated at the measured ~40 B per token, layer and hidden unit (eager:
+    100); DoRA and full fine-tuning, not measured compiled on a large shape, keep the eager figure."""
+    import tempfile
+
+    from transformers import LlamaConfig
+
+    from ftkit.estimate import estimate
+    with tempfile.TemporaryDirectory() as d:
+        LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
+                    num_key_value_heads=2, vocab_size=1000).save_pretrained(d)
+        for method, saved_per_unit in (("lora", 100 - 40), ("dora", 0), ("full", 0)):
+            cfg = load_config(model={"name": d}, train={"method": method, "batch_size": 8, "max_steps": 10})
+            eager, comp = (estimate(cfg, d, 100_000, 1000, 100, compiled=c) for c in (False, True))
+            scale = 2 if eager.weights_gb * 1024**3 > 3 * eager.parameters else 1  # fp32 (CPU) doubles it
+            # 8 examples x 100 tokens x 4 layers x 256 hidden units
+            assert eager.activations_gb - comp.activations_gb == pytest.approx(
+                8 * 100 * 4 * 256 * saved_per_unit * scale / 1024**3, abs=1e-9)
+            assert comp.weights_gb == eager.weights_gb and comp.trainable_state_gb == eager.trainable_state_gb
+
+
 def test_qlora_gradients_equal_dequantised_model():
     """Through bitsandbytes' CPU backend, LoRA gradients on the 4-bit base equal those on an fp32 model
     holding the dequantised weights (the 4-bit path's backward is right, not just finite)."""
