@@ -110,6 +110,9 @@ ABLATIONS = {
     # experiment: the varlen kernel (a torch custom op) traced into the compiled layers, so each layer
     # is one graph instead of two around an eager attention call
     "ftkit, attention traced into compiled layers": {"traced_attention": True},
+    # experiment: the whole decoder (embeddings, every layer, final norm) one compiled region, with the
+    # attention traced: fewer compiled-call boundaries and Python between layers for a host-bound step
+    "ftkit, decoder compiled whole": {"traced_attention": True, "whole_decoder": True},
 }
 
 
@@ -319,7 +322,8 @@ def run_ftkit(model_dir, tok_dir, rows, arch, method, batch, lr, warmup, steps, 
 
     train_overrides = dict(train_overrides or {})
     dropout = train_overrides.pop("lora_dropout", dropout)
-    switches = {k: train_overrides.pop(k) for k in ("compiled_loss", "non_blocking", "traced_attention")
+    switches = {k: train_overrides.pop(k) for k in ("compiled_loss", "non_blocking", "traced_attention",
+                                                            "whole_decoder")
                 if k in train_overrides}
     cfg = load_config(experiment="bench", seed=seed, outputs_dir=str(out), model={"name": str(model_dir)},
                       train={"method": method, "batch_size": batch, "gradient_accumulation_steps": accum,
@@ -339,7 +343,8 @@ def run_ftkit(model_dir, tok_dir, rows, arch, method, batch, lr, warmup, steps, 
         shutil.copytree(tok_dir, paths.tokenizer_dir)
 
     recs, plans = [], {}
-    orig = (ft.make_collator, ft.build_trainer, est.check_fits, ft.add_lora, ft.register_varlen_attention)
+    orig = (ft.make_collator, ft.build_trainer, est.check_fits, ft.add_lora, ft.register_varlen_attention,
+            ft.compile_layers)
 
     def make_collator(*a, **k):
         recs.append(Recorder(orig[0](*a, **k), warmup, steps, profile=profile))
@@ -366,15 +371,27 @@ def run_ftkit(model_dir, tok_dir, rows, arch, method, batch, lr, warmup, steps, 
     ft.make_collator, ft.build_trainer, est.check_fits, ft.add_lora = make_collator, build_trainer, check_fits, add_lora
     if switches.get("traced_attention"):
         ft.register_varlen_attention = lambda: orig[4](traced=True)
+    if switches.get("whole_decoder"):
+        ft.compile_layers = compile_decoder
     try:
         trainer, metrics = ft.run_training(cfg, paths)
     finally:
-        ft.make_collator, ft.build_trainer, est.check_fits, ft.add_lora, ft.register_varlen_attention = orig
+        (ft.make_collator, ft.build_trainer, est.check_fits, ft.add_lora, ft.register_varlen_attention,
+         ft.compile_layers) = orig
     # stage 03 resets the peak after loading; its own figure is the larger of loading and training
     peak = metrics["peak_memory_mb"] * 2**20 / 1e9
     del trainer
     return recs[-1], peak, {**plans, "load_peak_memory_gb": metrics["load_peak_memory_mb"] * 2**20 / 1e9,
                             "device_plan": metrics["device_plan"], "compiler": compiler_counts()}
+
+
+def compile_decoder(model) -> int:
+    """The 'decoder compiled whole' experiment: ``model.model`` (the decoder stack under the LM head)
+    compiled as one region instead of each layer on its own; returns the layer count like
+    ``ftkit.train.compile_layers``."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+    decoder.compile(dynamic=True)
+    return len(decoder.layers)
 
 
 def compiler_counts() -> dict:
