@@ -113,6 +113,11 @@ ABLATIONS = {
     # experiment: the whole decoder (embeddings, every layer, final norm) one compiled region, with the
     # attention traced: fewer compiled-call boundaries and Python between layers for a host-bound step
     "ftkit, decoder compiled whole": {"traced_attention": True, "whole_decoder": True},
+    # experiment: CUDA graphs (torch.compile's "reduce-overhead") for the compiled layers, so the host
+    # launches one graph per layer instead of each kernel; packed rows padded to a multiple of 512 tokens
+    # (a trailing segment that trains nothing) and the longest-example length rounded up to a power of
+    # two, so that few distinct shapes are recorded; 6 more warm-up steps to record them before timing
+    "ftkit, CUDA graphs on bucketed lengths": {"traced_attention": True, "cuda_graphs": 512, "extra_warmup": 6},
 }
 
 
@@ -323,14 +328,15 @@ def run_ftkit(model_dir, tok_dir, rows, arch, method, batch, lr, warmup, steps, 
     train_overrides = dict(train_overrides or {})
     dropout = train_overrides.pop("lora_dropout", dropout)
     switches = {k: train_overrides.pop(k) for k in ("compiled_loss", "non_blocking", "traced_attention",
-                                                            "whole_decoder")
+                                                         "whole_decoder", "cuda_graphs", "extra_warmup")
                 if k in train_overrides}
     cfg = load_config(experiment="bench", seed=seed, outputs_dir=str(out), model={"name": str(model_dir)},
                       train={"method": method, "batch_size": batch, "gradient_accumulation_steps": accum,
                              # as in a run long enough to win back the compile time (what `auto` does
                              # there); this short timed run would otherwise not compile
                              "compile": method != "qlora",
-                             "learning_rate": lr, "max_steps": warmup + steps,
+                             "learning_rate": lr,
+                             "max_steps": warmup + switches.get("extra_warmup", 0) + steps,
                              "logging_steps": logging_steps or 10_000, "eval_steps": 0, "save_steps": 0,
                              "resume": "never", "lora": {**LORA, "dropout": dropout}, **(train_overrides or {})})
     paths = RunPaths(Path(out), cfg.experiment)
@@ -346,8 +352,13 @@ def run_ftkit(model_dir, tok_dir, rows, arch, method, batch, lr, warmup, steps, 
     orig = (ft.make_collator, ft.build_trainer, est.check_fits, ft.add_lora, ft.register_varlen_attention,
             ft.compile_layers)
 
+    warmup = warmup + switches.get("extra_warmup", 0)
+
     def make_collator(*a, **k):
-        recs.append(Recorder(orig[0](*a, **k), warmup, steps, profile=profile))
+        inner = orig[0](*a, **k)
+        if switches.get("cuda_graphs"):
+            inner = Bucketed(inner, switches["cuda_graphs"])
+        recs.append(Recorder(inner, warmup, steps, profile=profile))
         return recs[-1]
 
     def build_trainer(*a, **k):
@@ -359,6 +370,8 @@ def run_ftkit(model_dir, tok_dir, rows, arch, method, batch, lr, warmup, steps, 
             base.__dict__.pop("_loss_function", None)
         if switches.get("non_blocking") is False:
             trainer.accelerator.dataloader_config.non_blocking = False
+        if switches.get("cuda_graphs"):
+            trainer.add_callback(StepMarker())
         return trainer
 
     def check_fits(e, c, free):
@@ -373,6 +386,8 @@ def run_ftkit(model_dir, tok_dir, rows, arch, method, batch, lr, warmup, steps, 
         ft.register_varlen_attention = lambda: orig[4](traced=True)
     if switches.get("whole_decoder"):
         ft.compile_layers = compile_decoder
+    if switches.get("cuda_graphs"):
+        ft.compile_layers = compile_layers_graphed
     try:
         trainer, metrics = ft.run_training(cfg, paths)
     finally:
@@ -383,6 +398,61 @@ def run_ftkit(model_dir, tok_dir, rows, arch, method, batch, lr, warmup, steps, 
     del trainer
     return recs[-1], peak, {**plans, "load_peak_memory_gb": metrics["load_peak_memory_mb"] * 2**20 / 1e9,
                             "device_plan": metrics["device_plan"], "compiler": compiler_counts()}
+
+
+class Bucketed:
+    """The 'CUDA graphs' experiment's collator wrapper: pads a packed row to a multiple of ``multiple``
+    tokens with one trailing segment that trains nothing (labels -100, its own boundary, positions from
+    0) and rounds the longest-example length up to a power of two, so that CUDA graphs are recorded for
+    a few shapes rather than every step. The padding is not counted as useful tokens (the Recorder
+    counts the examples)."""
+
+    def __init__(self, collator, multiple: int):
+        self.collator, self.multiple = collator, multiple
+
+    def __call__(self, features):
+        b = self.collator(features)
+        ids = b["input_ids"]
+        if ids.shape[0] != 1:
+            return b
+        n = ids.shape[1]
+        pad = (n // self.multiple + 1) * self.multiple - n  # at least one token: a fixed segment count
+        b["input_ids"] = torch.cat([ids, ids.new_zeros(1, pad)], 1)
+        b["labels"] = torch.cat([b["labels"], b["labels"].new_full((1, pad), -100)], 1)
+        if "position_ids" in b:
+            b["position_ids"] = torch.cat([b["position_ids"], torch.arange(pad, dtype=b["position_ids"].dtype)[None]], 1)
+        for k in ("cu_seq_lens_q", "cu_seq_lens_k"):
+            if k in b:
+                b[k] = torch.cat([b[k], b[k].new_tensor([n + pad])])
+        for k in ("max_length_q", "max_length_k"):
+            if k in b:
+                b[k] = 1 << (max(int(b[k]), pad, 128) - 1).bit_length()
+        return b
+
+
+def compile_layers_graphed(model) -> int:
+    """The 'CUDA graphs' experiment: ftkit's per-layer compile in ``reduce-overhead`` mode."""
+    layers = model.get_decoder().layers
+    for layer in layers:
+        layer.compile(dynamic=True, mode="reduce-overhead")
+    return len(layers)
+
+
+def _step_marker_class():
+    from transformers import TrainerCallback
+
+    class _StepMarker(TrainerCallback):
+        """Tells CUDA graph trees where a training step begins (outputs of the previous step's graphs
+        may then be overwritten)."""
+
+        def on_step_begin(self, args, state, control, **kw):
+            torch.compiler.cudagraph_mark_step_begin()
+
+    return _StepMarker
+
+
+def StepMarker():  # noqa: N802  (a callback instance; transformers is imported lazily)
+    return _step_marker_class()()
 
 
 def compile_decoder(model) -> int:
