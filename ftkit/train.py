@@ -353,6 +353,17 @@ def fold_accumulation(cfg: ExperimentConfig, plan: dict, lengths: list[int], fre
     return plan
 
 
+def refold_if_not_compiled(cfg: ExperimentConfig, planned: dict, choices: dict, applied: dict,
+                           lengths: list[int], free_bytes: int) -> dict:
+    """The micro-batches were sized for compiled layers (which keep fewer activations); when the
+    model's layers could not be compiled (:func:`compile_layers` found none), size them again with
+    the eager figure, so that the run does not run out of memory."""
+    if not choices.get("compile") or applied.get("compiled_layers"):
+        return choices
+    log.warning("decoder layers not compiled (no *DecoderLayer list found): micro-batches sized for eager layers")
+    return fold_accumulation(cfg, {**planned, "compile": False}, lengths, free_bytes)
+
+
 def prepare_for_device(model, plan: dict) -> dict:
     """Apply a :func:`device_plan` to a loaded model (before adapters are added); returns what was
     applied (a piece that is unavailable for this model falls back to the plain path)."""
@@ -698,9 +709,11 @@ def run_training(cfg: ExperimentConfig, paths: RunPaths):
     plan = preflight(cfg, paths, lengths=[len(r["input_ids"]) for r in train_rows])
     log.info("pre-flight: ~%.2f GB needed of %.1f GB free, ~%.0f s estimated", plan["total_gb"], plan["free_gb"],
              plan["est_train_seconds"])
-    choices = fold_accumulation(cfg, device_plan(cfg, plan["est_train_seconds"]),
-                                [len(r["input_ids"]) for r in train_rows], int(plan["free_gb"] * 1024**3))
+    lengths, free = [len(r["input_ids"]) for r in train_rows], int(plan["free_gb"] * 1024**3)
+    planned = device_plan(cfg, plan["est_train_seconds"])
+    choices = fold_accumulation(cfg, planned, lengths, free)
     model = load_for_training(cfg, base_path, choices)
+    choices = refold_if_not_compiled(cfg, planned, choices, getattr(model, "_ftkit_applied", {}), lengths, free)
     load_peak = peak_memory_mb(device)  # loading can peak above training (QLoRA quantises as it loads)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

@@ -177,6 +177,23 @@ def test_fold_accumulation_sizes_micro_batches_by_memory(monkeypatch):
     assert ft.fold_accumulation(cfg, plan, skewed, int(fits_8))["micro_batch"] < 8
 
 
+def test_micro_batches_resized_when_layers_could_not_be_compiled(monkeypatch):
+    import types
+
+    import ftkit.estimate as est
+
+    monkeypatch.setattr(est, "estimate", lambda cfg, path, tokens, n, mean, compiled=False: types.SimpleNamespace(
+        total_gb=cfg.train.batch_size * mean / 100 / (2 if compiled else 1)))
+    cfg = load_config(model={"device": "cpu"}, train={"batch_size": 2, "gradient_accumulation_steps": 8})
+    planned = {**ft.device_plan(cfg), "merge_accumulation": True, "compile": True}
+    lengths, free = [100] * 64, int(8.5 * 1024**3 / 0.9)
+    folded = ft.fold_accumulation(cfg, planned, lengths, free)
+    assert folded["micro_batch"] == 16
+    assert ft.refold_if_not_compiled(cfg, planned, folded, {"compiled_layers": 30}, lengths, free) is folded
+    again = ft.refold_if_not_compiled(cfg, planned, folded, {"compiled_layers": 0}, lengths, free)
+    assert (again["micro_batch"], again["accumulation"]) == (8, 2) and again["compile"] is False
+
+
 def test_checkpointing_reaches_the_trainer_without_deprecation(tmp_path):
     import warnings
 
