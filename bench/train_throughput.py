@@ -371,7 +371,7 @@ def run_ftkit(model_dir, tok_dir, rows, arch, method, batch, lr, warmup, steps, 
         if switches.get("non_blocking") is False:
             trainer.accelerator.dataloader_config.non_blocking = False
         if switches.get("cuda_graphs"):
-            trainer.add_callback(StepMarker())
+            trainer.add_callback(step_marker())
         return trainer
 
     def check_fits(e, c, free):
@@ -387,7 +387,7 @@ def run_ftkit(model_dir, tok_dir, rows, arch, method, batch, lr, warmup, steps, 
     if switches.get("whole_decoder"):
         ft.compile_layers = compile_decoder
     if switches.get("cuda_graphs"):
-        ft.compile_layers = compile_layers_graphed
+        ft.compile_layers = lambda model: orig[5](model, mode="reduce-overhead")
     try:
         trainer, metrics = ft.run_training(cfg, paths)
     finally:
@@ -430,36 +430,22 @@ class Bucketed:
         return b
 
 
-def compile_layers_graphed(model) -> int:
-    """The 'CUDA graphs' experiment: ftkit's per-layer compile in ``reduce-overhead`` mode."""
-    layers = model.get_decoder().layers
-    for layer in layers:
-        layer.compile(dynamic=True, mode="reduce-overhead")
-    return len(layers)
-
-
-def _step_marker_class():
+def step_marker():
+    """A Trainer callback that tells CUDA graph trees where a training step begins (the outputs of
+    the previous step's graphs may then be overwritten)."""
     from transformers import TrainerCallback
 
     class _StepMarker(TrainerCallback):
-        """Tells CUDA graph trees where a training step begins (outputs of the previous step's graphs
-        may then be overwritten)."""
-
         def on_step_begin(self, args, state, control, **kw):
             torch.compiler.cudagraph_mark_step_begin()
 
-    return _StepMarker
-
-
-def StepMarker():  # noqa: N802  (a callback instance; transformers is imported lazily)
-    return _step_marker_class()()
+    return _StepMarker()
 
 
 def compile_decoder(model) -> int:
-    """The 'decoder compiled whole' experiment: ``model.model`` (the decoder stack under the LM head)
-    compiled as one region instead of each layer on its own; returns the layer count like
-    ``ftkit.train.compile_layers``."""
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+    """The 'decoder compiled whole' experiment: the decoder stack under the LM head compiled as one
+    region instead of each layer on its own; returns the layer count like ``ftkit.train.compile_layers``."""
+    decoder = model.get_decoder()
     decoder.compile(dynamic=True)
     return len(decoder.layers)
 

@@ -341,11 +341,10 @@ def fold_accumulation(cfg: ExperimentConfig, plan: dict, lengths: list[int], fre
     for k in [d for d in range(accum, 0, -1) if accum % d == 0]:
         size = min(t.batch_size * k, len(lengths))
         rng = random.Random(0)
-        sums = sorted(sum(rng.sample(lengths, size)) for _ in range(256))
+        largest = max(sum(rng.sample(lengths, size)) for _ in range(256))
         trial = dataclasses.replace(cfg, train=dataclasses.replace(t, batch_size=t.batch_size * k,
                                                                    gradient_accumulation_steps=accum // k))
-        est = estimate(trial, path, sum(lengths), len(lengths), sums[-1] / size,
-                       compiled=bool(plan.get("compile")))
+        est = estimate(trial, path, sum(lengths), len(lengths), largest / size, compiled=bool(plan.get("compile")))
         if est.total_gb * 1024**3 <= headroom * free_bytes or k == 1:
             # the estimate for the micro-batch actually used (the pre-flight one is for the configured size)
             return {**plan, "micro_batch": t.batch_size * k, "accumulation": accum // k,
@@ -381,15 +380,16 @@ def prepare_for_device(model, plan: dict) -> dict:
     return applied
 
 
-def compile_layers(model) -> int:
+def compile_layers(model, **options) -> int:
     """torch.compile every decoder layer in place (one graph shared by the layers; dynamic shapes,
-    as packed lengths change every step); the attention kernel call itself stays eager."""
+    as packed lengths change every step); the attention kernel call itself stays eager.
+    ``options``: more ``torch.compile`` options (the bench's experiments)."""
     layers = next((m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m)
                    and type(m[0]).__name__.endswith("DecoderLayer")), None)
     if layers is None:
         return 0
     for layer in layers:
-        layer.compile(dynamic=True)
+        layer.compile(dynamic=True, **options)
     return len(layers)
 
 
