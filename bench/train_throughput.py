@@ -118,6 +118,9 @@ ABLATIONS = {
     # (a trailing segment that trains nothing) and the longest-example length rounded up to a power of
     # two, so that few distinct shapes are recorded; 6 more warm-up steps to record them before timing
     "ftkit, CUDA graphs on bucketed lengths": {"traced_attention": True, "cuda_graphs": 512, "extra_warmup": 6},
+    # experiment: the CUDA caching allocator with expandable segments (packed lengths change every step;
+    # fewer new cudaMalloc calls, which can stall the host, and less fragmentation)
+    "ftkit, expandable segments": {"expandable_segments": True},
 }
 
 
@@ -328,7 +331,8 @@ def run_ftkit(model_dir, tok_dir, rows, arch, method, batch, lr, warmup, steps, 
     train_overrides = dict(train_overrides or {})
     dropout = train_overrides.pop("lora_dropout", dropout)
     switches = {k: train_overrides.pop(k) for k in ("compiled_loss", "non_blocking", "traced_attention",
-                                                         "whole_decoder", "cuda_graphs", "extra_warmup")
+                                                         "whole_decoder", "cuda_graphs", "extra_warmup",
+                                                         "expandable_segments")
                 if k in train_overrides}
     cfg = load_config(experiment="bench", seed=seed, outputs_dir=str(out), model={"name": str(model_dir)},
                       train={"method": method, "batch_size": batch, "gradient_accumulation_steps": accum,
@@ -388,9 +392,13 @@ def run_ftkit(model_dir, tok_dir, rows, arch, method, batch, lr, warmup, steps, 
         ft.compile_layers = compile_decoder
     if switches.get("cuda_graphs"):
         ft.compile_layers = lambda model: orig[5](model, mode="reduce-overhead")
+    if switches.get("expandable_segments"):
+        torch.cuda.memory._set_allocator_settings("expandable_segments:True")
     try:
         trainer, metrics = ft.run_training(cfg, paths)
     finally:
+        if switches.get("expandable_segments"):
+            torch.cuda.memory._set_allocator_settings("expandable_segments:False")
         (ft.make_collator, ft.build_trainer, est.check_fits, ft.add_lora, ft.register_varlen_attention,
          ft.compile_layers) = orig
     # stage 03 resets the peak after loading; its own figure is the larger of loading and training
