@@ -352,15 +352,12 @@ def fold_accumulation(cfg: ExperimentConfig, plan: dict, lengths: list[int], fre
     return plan
 
 
-def refold_if_not_compiled(cfg: ExperimentConfig, planned: dict, choices: dict, applied: dict,
-                           lengths: list[int], free_bytes: int) -> dict:
-    """The micro-batches were sized for compiled layers (which keep fewer activations); when the
-    model's layers could not be compiled (:func:`compile_layers` found none), size them again with
-    the eager figure, so that the run does not run out of memory."""
-    if not choices.get("compile") or applied.get("compiled_layers"):
-        return choices
-    log.warning("decoder layers not compiled (no *DecoderLayer list found): micro-batches sized for eager layers")
-    return fold_accumulation(cfg, {**planned, "compile": False}, lengths, free_bytes)
+def fold_for_model(cfg: ExperimentConfig, planned: dict, applied: dict, lengths: list[int], free_bytes: int) -> dict:
+    """:func:`fold_accumulation` for the loaded model: sized for compiled layers (which keep fewer
+    activations) only where :func:`prepare_for_device` compiled them, so a model whose layers could
+    not be compiled gets micro-batches that fit eager layers. ``free_bytes``: measured before loading
+    (the estimate includes the weights)."""
+    return fold_accumulation(cfg, {**planned, "compile": bool(applied.get("compiled_layers"))}, lengths, free_bytes)
 
 
 def prepare_for_device(model, plan: dict) -> dict:
@@ -372,6 +369,8 @@ def prepare_for_device(model, plan: dict) -> dict:
     if plan.get("compile"):
         applied["compiled_layers"] = compile_layers(model)
         applied["compiled_loss"] = compile_loss(model)
+        if not applied["compiled_layers"]:
+            log.warning("decoder layers not compiled (no *DecoderLayer list found): they run eager")
     applied["trained_logits_only"] = bool(plan.get("trained_logits_only")) and takes_logit_positions(model)
     if plan["attention"] == "varlen" and register_varlen_attention():
         model.config._attn_implementation = VARLEN
@@ -711,9 +710,8 @@ def run_training(cfg: ExperimentConfig, paths: RunPaths):
              plan["est_train_seconds"])
     lengths, free = [len(r["input_ids"]) for r in train_rows], int(plan["free_gb"] * 1024**3)
     planned = device_plan(cfg, plan["est_train_seconds"])
-    choices = fold_accumulation(cfg, planned, lengths, free)
-    model = load_for_training(cfg, base_path, choices)
-    choices = refold_if_not_compiled(cfg, planned, choices, getattr(model, "_ftkit_applied", {}), lengths, free)
+    model = load_for_training(cfg, base_path, planned)
+    choices = fold_for_model(cfg, planned, getattr(model, "_ftkit_applied", {}), lengths, free)
     load_peak = peak_memory_mb(device)  # loading can peak above training (QLoRA quantises as it loads)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

@@ -187,10 +187,9 @@ def test_micro_batches_resized_when_layers_could_not_be_compiled(monkeypatch):
     cfg = load_config(model={"device": "cpu"}, train={"batch_size": 2, "gradient_accumulation_steps": 8})
     planned = {**ft.device_plan(cfg), "merge_accumulation": True, "compile": True}
     lengths, free = [100] * 64, int(8.5 * 1024**3 / 0.9)
-    folded = ft.fold_accumulation(cfg, planned, lengths, free)
+    folded = ft.fold_for_model(cfg, planned, {"compiled_layers": 30}, lengths, free)
     assert folded["micro_batch"] == 16
-    assert ft.refold_if_not_compiled(cfg, planned, folded, {"compiled_layers": 30}, lengths, free) is folded
-    again = ft.refold_if_not_compiled(cfg, planned, folded, {"compiled_layers": 0}, lengths, free)
+    again = ft.fold_for_model(cfg, planned, {"compiled_layers": 0}, lengths, free)
     assert (again["micro_batch"], again["accumulation"]) == (8, 2) and again["compile"] is False
 
 
