@@ -121,6 +121,10 @@ ABLATIONS = {
     # experiment: the CUDA caching allocator with expandable segments (packed lengths change every step;
     # fewer new cudaMalloc calls, which can stall the host, and less fragmentation)
     "ftkit, expandable segments": {"expandable_segments": True},
+    # experiment: Python's cyclic garbage collector off during training (objects alive at the start
+    # frozen out of its scans, a collection every 50 optimizer steps instead); a host-bound step
+    # otherwise pauses for collections that walk every object the process holds
+    "ftkit, manual gc": {"manual_gc": True},
 }
 
 
@@ -332,7 +336,7 @@ def run_ftkit(model_dir, tok_dir, rows, arch, method, batch, lr, warmup, steps, 
     dropout = train_overrides.pop("lora_dropout", dropout)
     switches = {k: train_overrides.pop(k) for k in ("compiled_loss", "non_blocking", "traced_attention",
                                                          "whole_decoder", "cuda_graphs", "extra_warmup",
-                                                         "expandable_segments")
+                                                         "expandable_segments", "manual_gc")
                 if k in train_overrides}
     cfg = load_config(experiment="bench", seed=seed, outputs_dir=str(out), model={"name": str(model_dir)},
                       train={"method": method, "batch_size": batch, "gradient_accumulation_steps": accum,
@@ -376,6 +380,8 @@ def run_ftkit(model_dir, tok_dir, rows, arch, method, batch, lr, warmup, steps, 
             trainer.accelerator.dataloader_config.non_blocking = False
         if switches.get("cuda_graphs"):
             trainer.add_callback(step_marker())
+        if switches.get("manual_gc"):
+            trainer.add_callback(manual_gc())
         return trainer
 
     def check_fits(e, c, free):
@@ -448,6 +454,28 @@ def step_marker():
             torch.compiler.cudagraph_mark_step_begin()
 
     return _StepMarker()
+
+
+def manual_gc(every: int = 50):
+    """The 'manual gc' experiment's callback: automatic collection off for the run, the objects alive
+    at its start frozen (never scanned again), a young-generation collection every ``every`` steps."""
+    from transformers import TrainerCallback
+
+    class _ManualGC(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kw):
+            gc.collect()
+            gc.freeze()
+            gc.disable()
+
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step % every == 0:
+                gc.collect(1)
+
+        def on_train_end(self, args, state, control, **kw):
+            gc.enable()
+            gc.unfreeze()
+
+    return _ManualGC()
 
 
 def compile_decoder(model) -> int:
