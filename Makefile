@@ -70,6 +70,9 @@ lab: $(STAMP)  ## JupyterLab on the notebooks
 clean:  ## remove generated outputs (keeps outputs/.gitkeep)
 	find $(OUTPUTS) -mindepth 1 -maxdepth 1 ! -name .gitkeep -exec rm -rf {} +
 
-.PHONY: bench-train
+.PHONY: bench-train bench-host
 bench-train: $(STAMP)  ## GPU training speed, baseline vs ftkit (a CUDA GPU; writes bench/results/)
 	$(BIN)/python bench/train_throughput.py $(BENCH_ARGS)
+
+bench-host: $(STAMP)  ## host time of a training step, stock Trainer vs ftkit's LeanTrainer (CPU, ~1 min)
+	$(BIN)/python bench/host_overhead.py

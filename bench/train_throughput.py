@@ -125,6 +125,9 @@ ABLATIONS = {
     # frozen out of its scans, a collection every 50 optimizer steps instead); a host-bound step
     # otherwise pauses for collections that walk every object the process holds
     "ftkit, manual gc": {"manual_gc": True},
+    # the Trainer's per-step module walks as stock transformers does them (model.train(), the parameter
+    # count for total_flos, clipping and zero_grad over every parameter): ftkit.lean_trainer does them once
+    "ftkit, stock module walks": {"stock_walks": True},
 }
 
 
@@ -336,7 +339,7 @@ def run_ftkit(model_dir, tok_dir, rows, arch, method, batch, lr, warmup, steps, 
     dropout = train_overrides.pop("lora_dropout", dropout)
     switches = {k: train_overrides.pop(k) for k in ("compiled_loss", "non_blocking", "traced_attention",
                                                          "whole_decoder", "cuda_graphs", "extra_warmup",
-                                                         "expandable_segments", "manual_gc")
+                                                         "expandable_segments", "manual_gc", "stock_walks")
                 if k in train_overrides}
     cfg = load_config(experiment="bench", seed=seed, outputs_dir=str(out), model={"name": str(model_dir)},
                       train={"method": method, "batch_size": batch, "gradient_accumulation_steps": accum,
@@ -400,9 +403,15 @@ def run_ftkit(model_dir, tok_dir, rows, arch, method, batch, lr, warmup, steps, 
         ft.compile_layers = lambda model: orig[5](model, mode="reduce-overhead")
     if switches.get("expandable_segments"):
         torch.cuda.memory._set_allocator_settings("expandable_segments:True")
+    from ftkit.lean_trainer import LeanTrainer
+
+    lean = LeanTrainer._lean
+    if switches.get("stock_walks"):
+        LeanTrainer._lean = lambda self: False
     try:
         trainer, metrics = ft.run_training(cfg, paths)
     finally:
+        LeanTrainer._lean = lean
         if switches.get("expandable_segments"):
             torch.cuda.memory._set_allocator_settings("expandable_segments:False")
         (ft.make_collator, ft.build_trainer, est.check_fits, ft.add_lora, ft.register_varlen_attention,

@@ -403,22 +403,6 @@ def compile_loss(model) -> bool:
     return True
 
 
-def _trainer_class():
-    from transformers import Trainer
-
-    class _Trainer(Trainer):
-        """The Trainer, counting input tokens from tensor shapes on one process: the stock count moves
-        the number to the GPU and back every step, a host sync that stalls the queue of kernels."""
-
-        def _track_num_input_tokens(self, inputs):
-            if (self.args.world_size > 1 or self.args.include_num_input_tokens_seen not in (True, "all")
-                    or "input_ids" not in inputs):
-                return super()._track_num_input_tokens(inputs)
-            self.state.num_input_tokens_seen += inputs["input_ids"].numel()
-
-    return _Trainer
-
-
 def load_tokens(path: Path, limit: int | None = None, objective: str = "instruction") -> list[dict]:
     """Tokenised examples; with the ``completion`` objective every token after the first is trained."""
     rows = read_jsonl(path)[:limit] if limit else read_jsonl(path)
@@ -491,6 +475,8 @@ def build_trainer(cfg: ExperimentConfig, paths: RunPaths, model, tokenizer, trai
     ``plan``: :func:`device_plan`'s choices (micro-batches sized by :func:`fold_accumulation`)."""
     from transformers import Trainer, TrainingArguments
 
+    from .lean_trainer import LeanTrainer
+
     t = cfg.train
     device = resolve_device(cfg.model)
     plan = plan or device_plan(cfg)
@@ -542,7 +528,7 @@ def build_trainer(cfg: ExperimentConfig, paths: RunPaths, model, tokenizer, trai
     callbacks = [CompleteCheckpointMarker()]
     if t.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=t.early_stopping_patience))
-    trainer_class = _trainer_class() if plan["device"] == "cuda" else Trainer
+    trainer_class = LeanTrainer if plan["device"] == "cuda" else Trainer
     return trainer_class(
         model=model,
         callbacks=callbacks,
