@@ -20,7 +20,7 @@ def run_paths(cfg: ExperimentConfig) -> RunPaths:
     return RunPaths(resolve_outputs_dir(cfg.outputs_dir), cfg.experiment)
 
 _SUBMODULES = {"config", "paths", "demo_data", "readers", "formats", "cleaning", "data", "templates", "masking",
-               "conversion", "estimate", "checker", "replay", "launch", "modeling", "train", "evaluate", "export", "serve",
+               "conversion", "estimate", "checker", "replay", "launch", "modeling", "train", "lean_trainer", "evaluate", "export", "serve",
                "server_process", "host", "report", "cli", "metrics", "judge", "eval_report",
                "gguf_export", "loadtest", "cost", "host_report"}
 
