@@ -73,9 +73,11 @@ def main() -> None:
     a = ap.parse_args()
     torch.set_num_threads(1)  # one host thread, as a GPU run's Python has
     times = {"stock Trainer": [], "LeanTrainer": []}
-    for _ in range(a.rounds):
-        times["stock Trainer"] += step_times(Trainer, a.warmup, a.steps)
-        times["LeanTrainer"] += step_times(LeanTrainer, a.warmup, a.steps)
+    for r in range(a.rounds):
+        for name, cls in (("stock Trainer", Trainer), ("LeanTrainer", LeanTrainer)):
+            t = step_times(cls, a.warmup, a.steps)
+            times[name] += t
+            print(f"round {r + 1}: {name:14s} median {statistics.median(t) * 1000:7.2f} ms a step")
     means = {k: statistics.mean(v) * 1000 for k, v in times.items()}
     for k, v in times.items():
         print(f"{k:14s} {means[k]:7.2f} ms a step (median {statistics.median(v) * 1000:.2f}, {len(v)} steps)")
