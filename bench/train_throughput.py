@@ -92,6 +92,9 @@ LORA = dict(r=16, alpha=32, dropout=0.0)  # PEFT's default dropout; the ablation
 # adapters' dropout instead, against the same dropout-0 baseline)
 _OFF = {"attention": "sdpa", "kernels": "none", "optimizer": "adamw_torch", "merge_accumulation": False,
         "compile": False}
+# ablation keys that are not ftkit config: run_ftkit switches these around ftkit.train.run_training
+BENCH_SWITCHES = ("compiled_loss", "non_blocking", "traced_attention", "whole_decoder", "cuda_graphs",
+                  "extra_warmup", "expandable_segments", "manual_gc", "stock_walks")
 ABLATIONS = {
     "packed-sdpa (ftkit before)": _OFF,
     "+ varlen attention": {**_OFF, "attention": "varlen"},
@@ -337,10 +340,7 @@ def run_ftkit(model_dir, tok_dir, rows, arch, method, batch, lr, warmup, steps, 
 
     train_overrides = dict(train_overrides or {})
     dropout = train_overrides.pop("lora_dropout", dropout)
-    switches = {k: train_overrides.pop(k) for k in ("compiled_loss", "non_blocking", "traced_attention",
-                                                         "whole_decoder", "cuda_graphs", "extra_warmup",
-                                                         "expandable_segments", "manual_gc", "stock_walks")
-                if k in train_overrides}
+    switches = {k: train_overrides.pop(k) for k in BENCH_SWITCHES if k in train_overrides}
     cfg = load_config(experiment="bench", seed=seed, outputs_dir=str(out), model={"name": str(model_dir)},
                       train={"method": method, "batch_size": batch, "gradient_accumulation_steps": accum,
                              # as in a run long enough to win back the compile time (what `auto` does

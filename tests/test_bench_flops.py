@@ -48,3 +48,12 @@ def test_useful_flops_equal_the_counted_matmuls(monkeypatch, method, prompt):
     square = 3 * 4 * L * L * s["d_attn"] * s["layers"]
     triangle = 6 * L * (L + 1) * s["d_attn"] * s["layers"]
     assert tt.useful_flops([(L, trained)], "tiny", method) - triangle == counted - square
+
+
+def test_every_ablation_is_a_bench_switch_or_valid_train_config():
+    """An ablation with a misspelt key would fail only on the GPU, after its device time is spent."""
+    from ftkit.config import load_config
+
+    for overrides in tt.ABLATIONS.values():
+        config_keys = {k: v for k, v in overrides.items() if k not in tt.BENCH_SWITCHES and k != "lora_dropout"}
+        load_config(train=config_keys)  # raises ConfigError naming the key (an unknown one too)
