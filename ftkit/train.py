@@ -691,10 +691,11 @@ def run_training(cfg: ExperimentConfig, paths: RunPaths):
     from .estimate import preflight
 
     # before any weight is loaded: stops early if it clearly won't fit
-    plan = preflight(cfg, paths, lengths=[len(r["input_ids"]) for r in train_rows])
+    lengths = [len(r["input_ids"]) for r in train_rows]
+    plan = preflight(cfg, paths, lengths=lengths)
     log.info("pre-flight: ~%.2f GB needed of %.1f GB free, ~%.0f s estimated", plan["total_gb"], plan["free_gb"],
              plan["est_train_seconds"])
-    lengths, free = [len(r["input_ids"]) for r in train_rows], int(plan["free_gb"] * 1024**3)
+    free = int(plan["free_gb"] * 1024**3)
     planned = device_plan(cfg, plan["est_train_seconds"])
     model = load_for_training(cfg, base_path, planned)
     choices = fold_for_model(cfg, planned, getattr(model, "_ftkit_applied", {}), lengths, free)
