@@ -94,7 +94,7 @@ _OFF = {"attention": "sdpa", "kernels": "none", "optimizer": "adamw_torch", "mer
         "compile": False}
 # ablation keys that are not ftkit config: run_ftkit switches these around ftkit.train.run_training
 BENCH_SWITCHES = ("compiled_loss", "non_blocking", "traced_attention", "whole_decoder", "cuda_graphs",
-                  "extra_warmup", "expandable_segments", "manual_gc", "stock_walks")
+                  "extra_warmup", "expandable_segments", "manual_gc", "stock_walks", "cpp_wrapper")
 ABLATIONS = {
     "packed-sdpa (ftkit before)": _OFF,
     "+ varlen attention": {**_OFF, "attention": "varlen"},
@@ -131,6 +131,9 @@ ABLATIONS = {
     # the Trainer's per-step module walks as stock transformers does them (model.train(), the parameter
     # count for total_flos, clipping and zero_grad over every parameter): ftkit.lean_trainer does them once
     "ftkit, stock module walks": {"stock_walks": True},
+    # the compiled layers launching their kernels from Inductor's Python wrapper (ftkit uses its C++
+    # wrapper on a GPU: the 1.5B Bitext step leaves the GPU idle while the host launches ~3,000 kernels)
+    "ftkit, Python wrapper": {"cpp_wrapper": False},
 }
 
 
@@ -400,7 +403,9 @@ def run_ftkit(model_dir, tok_dir, rows, arch, method, batch, lr, warmup, steps, 
     if switches.get("whole_decoder"):
         ft.compile_layers = compile_decoder
     if switches.get("cuda_graphs"):
-        ft.compile_layers = lambda model: orig[5](model, mode="reduce-overhead")
+        ft.compile_layers = lambda model, **kw: orig[5](model, mode="reduce-overhead")
+    if switches.get("cpp_wrapper") is False:
+        ft.compile_layers = lambda model, **kw: orig[5](model)
     if switches.get("expandable_segments"):
         torch.cuda.memory._set_allocator_settings("expandable_segments:True")
     from ftkit.lean_trainer import LeanTrainer
@@ -487,7 +492,7 @@ def manual_gc(every: int = 50):
     return _ManualGC()
 
 
-def compile_decoder(model) -> int:
+def compile_decoder(model, **_) -> int:
     """The 'decoder compiled whole' experiment: the decoder stack under the LM head compiled as one
     region instead of each layer on its own; returns the layer count like ``ftkit.train.compile_layers``."""
     decoder = model.get_decoder()

@@ -193,6 +193,21 @@ def test_micro_batches_resized_when_layers_could_not_be_compiled(monkeypatch):
     assert (again["micro_batch"], again["accumulation"]) == (8, 2) and again["compile"] is False
 
 
+def test_compiled_layers_use_the_cpp_wrapper_on_cuda_only(monkeypatch, tiny_model):
+    """On a GPU the compiled layers launch their kernels from Inductor's C++ wrapper (the host-bound
+    step of short examples); elsewhere torch.compile's defaults stay. What was chosen is recorded."""
+    calls = []
+    monkeypatch.setattr(ft, "compile_layers", lambda model, **kw: calls.append(kw) or 2)
+    monkeypatch.setattr(ft, "compile_loss", lambda model: True)
+    monkeypatch.setattr(ft, "register_varlen_attention", lambda: False)
+    base = {"kernels": "none", "attention": "sdpa", "compile": True}
+    cuda = ft.prepare_for_device(tiny_model, {**base, "device": "cuda"})
+    cpu = ft.prepare_for_device(tiny_model, {**base, "device": "cpu"})
+    assert calls == [{"options": {"cpp_wrapper": True}}, {}]
+    assert (cuda["compile_wrapper"], cpu["compile_wrapper"]) == ("cpp", None)
+    assert "compile_wrapper" not in ft.prepare_for_device(tiny_model, {**base, "device": "cuda", "compile": False})
+
+
 def test_checkpointing_reaches_the_trainer_without_deprecation(tmp_path):
     import warnings
 
