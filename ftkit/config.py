@@ -112,9 +112,12 @@ class ConvertConfig:
     hosted_price_per_million_tokens: float = 25.0
     """USD per million training tokens on a hosted fine-tuning API, for the cost line in report 02
     (an example figure: set the price you are quoted)."""
-    over_length: Literal["drop", "truncate", "error"] = "drop"
+    over_length: Literal["drop", "truncate", "split", "error"] = "drop"
     """Examples longer than max_seq_len are never cut silently: drop them, truncate at a turn
-    boundary (later turns removed), or stop with an error; always counted in the report."""
+    boundary (later turns removed), split, or stop with an error; always counted in the report.
+    `split`: a plain-text record (completion tuning: a document, a book) becomes consecutive pieces
+    of max_seq_len tokens, every token kept and trained, the EOS only at the document's end; a
+    conversation cannot be split without losing its context, so it is truncated as with `truncate`."""
 
 
 @dataclass

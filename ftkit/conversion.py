@@ -2,7 +2,7 @@
 
 Every example's mask is verified: the decoded trained tokens must equal the assistant contents
 plus the end-of-turn token (whitespace aside); a mismatch is quarantined with the two texts.
-Over-long examples are dropped, truncated at a turn boundary, or stop the run
+Over-long examples are dropped, truncated at a turn boundary, split (plain text) or stop the run
 (``convert.over_length``): always counted, never silent.
 """
 
@@ -33,6 +33,8 @@ class ConversionResult:
     records_in: dict[str, int] = field(default_factory=dict)
     kept: dict[str, int] = field(default_factory=dict)
     truncated: dict[str, int] = field(default_factory=dict)
+    split: dict[str, int] = field(default_factory=dict)
+    """plain-text records cut into max_seq_len pieces (``convert.over_length: split``), per split"""
     quarantined: list[dict] = field(default_factory=list)
     lengths: dict[str, list[int]] = field(default_factory=dict)
     trained_share: dict[str, list[float]] = field(default_factory=dict)
@@ -56,7 +58,7 @@ class ConversionResult:
                 "examples": len(lens), "tokens": int(arr.sum()), "trained_tokens": self.trained_tokens[name],
                 "mean": float(arr.mean()), "p50": float(np.percentile(arr, 50)), "p95": float(np.percentile(arr, 95)),
                 "max": int(arr.max()), "trained_token_share": self.trained_tokens[name] / max(self.total_tokens[name], 1),
-                "truncated": self.truncated.get(name, 0),
+                "truncated": self.truncated.get(name, 0), "split_records": self.split.get(name, 0),
             }
         return {"records_in": self.records_in, "kept": self.kept, "quarantined": len(self.quarantined),
                 "quarantine_reasons": reasons, "max_seq_len": max_seq_len, "token_stats": stats}
@@ -69,6 +71,12 @@ def build_text_example(tokenizer, text: str) -> Example:
         ids = [tokenizer.bos_token_id] + ids
     ids = ids + [tokenizer.eos_token_id]
     return Example(ids, list(ids))
+
+
+def split_text_example(ex: Example, max_len: int) -> list[Example]:
+    """A plain-text example cut into consecutive pieces of at most ``max_len`` tokens (the last
+    keeps the EOS); every token is kept and trained."""
+    return [Example(ex.input_ids[i:i + max_len], ex.labels[i:i + max_len]) for i in range(0, len(ex.input_ids), max_len)]
 
 
 def expected_trained_text(messages: list[dict], eot_text: str) -> str:
@@ -116,8 +124,9 @@ def run_tokenizer(cfg: ExperimentConfig, paths: RunPaths):
 
 def process_record(tokenizer, rec: dict, *, system_prompt: str | None, max_seq_len: int, over_length: str,
                    eot_text: str) -> dict:
-    """Convert one canonical record: ``{"ok": True, "chat", "tokens", "truncated"}`` or
-    ``{"ok": False, "code", "reason"}``. Pure, so it can run in worker processes."""
+    """Convert one canonical record: ``{"ok": True, "chat", "tokens", "truncated", "pieces"}`` or
+    ``{"ok": False, "code", "reason"}``; ``tokens`` is a list (one example, or a split text's
+    pieces). Pure, so it can run in worker processes."""
     if "text" in rec and "messages" not in rec:
         messages, ex = None, build_text_example(tokenizer, rec["text"])
     else:
@@ -126,18 +135,24 @@ def process_record(tokenizer, rec: dict, *, system_prompt: str | None, max_seq_l
             ex = build_example(tokenizer, messages)
         except ValueError as e:
             return {"ok": False, "code": "template_error", "reason": str(e)}
-    truncated = False
+    truncated, pieces = False, [ex]
     if len(ex.input_ids) > max_seq_len:
         reason = f"{len(ex.input_ids)} tokens > convert.max_seq_len={max_seq_len}"
         if over_length == "error":
             return {"ok": False, "code": "over_length_error", "reason": reason}
-        fitted = fit_length(tokenizer, messages, max_seq_len) if over_length == "truncate" and messages else None
-        if fitted is None:
-            how = ("no turn boundary leaves a trained reply within the limit" if over_length == "truncate"
-                   else "dropped (convert.over_length: drop)")
-            return {"ok": False, "code": "over_length", "reason": f"{reason}; {how}"}
-        messages, ex = fitted
-        truncated = True
+        if messages is None and over_length == "split":
+            pieces = split_text_example(ex, max_seq_len)
+        else:
+            cut = over_length in ("truncate", "split")
+            fitted = fit_length(tokenizer, messages, max_seq_len) if cut and messages else None
+            if fitted is None:
+                how = ("no turn boundary leaves a trained reply within the limit" if messages and cut
+                       else "dropped (convert.over_length: drop)" if messages
+                       else f"plain text is not cut at turns (convert.over_length: {over_length}); set "
+                            "convert.over_length: split to train on it in max_seq_len pieces")
+                return {"ok": False, "code": "over_length", "reason": f"{reason}; {how}"}
+            messages, ex = fitted
+            pieces, truncated = [ex], True
     if messages is not None:
         problem = verify_mask(tokenizer, messages, ex, eot_text)
         if problem:
@@ -145,8 +160,9 @@ def process_record(tokenizer, rec: dict, *, system_prompt: str | None, max_seq_l
     if ex.n_trained == 0:
         return {"ok": False, "code": "no_trained_tokens", "reason": "no token carries the loss"}
     body = {"messages": messages} if messages is not None else {"text": rec["text"]}
+    ids = [rec.get("id")] if len(pieces) == 1 else [f"{rec.get('id')}#{k}" for k in range(len(pieces))]
     return {"ok": True, "truncated": truncated, "chat": {"id": rec.get("id"), **body, "meta": rec.get("meta", {})},
-            "tokens": {"id": rec.get("id"), **ex.to_dict()},
+            "tokens": [{"id": i, **p.to_dict()} for i, p in zip(ids, pieces, strict=True)],
             "turns": sum(1 for m in messages if m["role"] == "assistant") if messages else 1}
 
 
@@ -185,7 +201,7 @@ def convert(cfg: ExperimentConfig, paths: RunPaths, tokenizer) -> ConversionResu
         records = read_jsonl(paths.require(paths.split(name), "01_data_prep"))
         out.records_in[name] = len(records)
         chat_rows, token_rows, lens, shares, turns = [], [], [], [], []
-        out.trained_tokens[name] = out.total_tokens[name] = out.truncated[name] = 0
+        out.trained_tokens[name] = out.total_tokens[name] = out.truncated[name] = out.split[name] = 0
         for i, (rec, res) in enumerate(zip(records, process_many(tokenizer, records, **kw), strict=True), 1):
             where = f"{paths.split(name)}:line {i} ({rec.get('id')})"
             if not res["ok"]:
@@ -195,17 +211,19 @@ def convert(cfg: ExperimentConfig, paths: RunPaths, tokenizer) -> ConversionResu
                 out.quarantined.append({"source": where, "reason_code": res["code"], "reason": res["reason"],
                                         "record": rec})
                 continue
-            ex = Example(res["tokens"]["input_ids"], res["tokens"]["labels"])
             chat_rows.append(res["chat"])
-            token_rows.append(res["tokens"])
-            lens.append(len(ex.input_ids))
-            shares.append(ex.n_trained / len(ex.input_ids))
-            turns.append(res["turns"])
             out.truncated[name] += res["truncated"]
-            out.trained_tokens[name] += ex.n_trained
-            out.total_tokens[name] += len(ex.input_ids)
-            if name == "train" and len(out.examples) < 3:
-                out.examples.append(ex)
+            out.split[name] += len(res["tokens"]) > 1
+            for piece in res["tokens"]:
+                ex = Example(piece["input_ids"], piece["labels"])
+                token_rows.append(piece)
+                lens.append(len(ex.input_ids))
+                shares.append(ex.n_trained / len(ex.input_ids))
+                turns.append(res["turns"])
+                out.trained_tokens[name] += ex.n_trained
+                out.total_tokens[name] += len(ex.input_ids)
+                if name == "train" and len(out.examples) < 3:
+                    out.examples.append(ex)
         write_jsonl(paths.chat(name), chat_rows)
         write_jsonl(paths.tokens(name), token_rows)
         write_jsonl(paths.openai_export(name), (to_openai(r) for r in chat_rows if "messages" in r))
@@ -216,4 +234,4 @@ def convert(cfg: ExperimentConfig, paths: RunPaths, tokenizer) -> ConversionResu
 
 
 __all__ = ["IGNORE_INDEX", "ConversionResult", "DataError", "build_text_example", "convert", "fit_length",
-           "process_many", "process_record", "verify_mask"]
+           "process_many", "process_record", "split_text_example", "verify_mask"]

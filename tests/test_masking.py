@@ -106,3 +106,30 @@ def test_truncate_at_turn_boundary_and_text_examples(tokenizer):
     assert fit_length(tokenizer, CONV, 5) is None
     t = build_text_example(tokenizer, "Once upon a time")
     assert t.labels == t.input_ids and t.input_ids[-1] == tokenizer.eos_token_id
+
+
+def test_long_text_split_into_pieces_or_dropped_with_the_fix(tokenizer):
+    """Completion tuning on a long document: `over_length: split` keeps every token, in
+    consecutive max_seq_len pieces, the EOS only at the end; otherwise the record is quarantined
+    with a reason that names the setting (never cut silently)."""
+    from ftkit.conversion import build_text_example, process_record
+
+    text = " ".join(f"line {i} of a long plain-text document." for i in range(60))
+    full = build_text_example(tokenizer, text)
+    kw = {"system_prompt": None, "max_seq_len": 64, "eot_text": "<|im_end|>"}
+    res = process_record(tokenizer, {"id": "doc", "text": text}, over_length="split", **kw)
+    pieces = res["tokens"]
+    assert res["ok"] and len(pieces) == -(-len(full.input_ids) // 64) > 1
+    assert [p["id"] for p in pieces] == [f"doc#{k}" for k in range(len(pieces))]
+    assert all(len(p["input_ids"]) <= 64 and p["labels"] == p["input_ids"] for p in pieces)
+    assert sum((p["input_ids"] for p in pieces), []) == full.input_ids
+    assert [p["input_ids"].count(tokenizer.eos_token_id) for p in pieces] == [0] * (len(pieces) - 1) + [1]
+    assert res["chat"] == {"id": "doc", "text": text, "meta": {}}
+    for how in ("drop", "truncate"):
+        res = process_record(tokenizer, {"id": "doc", "text": text}, over_length=how, **kw)
+        assert not res["ok"] and res["code"] == "over_length" and "convert.over_length: split" in res["reason"]
+    # a conversation under `split` is truncated at a turn boundary, as with `truncate`
+    full_conv = build_example(tokenizer, CONV)
+    res = process_record(tokenizer, {"id": "c", "messages": CONV}, over_length="split",
+                         **{**kw, "max_seq_len": len(full_conv.input_ids) - 1})
+    assert res["ok"] and res["truncated"] and res["chat"]["messages"] == CONV[:3] and len(res["tokens"]) == 1
