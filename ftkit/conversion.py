@@ -124,7 +124,7 @@ def run_tokenizer(cfg: ExperimentConfig, paths: RunPaths):
 
 def process_record(tokenizer, rec: dict, *, system_prompt: str | None, max_seq_len: int, over_length: str,
                    eot_text: str) -> dict:
-    """Convert one canonical record: ``{"ok": True, "chat", "tokens", "truncated", "pieces"}`` or
+    """Convert one canonical record: ``{"ok": True, "chat", "tokens", "truncated", "turns"}`` or
     ``{"ok": False, "code", "reason"}``; ``tokens`` is a list (one example, or a split text's
     pieces). Pure, so it can run in worker processes."""
     if "text" in rec and "messages" not in rec:
