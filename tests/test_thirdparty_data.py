@@ -17,6 +17,7 @@ EXPECTED = {  # name -> (detected format, records)
     "llamafactory-identity": ("alpaca", 91),
     "llamafactory-kto": ("messages", 300),
     "llamafactory-c4": ("text", 300),
+    "llama-stack-squad": ("prompt_completion", 720),
     "aiperf-shakespeare": ("text", 1),
 }
 MAX_SEQ_LEN = 2048

@@ -45,6 +45,12 @@ SOURCES = {
         "llamafactory==0.9.5", True, "llamafactory-0.9.5/data/c4_demo.jsonl",
         "f51528081ef22279f2840c02c4cd7cdfc372138be0817c5b8714d200af692b78",
         "LLaMA-Factory's C4 sample (JSONL with a 'text' field; C4 is ODC-BY)"),
+    "llama-stack-squad": (
+        "llama-stack==0.7.3", True,
+        "llama_stack-0.7.3/docs/notebooks/nvidia/beginner_e2e/sample_data/sample_squad_data/training/training.jsonl",
+        "c04c232780878150438413d187b18a131d324af3d92610cb2f2adf47982c1cdf",
+        "Meta's llama-stack tutorial data (prompt/completion, extractive QA on SQuAD passages); package MIT, "
+        "SQuAD CC BY-SA 4.0"),
     "aiperf-shakespeare": (
         "aiperf==0.13.0", False, "aiperf/dataset/generator/assets/shakespeare.txt",
         "e0e13a826912a4a81bb3a582aa73c4af0675bdeee6ddf6d505efb63d562d496f",
@@ -67,7 +73,9 @@ def fetch(cache: Path = CACHE) -> list[Path]:
         sdist = SOURCES[names[0]][1]
         with tempfile.TemporaryDirectory() as tmp:
             cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", tmp, req]
-            subprocess.run(cmd + (["--no-binary", ":all:"] if sdist else ["--only-binary", ":all:"]), check=True)
+            # the source archive is only read, never built or installed, so its Python floor does not apply
+            sdist_args = ["--no-binary", ":all:", "--ignore-requires-python"]
+            subprocess.run(cmd + (sdist_args if sdist else ["--only-binary", ":all:"]), check=True)
             archive = next(Path(tmp).iterdir())
             for n in names:
                 member = SOURCES[n][2]
