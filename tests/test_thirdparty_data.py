@@ -72,15 +72,15 @@ def test_masks_verify_on_the_embedded_template(tokenizer, dataset):
     """Stage 02's per-example work on every record: no template error, no mask mismatch. Over-long
     conversations are truncated at a turn boundary (or quarantined when none fits); long texts are
     split into pieces that keep every token."""
+    from ftkit.checker import CheckSummary, check
     from ftkit.conversion import build_text_example, process_many
-    from ftkit.formats import detect_format, to_canonical
     from ftkit.masking import end_of_turn_token_id
-    from ftkit.readers import iter_records
 
     name, p = dataset
-    records = [r.record for r in iter_records(p)]
-    detection = detect_format(records)
-    canonical = [{"id": str(i), **to_canonical(r, detection)} for i, r in enumerate(records)]
+    summary = CheckSummary()
+    records = [rec for _, rec, _ in check(p, summary=summary)]
+    detection = summary.detection
+    canonical = [{"id": str(i), **rec} for i, rec in enumerate(records)]
     results = process_many(tokenizer, canonical, system_prompt=None, max_seq_len=MAX_SEQ_LEN, over_length="split",
                            eot_text=tokenizer.decode([end_of_turn_token_id(tokenizer)]))
     codes = {r["code"] for r in results if not r["ok"]}
