@@ -16,7 +16,7 @@ THIRDPARTY := .cache/thirdparty/.fetched
 REPORTS := $(OUTPUTS)/$(EXP)/reports
 STAGES := 01_data_prep 02_format_conversion 03_train 04_evaluate 05_host
 
-.PHONY: run install test test-slow thirdparty lint clean lab 01 02 03 04 05 $(STAGES)
+.PHONY: run install test test-slow test-export export-tools thirdparty lint clean lab 01 02 03 04 05 $(STAGES)
 
 run: $(REPORTS)/05_host.html  ## all five stages for EXP (default demo)
 
@@ -69,6 +69,12 @@ $(THIRDPARTY): tests/thirdparty.py $(STAMP)
 
 test-slow: $(STAMP)  ## heavier checks on the real embedded model
 	$(BIN)/python -m pytest -q -m slow
+
+export-tools: $(STAMP)  ## llama.cpp's converter and templates, and llama-cpp-python built once into a cached wheel (Q4_K_M, loading checks)
+	$(BIN)/ftkit export-tools --build
+
+test-export: export-tools $(THIRDPARTY)  ## every family's GGUF written, quantised and generating in llama.cpp
+	FTKIT_REQUIRE_THIRDPARTY=1 $(BIN)/python -m pytest -q -m export
 
 lint: $(STAMP)
 	$(BIN)/ruff check ftkit tests bench

@@ -22,7 +22,7 @@ PII_PATTERNS: dict[str, re.Pattern] = {
 }
 PLACEHOLDER = re.compile(r"\{\{\s*([^{}]+?)\s*\}\}")
 FILL_VALUES = {
-    "order number": "AC-482913", "order id": "AC-482913", "purchase id anonymized": "AC-482913",
+    "order number": "ORD-482913", "order id": "ORD-482913", "purchase id anonymized": "ORD-482913",
     "invoice number": "INV-20931", "account type": "Premium", "account category": "Premium",
     "website url": "www.example.com", "website name": "Example", "company name": "Example Ltd",
     "customer support phone number": "+1 555 0100", "customer support hours": "9am to 5pm",

@@ -26,7 +26,7 @@ from typing import Any, Literal
 import yaml
 
 DEMO_DATA = "demo"
-DEMO_SYSTEM_PROMPT = "You are the customer support assistant of AcmeCorp, a maker of home and outdoor gear."
+GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_k_m")
 
 
 class ConfigError(ValueError):
@@ -58,7 +58,11 @@ class DataConfig:
 
     path: Any = DEMO_DATA
     """`demo` (the shipped AcmeCorp generator), a file, a folder, a glob, or a list of those:
-    JSONL, JSON, CSV/TSV, Parquet, a `datasets` directory, plain text."""
+    JSONL, JSON, CSV/TSV, Excel .xlsx (first sheet), Parquet, a `datasets` directory, plain text;
+    any file may be gzipped (`export.csv.gz`)."""
+    encoding: str = "utf-8"
+    """Text encoding of the files, a Python codec name (utf-8, cp1252, latin-1, shift_jis…); UTF-8
+    accepts a byte-order mark. A line whose bytes do not decode is quarantined, never patched."""
     format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text", "columns"] = "auto"
     columns: dict[str, str] = field(default_factory=dict)
     """For tables: which column holds which role, e.g. {user: instruction, assistant: response, system: sys}."""
@@ -104,8 +108,9 @@ class DataConfig:
 class ConvertConfig:
     """Stage 02: chat formatting, validation and tokenisation."""
 
-    system_prompt: str | None = DEMO_SYSTEM_PROMPT
-    """Prepended as a system message to every conversation; null for none."""
+    system_prompt: str | None = None
+    """Prepended as a system message to conversations that have none (training, evaluation and
+    serving alike); null: none added, the data's own system messages are kept as they are."""
     chat_template: str | None = None
     """null: the model's own; `chatml`, `llama3`, a path to a .jinja file, or a Jinja string."""
     max_seq_len: int = 512
@@ -310,16 +315,18 @@ class HostConfig:
     threads: int | None = None
     """CPU threads for the served model; None: one less than the cores (at least 1), leaving a core for the
     HTTP threads and the load generator; threads waiting for a busy core spin (measured 10x slower)."""
-    prompts: list[str] = field(
-        default_factory=lambda: ["Hi, my order AC-482913 has not arrived yet. Can you check it?"]
-    )
+    prompts: list[str] = field(default_factory=list)
+    """User messages sent to the served model for the report; empty: the first three prompts of
+    the test split (your own data, never a canned question)."""
     consistency_examples: int = 8
     """Test conversations for the train/serve check (prompt tokens equal training tokens; replies stop)."""
     consistency_max_tokens: int = 128
     min_stop_rate: float = 1.0
     """Share of check replies that must end with the end-of-turn token within consistency_max_tokens."""
-    gguf_types: list[str] = field(default_factory=lambda: ["f16", "q8_0"])
-    """GGUF exports for llama.cpp/Ollama (Llama-family models); [] skips them."""
+    gguf_types: Literal["auto"] | list[str] = "auto"
+    """GGUF exports for llama.cpp and Ollama: `auto` writes q8_0 (and q4_k_m where llama.cpp's
+    quantiser is built) for any architecture the converter supports, and skips the export with the
+    reason in the report for one it does not; or a list of f32, f16, bf16, q8_0, q4_k_m; [] skips."""
     load_concurrency: list[int] = field(default_factory=lambda: [1, 4, 16])
     load_requests_per_client: int = 2
     load_max_tokens: int = 64
@@ -557,6 +564,10 @@ def _check_values(cfg: ExperimentConfig) -> list[str]:
         errors.append(f"data.near_duplicate_threshold: must be in (0, 1] or null, got {d.near_duplicate_threshold}")
     if not isinstance(d.path, str) and not (isinstance(d.path, list) and d.path and all(isinstance(p, str) for p in d.path)):
         errors.append(f"data.path: a path or a list of paths, got {d.path!r}")
+    from .readers import encoding_problem  # codecs.lookup, and the readers' need: ASCII bytes mean ASCII
+
+    if problem := encoding_problem(d.encoding):
+        errors.append(f"data.encoding: {problem}")
     t = cfg.train
     for name in ("batch_size", "gradient_accumulation_steps", "logging_steps"):
         if getattr(t, name) < 1:
@@ -593,8 +604,8 @@ def _check_values(cfg: ExperimentConfig) -> list[str]:
             errors.append(f"host.{name}: must be at least 1, got {getattr(h, name)}")
     if not 0 <= h.min_stop_rate <= 1:
         errors.append(f"host.min_stop_rate: a share in [0, 1], got {h.min_stop_rate}")
-    if bad := [t for t in h.gguf_types if t not in ("f16", "q8_0", "f32")]:
-        errors.append(f"host.gguf_types: choose from f16, q8_0, f32; got {bad}")
+    if h.gguf_types != "auto" and (bad := [t for t in h.gguf_types if t not in GGUF_TYPES]):
+        errors.append(f"host.gguf_types: 'auto' or a list of {', '.join(GGUF_TYPES)}; got {bad}")
     if not h.load_concurrency or min(h.load_concurrency) < 1:
         errors.append(f"host.load_concurrency: a list of client counts >= 1, e.g. [1, 4, 16]; got {h.load_concurrency}")
     if min(h.hosted_price_per_million_tokens, h.machine_hourly_usd, h.fine_tune_cost_usd) < 0:

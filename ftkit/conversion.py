@@ -16,7 +16,16 @@ import numpy as np
 
 from .config import ExperimentConfig
 from .formats import to_openai, with_system_prompt
-from .masking import IGNORE_INDEX, Example, build_example, end_of_turn_token_id, trained_text
+from .masking import (
+    IGNORE_INDEX,
+    Example,
+    TemplateError,
+    build_example,
+    end_of_turn_token_id,
+    folds_system,
+    trained_text,
+    turn_prefix,
+)
 from .paths import RunPaths, read_jsonl, write_jsonl
 
 log = logging.getLogger("ftkit")
@@ -42,6 +51,9 @@ class ConversionResult:
     trained_tokens: dict[str, int] = field(default_factory=dict)
     total_tokens: dict[str, int] = field(default_factory=dict)
     examples: list[Example] = field(default_factory=list)
+    system_folded: dict[str, int] = field(default_factory=dict)
+    """records whose system message went into the first user turn (the template has no system role)"""
+    template_source: str = "the model's own"
 
     @property
     def example(self) -> Example | None:
@@ -61,7 +73,8 @@ class ConversionResult:
                 "truncated": self.truncated.get(name, 0), "split_records": self.split.get(name, 0),
             }
         return {"records_in": self.records_in, "kept": self.kept, "quarantined": len(self.quarantined),
-                "quarantine_reasons": reasons, "max_seq_len": max_seq_len, "token_stats": stats}
+                "quarantine_reasons": reasons, "max_seq_len": max_seq_len, "token_stats": stats,
+                "chat_template": self.template_source, "system_folded": self.system_folded}
 
 
 def build_text_example(tokenizer, text: str) -> Example:
@@ -83,17 +96,37 @@ def expected_trained_text(messages: list[dict], eot_text: str) -> str:
     return "".join(m["content"] + eot_text for m in messages if m["role"] == "assistant" and m.get("weight", 1) != 0)
 
 
-def verify_mask(tokenizer, messages: list[dict], ex: Example, eot_text: str) -> str | None:
-    """None when the trained tokens decode to the assistant contents + end-of-turn, else the reason."""
+def verify_mask(tokenizer, messages: list[dict], ex: Example, eot_text: str, prefix: str = "") -> str | None:
+    """None when each trained run of tokens decodes to its assistant reply + end-of-turn (whitespace
+    aside; the template's constant ``prefix`` allowed before a reply), else the reason."""
     wrong = next((k for k, (t, lab) in enumerate(zip(ex.input_ids, ex.labels, strict=True))
                   if lab != IGNORE_INDEX and lab != t), None)
     if wrong is not None:
         return f"label at position {wrong} is {ex.labels[wrong]} but the input token there is {ex.input_ids[wrong]}"
+    runs = _trained_runs(ex)
+    replies = [m["content"] for m in messages if m["role"] == "assistant" and m.get("weight", 1) != 0]
+    ok = len(runs) == len(replies) and all(
+        _WS.sub("", tokenizer.decode(run)) in (_WS.sub("", reply + eot_text), _WS.sub("", prefix + reply + eot_text))
+        for run, reply in zip(runs, replies, strict=False))
+    if ok:
+        return None
     got = trained_text(tokenizer, ex)
     want = expected_trained_text(messages, eot_text)
-    if _WS.sub("", got) == _WS.sub("", want):
-        return None
     return f"trained tokens decode to {got[:200]!r}, expected {want[:200]!r}"
+
+
+def _trained_runs(ex: Example) -> list[list[int]]:
+    """The trained token ids, one list per contiguous run (one run per trained assistant turn)."""
+    runs: list[list[int]] = []
+    prev = False
+    for t, lab in zip(ex.input_ids, ex.labels, strict=True):
+        trained = lab != IGNORE_INDEX
+        if trained and not prev:
+            runs.append([])
+        if trained:
+            runs[-1].append(t)
+        prev = trained
+    return runs
 
 
 def fit_length(tokenizer, messages: list[dict], max_len: int) -> tuple[list[dict], Example] | None:
@@ -114,16 +147,15 @@ def fit_length(tokenizer, messages: list[dict], max_len: int) -> tuple[list[dict
 def run_tokenizer(cfg: ExperimentConfig, paths: RunPaths):
     """The model's tokenizer with the configured chat template, saved for stages 03-05."""
     from .modeling import load_tokenizer, resolve_model_path
-    from .templates import resolve_template
 
     tok = load_tokenizer(resolve_model_path(cfg.model.name), cfg.model,
-                         chat_template=resolve_template(cfg.convert.chat_template))
+                         chat_template=cfg.convert.chat_template)
     tok.save_pretrained(paths.tokenizer_dir)
     return tok
 
 
 def process_record(tokenizer, rec: dict, *, system_prompt: str | None, max_seq_len: int, over_length: str,
-                   eot_text: str) -> dict:
+                   eot_text: str, prefix: str = "") -> dict:
     """Convert one canonical record: ``{"ok": True, "chat", "tokens", "truncated", "turns"}`` or
     ``{"ok": False, "code", "reason"}``; ``tokens`` is a list (one example, or a split text's
     pieces). Pure, so it can run in worker processes."""
@@ -133,8 +165,11 @@ def process_record(tokenizer, rec: dict, *, system_prompt: str | None, max_seq_l
         messages = with_system_prompt(rec["messages"], system_prompt)
         try:
             ex = build_example(tokenizer, messages)
-        except ValueError as e:
+        except TemplateError as e:
             return {"ok": False, "code": "template_error", "reason": str(e)}
+        except Exception as e:  # the template's own raise_exception (roles, tool calls it cannot render)
+            return {"ok": False, "code": "template_error",
+                    "reason": f"the chat template refused this conversation: {type(e).__name__}: {e}"}
     truncated, pieces = False, [ex]
     if len(ex.input_ids) > max_seq_len:
         reason = f"{len(ex.input_ids)} tokens > convert.max_seq_len={max_seq_len}"
@@ -154,7 +189,7 @@ def process_record(tokenizer, rec: dict, *, system_prompt: str | None, max_seq_l
             messages, ex = fitted
             pieces, truncated = [ex], True
     if messages is not None:
-        problem = verify_mask(tokenizer, messages, ex, eot_text)
+        problem = verify_mask(tokenizer, messages, ex, eot_text, prefix)
         if problem:
             return {"ok": False, "code": "mask_mismatch", "reason": problem}
     if ex.n_trained == 0:
@@ -194,22 +229,22 @@ def process_many(tokenizer, records: list[dict], num_proc: int | None = None, **
 def convert(cfg: ExperimentConfig, paths: RunPaths, tokenizer) -> ConversionResult:
     """Run stage 02 for all splits; writes chat and token files and the quarantine file."""
     c = cfg.convert
-    out = ConversionResult()
+    out = ConversionResult(template_source=getattr(tokenizer, "template_source", "the model's own"))
     kw = {"system_prompt": c.system_prompt, "max_seq_len": c.max_seq_len, "over_length": c.over_length,
-          "eot_text": tokenizer.decode([end_of_turn_token_id(tokenizer)])}
+          "eot_text": tokenizer.decode([end_of_turn_token_id(tokenizer)]), "prefix": turn_prefix(tokenizer)}
     for name in SPLITS:
         records = read_jsonl(paths.require(paths.split(name), "01_data_prep"))
         out.records_in[name] = len(records)
         chat_rows, token_rows, lens, shares, turns = [], [], [], [], []
         out.trained_tokens[name] = out.total_tokens[name] = out.truncated[name] = out.split[name] = 0
         for i, (rec, res) in enumerate(zip(records, process_many(tokenizer, records, **kw), strict=True), 1):
-            where = f"{paths.split(name)}:line {i} ({rec.get('id')})"
+            where = f"{paths.split(name)}:{i}"  # the split file's line; the record's id names its input
             if not res["ok"]:
                 if res["code"] == "over_length_error":
-                    raise DataError(f"{where}: {res['reason']}; raise convert.max_seq_len, or set "
-                                    "convert.over_length to drop or truncate")
-                out.quarantined.append({"source": where, "reason_code": res["code"], "reason": res["reason"],
-                                        "record": rec})
+                    raise DataError(f"{where}: {res['reason']} (record {rec.get('id')}); raise convert.max_seq_len, "
+                                    "or set convert.over_length to drop or truncate")
+                out.quarantined.append({"source": where, "id": rec.get("id"), "reason_code": res["code"],
+                                        "reason": res["reason"], "record": rec})
                 continue
             chat_rows.append(res["chat"])
             out.truncated[name] += res["truncated"]
@@ -228,6 +263,8 @@ def convert(cfg: ExperimentConfig, paths: RunPaths, tokenizer) -> ConversionResu
         write_jsonl(paths.tokens(name), token_rows)
         write_jsonl(paths.openai_export(name), (to_openai(r) for r in chat_rows if "messages" in r))
         out.kept[name] = len(chat_rows)
+        out.system_folded[name] = sum(1 for r in chat_rows if folds_system(tokenizer) and "messages" in r
+                                      and r["messages"][0]["role"] == "system")
         out.lengths[name], out.trained_share[name], out.turns[name] = lens, shares, turns
     write_jsonl(paths.format_quarantine, out.quarantined)
     return out

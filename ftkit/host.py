@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from .formats import prompt_and_reference
+from .formats import prompt_and_reference, with_system_prompt
 from .paths import RunPaths, read_jsonl
 
 
@@ -20,14 +20,21 @@ def client_for(server, api_key: str | None):
     return OpenAI(base_url=server.base_url, api_key=api_key or "not-needed", max_retries=0, timeout=300)
 
 
-def ask_all(server, cfg) -> list[dict]:
-    """Each of ``host.prompts``: once plain, once streamed; with the system prompt used in training."""
+def served_prompts(cfg, paths: RunPaths, n: int = 3) -> list[list[dict]]:
+    """What stage 05 asks the served model: each of ``host.prompts`` (with the training system
+    prompt), or, when none are set, the first ``n`` prompts of the test split as they were trained."""
+    if cfg.host.prompts:
+        return [with_system_prompt([{"role": "user", "content": p}], cfg.convert.system_prompt)
+                for p in cfg.host.prompts]
+    return check_prompts(paths, n)
+
+
+def ask_all(server, cfg, paths: RunPaths) -> list[dict]:
+    """Each of :func:`served_prompts`: once plain, once streamed."""
     client = client_for(server, cfg.host.api_key)
     model_id = client.models.list().data[0].id
-    system = [{"role": "system", "content": cfg.convert.system_prompt}] if cfg.convert.system_prompt else []
     answers = []
-    for prompt in cfg.host.prompts:
-        messages = system + [{"role": "user", "content": prompt}]
+    for messages in served_prompts(cfg, paths):
         t0 = time.perf_counter()
         resp = client.chat.completions.create(model=model_id, messages=messages, max_tokens=cfg.evaluate.max_new_tokens)
         plain_s = time.perf_counter() - t0
@@ -39,7 +46,8 @@ def ask_all(server, cfg) -> list[dict]:
                 first = first if first is not None else time.perf_counter() - t0
                 pieces.append(delta)
         answers.append({
-            "prompt": prompt, "reply": resp.choices[0].message.content, "finish_reason": resp.choices[0].finish_reason,
+            "prompt": messages[-1]["content"], "reply": resp.choices[0].message.content,
+            "finish_reason": resp.choices[0].finish_reason,
             "completion_tokens": resp.usage.completion_tokens, "seconds": plain_s,
             "streamed_reply": "".join(pieces), "stream_chunks": len(pieces), "time_to_first_token_s": first,
         })

@@ -111,17 +111,30 @@ def plot_cost(cumulative: list[dict]):
 
 
 def gguf_table(exports: dict):
-    rows = [{"file": g["path"].rsplit("/", 1)[-1], "MB": g["bytes"] / 1e6, "max |Δlogit|": g["max_abs_logit_diff"],
-             "relative Δ (tolerance)": f"{g['relative_logit_diff']:.2e} ({g['relative_tolerance']:.0e})",
-             "same greedy token": f"{100 * g['top1_agreement']:.1f}% (≥ {100 * g['min_top1_agreement']:.0f}%)",
-             "mean KL (max)": f"{g['mean_kl_divergence']:.1e} ({g['max_mean_kl_divergence']:.0e})", "tokenizer/template": g["tokenizer_matches"] and g["chat_template_matches"],
-             "round trip": _mark(g["passed"])} for g in exports.get("gguf", [])]
+    """One row per GGUF file and checker (transformers' reader, llama.cpp), then what was skipped and why."""
+    rows = []
+    for g in exports.get("gguf", []):
+        for name in ("transformers", "llama_cpp"):
+            c = g[name]
+            row = {"file": g["path"].rsplit("/", 1)[-1], "MB": g["bytes"] / 1e6, "checked by": name.replace("_", ".")}
+            if not c["checked"]:
+                rows.append({**row, "result": f"not checked: {c['reason']}"})
+                continue
+            rows.append({**row, "relative Δlogit (tolerance)": f"{c['relative_logit_diff']:.2e} ({c['relative_tolerance']:.0e})",
+                         "same greedy token": f"{100 * c['top1_agreement']:.1f}% (≥ {100 * c['min_top1_agreement']:.0f}%)",
+                         "mean KL (max)": f"{c['mean_kl_divergence']:.1e} ({c['max_mean_kl_divergence']:.0e})",
+                         "generation agrees": (f"{100 * c['generation_agreement']:.0f}% of {c['generated_tokens']}"
+                                               if "generation_agreement" in c else "-"),
+                         "result": _mark(c["passed"])})
+    for s in exports.get("gguf_skipped", []):
+        _md(f"GGUF {s['type']} skipped: {s['reason']}")
     if not rows:
-        _md("No GGUF export (host.gguf_types is empty).")
+        _md(exports.get("gguf_note") or "No GGUF export (host.gguf_types is empty).")
         return None
-    note = f"Ollama Modelfile: `{exports['modelfile']}`" if exports.get("modelfile") else exports.get("modelfile_note", "")
-    _md(f"GGUF files read back with transformers' GGUF loader and compared with the merged model. {note}")
-    return _frame(rows).set_index("file").round(4)
+    note = f"Ollama Modelfile: `{exports['modelfile']}`." if exports.get("modelfile") else exports.get("modelfile_note", "")
+    _md("GGUF files written by llama.cpp's converter, read back and compared with the merged model on held-out "
+        f"prompts. {note}")
+    return _frame(rows).set_index("file")
 
 
 def commands(cmds: dict[str, str]) -> None:

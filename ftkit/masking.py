@@ -34,8 +34,43 @@ class Example:
 
 
 def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
-    """The exact text the model sees (training and serving both call this)."""
+    """The exact text the model sees (training and serving both call this).
+
+    A template without a system role (Gemma 2, some Mistral ones raise on it) gets the system
+    message folded into the first user turn, as Gemma 3's own template does; stage 02 counts the
+    records this applies to (:func:`folds_system`), so the change is reported, not silent.
+    """
+    if messages and messages[0].get("role") == "system" and folds_system(tokenizer):
+        messages = fold_system(messages)
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def fold_system(messages: list[dict]) -> list[dict]:
+    """The system message's text put in front of the first user message (separated by a blank line)."""
+    system, rest = messages[0], list(messages[1:])
+    k = next((i for i, m in enumerate(rest) if m.get("role") == "user"), None)
+    if k is None:
+        return rest
+    rest[k] = {**rest[k], "content": f"{system['content']}\n\n{rest[k]['content']}"}
+    return rest
+
+
+def folds_system(tokenizer) -> bool:
+    """True when the chat template refuses a system message (it raises on a probe that has one)."""
+    key = tokenizer.chat_template
+    cached = _FOLDS.get(key)
+    if cached is None:
+        probe = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}]
+        try:
+            tokenizer.apply_chat_template(probe, tokenize=False, add_generation_prompt=True)
+            cached = False
+        except Exception:  # jinja's raise_exception: "System role not supported"
+            cached = True
+        _FOLDS[key] = cached
+    return cached
+
+
+_FOLDS: dict[str | None, bool] = {}
 
 
 def encode_prompt(tokenizer, messages: list[dict]) -> list[int]:
@@ -75,6 +110,14 @@ def build_example(tokenizer, messages: list[dict]) -> Example:
     return Example(ids, labels)
 
 
+def special_ids(tokenizer) -> set[int]:
+    """Ids of every special token: the named ones (bos/eos/pad/...) and the added special tokens
+    that several families close their turns with (Gemma's ``<end_of_turn>``, Phi's ``<|end|>``),
+    which ``all_special_ids`` does not list."""
+    added = {i for i, t in tokenizer.added_tokens_decoder.items() if getattr(t, "special", False)}
+    return set(tokenizer.all_special_ids) | added
+
+
 def end_of_turn_token_id(tokenizer) -> int:
     """The token the chat template closes an assistant turn with (what generation must stop on)."""
     probe = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]
@@ -83,12 +126,29 @@ def end_of_turn_token_id(tokenizer) -> int:
     if not trained:
         raise TemplateError("the chat template rendered no assistant tokens for a probe conversation")
     last = trained[-1]
-    if last not in tokenizer.all_special_ids:
+    if last not in special_ids(tokenizer):
         raise TemplateError(
-            f"the chat template ends an assistant turn with {tokenizer.decode([last])!r}, not a special token: "
-            "the model would have no token to stop on. Use a template that closes turns with an end-of-turn/EOS token."
+            f"the chat template ends an assistant turn with {tokenizer.decode([last])!r}, which is not one special "
+            "token of this vocabulary (a marker written as text is split into pieces): the model would have no "
+            "token to stop on. Use a template whose turns end with an end-of-turn/EOS token of the vocabulary "
+            f"({', '.join(repr(t) for t in _special_texts(tokenizer)[:8])}...)."
         )
     return last
+
+
+def _special_texts(tokenizer) -> list[str]:
+    return [tokenizer.convert_ids_to_tokens(i) for i in sorted(special_ids(tokenizer))]
+
+
+def turn_prefix(tokenizer) -> str:
+    """Text the template writes at the start of an assistant turn beyond the generation prompt
+    (Qwen3 writes an empty ``<think>\\n\\n</think>\\n\\n`` block); the model learns to write it, so it is
+    trained, and :func:`ftkit.conversion.verify_mask` accepts it before each reply."""
+    marker = "FTKITPROBE"
+    probe = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}]
+    text, spans = assistant_spans(tokenizer, probe)
+    turn = text[spans[0][0]:spans[0][1]]
+    return turn[: turn.index(marker)] if marker in turn else ""
 
 
 def describe_mask(tokenizer, example: Example) -> list[tuple[str, bool]]:

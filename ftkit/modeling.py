@@ -189,17 +189,19 @@ def resolve_dtype(cfg: ModelConfig, device: torch.device) -> torch.dtype:
 
 
 def load_tokenizer(path: str, cfg: ModelConfig | None = None, chat_template: str | None = None):
+    """The tokenizer at ``path`` with its chat template: ``chat_template`` (Jinja text) when given,
+    else its own, else a named template that fits its vocabulary (:func:`ftkit.templates.choose`;
+    ``tok.template_source`` says which)."""
     from transformers import AutoTokenizer
+
+    from .templates import choose
 
     kw = {"trust_remote_code": cfg.trust_remote_code, "revision": cfg.revision} if cfg else {}
     tok = AutoTokenizer.from_pretrained(str(path), **kw)
-    if chat_template:
-        tok.chat_template = chat_template
-    if tok.chat_template is None:
-        raise ValueError(
-            f"{path}: the tokenizer has no chat template. Use an instruct/chat model, or set "
-            "convert.chat_template (chatml, llama3, a .jinja file or a Jinja string)."
-        )
+    try:
+        tok.chat_template, tok.template_source = choose(tok, chat_template)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
     prepare_tokenizer(tok)
     return tok
 

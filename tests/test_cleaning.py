@@ -20,7 +20,7 @@ def test_pii_detection_and_scrub():
 
 def test_placeholders_fill():
     assert fill_placeholders("Order {{Order Number}} via {{ Website URL }} and {{Odd Thing}}") == \
-        "Order AC-482913 via www.example.com and Odd Thing"
+        "Order ORD-482913 via www.example.com and Odd Thing"
 
 
 def test_near_duplicates_keep_first():

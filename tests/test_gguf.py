@@ -1,69 +1,96 @@
-"""GGUF export: our Llama converter, read back by transformers' GGUF loader, matches the merged logits."""
+"""GGUF export: llama.cpp's converter writes it, transformers' reader (and llama.cpp, where built) reads it
+back with the merged model's logits; refusals are reasons, not crashes; the Modelfile's Go template is
+derived from the Jinja one and checked."""
 
-import numpy as np
 import pytest
 
-from ftkit import gguf_export
+from ftkit import gguf_export, llama_cpp
 from ftkit.gguf_export import GGUFExportError
 
-PROMPTS = [[{"role": "user", "content": "Where is my order AC-123456?"}],
+PROMPTS = [[{"role": "user", "content": "Where is my order 123456?"}],
            [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Reset my password, it's urgent!"}]]
 
-
-def test_rotary_reorder_is_what_the_gguf_loader_undoes():
-    from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
-
-    w = np.arange(8 * 64 * 3, dtype=np.float32).reshape(8 * 64, 3)  # 8 heads of 64 rows
-    ours = gguf_export._to_ggml_rotary(w, 8)
-    assert not np.array_equal(ours, w)
-    assert np.array_equal(LlamaTensorProcessor()._reverse_permute_weights(ours, 8, 8), w)
-    # row 1 of a head (first half) goes next to row 32 (its rotary partner in HF's rotate-half layout)
-    assert ours[0, 0] == w[0, 0] and ours[1, 0] == w[32, 0] and ours[2, 0] == w[1, 0]
+needs_converter = pytest.mark.skipif(not llama_cpp.available(), reason="llama.cpp's converter not fetched: make thirdparty")
 
 
+@needs_converter
 @pytest.mark.parametrize("qtype", ["f16", "q8_0"])
 def test_round_trip_tiny(tiny_path, tmp_path, qtype):
+    from pathlib import Path
+
     out = gguf_export.write_gguf(tiny_path, tmp_path / f"tiny-{qtype}.gguf", qtype)
-    assert out["tensor_types"]["attn_q"] == qtype.upper() and out["tensor_types"]["attn_norm"] == "F32"
-    check = gguf_export.verify(tiny_path, out["path"], PROMPTS, qtype)
-    assert check["tokenizer_matches"] and check["chat_template_matches"]
+    assert out["bytes"] > 0 and not list(tmp_path.glob(".*.tmp"))
+    tok, texts, ids, logits, _ = gguf_export._merged_logits(tiny_path, PROMPTS)
+    check = gguf_export.verify_transformers(tok, texts, ids, logits, Path(out["path"]), qtype)
+    assert check["checked"] and check["tokenizer_matches"] and check["chat_template_matches"]
     assert check["relative_logit_diff"] <= gguf_export.TOLERANCE[qtype][0], check
     assert check["mean_kl_divergence"] <= gguf_export.TOLERANCE[qtype][2], check
     assert check["passed"], check
 
 
-def test_refuses_what_it_cannot_write(tiny_path):
-    from transformers import AutoConfig
+@needs_converter
+def test_unsupported_architecture_is_a_reason(tmp_path, tiny_path):
+    from transformers import AutoTokenizer, OPTConfig, OPTForCausalLM
 
-    config = AutoConfig.for_model("qwen2")
-    with pytest.raises(GGUFExportError, match="model_type is 'qwen2'.*convert_hf_to_gguf"):
-        gguf_export._check_supported(config, {"model": {"type": "BPE"}, "pre_tokenizer": {"type": "ByteLevel"}})
+    tok = AutoTokenizer.from_pretrained(tiny_path)
+    OPTForCausalLM(OPTConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, ffn_dim=64,
+                             num_attention_heads=2, word_embed_proj_dim=32)).save_pretrained(tmp_path / "opt")
+    tok.save_pretrained(tmp_path / "opt")
+    with pytest.raises(GGUFExportError, match="OPTForCausalLM is not supported"):
+        gguf_export.write_gguf(tmp_path / "opt", tmp_path / "opt.gguf", "q8_0")
+    assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".*tmp"))
+
+
+def test_missing_tools_skip_with_the_command(tiny_path, tmp_path, monkeypatch):
+    """Without llama.cpp's tools, auto skips (the stage goes on) and names the command to run."""
+    from ftkit.paths import RunPaths
+
+    monkeypatch.setenv("FTKIT_LLAMA_CPP", str(tmp_path / "none"))
+    monkeypatch.setattr(llama_cpp, "bindings", lambda: None)
+    out = gguf_export.export_all(tiny_path, RunPaths(tmp_path, "x"), "auto", PROMPTS)
+    assert out["gguf"] == [] and out["gguf_passed"] is None
+    assert out["gguf_skipped"][0]["type"] == "q8_0" and llama_cpp.FETCH_HINT in out["gguf_skipped"][0]["reason"]
+    explicit = gguf_export.export_all(tiny_path, RunPaths(tmp_path, "x"), ["f16"], PROMPTS)
+    assert explicit["gguf_passed"] is False  # asked for and not written: marked, not silent
 
 
 def test_modelfile_carries_template_and_stops(tokenizer):
-    text = gguf_export.modelfile(tokenizer, "demo-q8_0.gguf", "You are AcmeCorp support.")
+    text = gguf_export.modelfile(tokenizer, "demo-q8_0.gguf", "You are a support assistant.")
     assert text == (
         'FROM ./demo-q8_0.gguf\n'
-        'TEMPLATE """{{- if or (not .Messages) (ne (index .Messages 0).Role "system") }}<|im_start|>system\n'
+        'TEMPLATE """{{ if or (not .Messages) (ne (index .Messages 0).Role "system") }}<|im_start|>system\n'
         'You are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n'
-        '{{ end }}\n'
-        '{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n"""\n'
-        'SYSTEM """You are AcmeCorp support."""\n'
+        '{{ end }}{{ range .Messages }}{{ if eq .Role "system" }}<|im_start|>system\n{{ .Content }}<|im_end|>\n'
+        '{{ else if eq .Role "user" }}<|im_start|>user\n{{ .Content }}<|im_end|>\n'
+        '{{ else }}<|im_start|>assistant\n{{ .Content }}<|im_end|>\n{{ end }}{{ end }}<|im_start|>assistant\n"""\n'
+        'SYSTEM """You are a support assistant."""\n'
         'PARAMETER stop "<|im_end|>"\n')
 
 
-def test_modelfile_refuses_a_template_it_cannot_translate(tiny_path):
+def test_modelfile_for_llama3_leaves_bos_to_llama_cpp(tiny_path):
     from ftkit.modeling import load_tokenizer
-    from ftkit.templates import resolve_template
 
-    tok = load_tokenizer(tiny_path, chat_template=resolve_template("llama3"))
-    with pytest.raises(GGUFExportError, match="not ChatML"):
-        gguf_export.modelfile(tok, "x.gguf")
+    tok = load_tokenizer(tiny_path, chat_template="llama3")
+    go = gguf_export.go_template(tok)
+    assert tok.bos_token not in go
+    assert '{{ else if eq .Role "user" }}<|start_header_id|>user<|end_header_id|>\n\n{{ .Content }}<|eot_id|>' in go
+    assert go.endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
+
+
+def test_modelfile_refuses_a_history_rewriting_template(tiny_path):
+    from ftkit.modeling import load_tokenizer
+
+    rewrite = ("{% for m in messages %}{% if loop.last %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+               "{% else %}<|im_start|>{{ m['role'] }}\n…<|im_end|>\n{% endif %}{% endfor %}"
+               "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    with pytest.raises(GGUFExportError, match="no Ollama TEMPLATE"):
+        gguf_export.go_template(load_tokenizer(tiny_path, chat_template=rewrite))
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("qtype", ["f16", "q8_0"])
 def test_round_trip_smollm2(smollm_path, tmp_path, qtype):
-    out = gguf_export.write_gguf(smollm_path, tmp_path / f"smollm2-{qtype}.gguf", qtype)
-    check = gguf_export.verify(smollm_path, out["path"], PROMPTS, qtype)
-    assert check["passed"], check
+    from ftkit.paths import RunPaths
+
+    out = gguf_export.export_all(smollm_path, RunPaths(tmp_path, "s"), [qtype], PROMPTS)
+    assert out["gguf_passed"], out
