@@ -1,8 +1,9 @@
 """Validate and convert data files outside the notebooks (``ftkit validate``, ``ftkit convert``).
 
-Every problem is one line ``file:line: field: reason``; a summary follows. ``convert`` writes only
-records that convert and validate cleanly, to a temporary file renamed at the end, so OUT is
-never half-written; the others are reported the same way.
+Every problem is one line ``path:N: field: reason`` (N the line, or the data row of a table); a
+summary follows. ``convert`` writes only records that convert and validate cleanly, to a
+temporary file renamed at the end, so OUT is never half-written; the others are reported the
+same way.
 """
 
 from __future__ import annotations
@@ -54,16 +55,17 @@ def parse_columns(spec: str | None) -> dict[str, str] | None:
 
 
 def check(paths, fmt: str = "auto", columns: dict | None = None, alternate: bool = True,
-          summary: CheckSummary | None = None) -> Iterator[tuple[str, dict | None, list[Problem]]]:
-    """(where, canonical record or None, problems) for every record of ``paths``."""
+          summary: CheckSummary | None = None,
+          encoding: str = "utf-8") -> Iterator[tuple[str, dict | None, list[Problem]]]:
+    """(where, canonical record or None, problems) for every record of ``paths``, read in ``encoding``."""
     summary = summary if summary is not None else CheckSummary()
     if fmt == "auto":
         try:
-            summary.detection = detect_format((loc.record for loc in iter_records(paths) if loc.record is not None),
-                                              columns)
+            summary.detection = detect_format(
+                (loc.record for loc in iter_records(paths, encoding=encoding) if loc.record is not None), columns)
         except FormatError as e:
             summary.detection = None
-            for loc in iter_records(paths):
+            for loc in iter_records(paths, encoding=encoding):
                 summary.records += 1
                 problems = [Problem("", loc.error, "unreadable")] if loc.error else e.problems
                 summary.problems[problems[0].code] += 1
@@ -71,7 +73,7 @@ def check(paths, fmt: str = "auto", columns: dict | None = None, alternate: bool
             return
     else:
         summary.detection = Detection(fmt, "set by --format", columns)
-    for loc in iter_records(paths):
+    for loc in iter_records(paths, encoding=encoding):
         summary.records += 1
         if loc.error:
             problems = [Problem("", loc.error, "unreadable")]

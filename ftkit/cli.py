@@ -31,12 +31,14 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--top-level-only", action="store_true",
                    help="only reject unknown top-level keys (papermill would merely warn about them)")
 
-    v = sub.add_parser("validate", help="check data files; one 'file:line: reason' per problem; exit 1 on any")
+    v = sub.add_parser("validate", help="check data files; one 'path:N: field: reason' per problem (N: the line, "
+                                        "or the data row of a table); exit 1 on any")
     v.add_argument("files", nargs="+")
     v.add_argument("--format", default="auto", help="auto (default), messages, sharegpt, alpaca, prompt_completion, "
                                                     "text, columns")
     v.add_argument("--columns", default=None, help="for tables: user=COL,assistant=COL[,system=COL]")
     v.add_argument("--no-alternation", action="store_true", help="do not require user/assistant alternation")
+    v.add_argument("--encoding", default="utf-8", help="text encoding of the files: utf-8 (default; a BOM is fine), cp1252, latin-1…")
 
     cv = sub.add_parser("convert", help="convert data files; records with problems are reported and left out")
     cv.add_argument("files", nargs="+")
@@ -45,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     cv.add_argument("--format", default="auto")
     cv.add_argument("--columns", default=None)
     cv.add_argument("--no-alternation", action="store_true")
+    cv.add_argument("--encoding", default="utf-8", help="text encoding of the files: utf-8 (default; a BOM is fine), cp1252, latin-1…")
 
     t = sub.add_parser("train", help="run stage 03 headless on a parameters file (what accelerate launch runs)")
     t.add_argument("params")
@@ -115,16 +118,20 @@ def main(argv: list[str] | None = None) -> int:
 def _check_command(args) -> int:
     from .checker import CheckSummary, check, clean_for_export, parse_columns, write_records
     from .formats import FORMATS
-    from .readers import InputError
+    from .readers import InputError, encoding_problem
 
     if args.format != "auto" and args.format not in FORMATS:
         print(f"error: --format {args.format!r}: choose auto or one of {', '.join(FORMATS)}", file=sys.stderr)
+        return 2
+    if problem := encoding_problem(args.encoding):
+        print(f"error: --encoding {problem}", file=sys.stderr)
         return 2
     try:
         columns = parse_columns(args.columns)
         summary = CheckSummary()
         good = []
-        for where, rec, problems in check(args.files, args.format, columns, not args.no_alternation, summary):
+        for where, rec, problems in check(args.files, args.format, columns, not args.no_alternation, summary,
+                                          encoding=args.encoding):
             for p in problems:
                 print(f"{where}: {p}")
             if rec is not None and not problems and args.command == "convert":

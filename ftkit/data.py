@@ -7,7 +7,7 @@ split (seeded; stratified by ``data.label_column``; grouped by ``data.group_colu
 check across splits.
 
 Nothing is dropped silently: every input row that is not kept is written to the quarantine file
-with its source (file and line/row), a reason code and a reason a person understands, and
+with its source (``path:LINE`` or ``path:ROW``), a reason code and a reason a person understands, and
 ``rows_in == rows_kept + rows_quarantined``.
 """
 
@@ -161,8 +161,22 @@ def resolve_sources(cfg: DataConfig, paths: RunPaths, seed: int) -> list[Path]:
 def detect(cfg: DataConfig, sources) -> Detection:
     if cfg.format != "auto":
         return Detection(cfg.format, "set by data.format", cfg.columns or None)
-    readable = (loc.record for loc in iter_records(sources) if loc.record is not None)
-    return detect_format(readable, cfg.columns or None)
+    unreadable: list[str] = []
+
+    def readable():
+        for loc in iter_records(sources, encoding=cfg.encoding):
+            if loc.record is not None:
+                yield loc.record
+            elif not unreadable:
+                unreadable.append(f"{loc.where}: {loc.error}")
+
+    try:
+        return detect_format(readable(), cfg.columns or None)
+    except FormatError as e:
+        if not unreadable:
+            raise
+        # say why nothing was readable (often the encoding), not only that nothing was
+        raise FormatError([*e.problems, Problem("", f"the first unreadable record: {unreadable[0]}", "unreadable")]) from None
 
 
 def prepare(cfg: DataConfig, paths: RunPaths, seed: int) -> PrepResult:
@@ -210,7 +224,7 @@ def _read_rows(cfg, sources, detection, res, rows: _Spool, quarantine) -> list[t
     index = []
     seen: set[bytes] = set()
     first_seen: dict[bytes, str] = {}
-    for loc in iter_records(sources):
+    for loc in iter_records(sources, encoding=cfg.encoding):
         res.rows_in += 1
         if loc.error:
             quarantine(loc.where, None, "unreadable", loc.error)

@@ -26,8 +26,8 @@ def general_prompts() -> list[str]:
     return [json.loads(line)["prompt"] for line in text.splitlines() if line.strip()]
 
 
-def from_file(path: str) -> list[dict]:
-    recs = [loc.record for loc in iter_records(path) if loc.record is not None]
+def from_file(path: str, encoding: str = "utf-8") -> list[dict]:
+    recs = [loc.record for loc in iter_records(path, encoding=encoding) if loc.record is not None]
     det = detect_format(recs)
     out = []
     for r in recs:
@@ -70,7 +70,7 @@ def mix_general(cfg, paths: RunPaths, result) -> dict:
     train = read_jsonl(paths.split("train"))
     want = max(1, round(d.general_mix * len(train)))
     if d.general_path:
-        pool, source = from_file(d.general_path), f"file {d.general_path}"
+        pool, source = from_file(d.general_path, d.encoding), f"file {d.general_path}"
     else:
         pool, source = self_distilled(cfg, want, paths.data_dir / "replay.jsonl"), "self-distillation (base model)"
     random.Random(cfg.seed).shuffle(pool)

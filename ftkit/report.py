@@ -93,7 +93,9 @@ def quarantine_table(rows: list[dict], limit: int = 20):
         from IPython.display import Markdown
 
         return Markdown("No record was quarantined.")
-    return pd.DataFrame([{"source": r["source"], "reason": r["reason"]} for r in rows[:limit]])
+    # source is path:LINE or path:ROW; stage 02's rows also carry the record's id (its stage 01 input)
+    return pd.DataFrame([{"source": r["source"], **({"id": r["id"]} if "id" in r else {}), "reason": r["reason"]}
+                         for r in rows[:limit]])
 
 
 def setup_notebook() -> None:

@@ -60,6 +60,14 @@ def test_cross_field_checks():
         load_config(train={"lora": {"target_modules": 5}})
 
 
+def test_data_encoding_is_a_known_line_safe_codec():
+    assert load_config(data={"encoding": "cp1252"}).data.encoding == "cp1252"
+    with pytest.raises(ConfigError, match="data.encoding: 'utf-9': unknown text encoding; use a Python codec name"):
+        load_config(data={"encoding": "utf-9"})
+    with pytest.raises(ConfigError, match="data.encoding: 'utf-16' is not supported.*iconv -f utf-16 -t utf-8"):
+        load_config(data={"encoding": "utf-16"})
+
+
 def test_dotted_overrides_apply_last():
     cfg = load_config({"train": {"max_steps": 10}, "overrides": {"train.max_steps": 2}},
                       overrides={"train.lora.r": 4})

@@ -1,9 +1,12 @@
+import gzip
 import json
+import re
 
 import pytest
 
 from ftkit.config import DataConfig
 from ftkit.data import prepare
+from ftkit.formats import FormatError
 from ftkit.paths import RunPaths, read_jsonl
 
 
@@ -16,7 +19,7 @@ def test_demo_prepare_accounts_for_every_row(tmp_path):
     assert m["quarantine_reasons"]["duplicate"] >= 1 and m["quarantine_reasons"]["empty_content"] >= 1
     quarantined = read_jsonl(paths.quarantine)
     assert len(quarantined) == m["rows_quarantined"]
-    assert all(q["reason"] and ":row " in q["source"] for q in quarantined)
+    assert all(q["reason"] and re.fullmatch(r"[^:]+:\d+", q["source"]) for q in quarantined)
     assert sum(m["rows"].values()) == m["rows_kept"]
     ids = {name: {c["id"] for c in read_jsonl(paths.split(name))} for name in ("train", "val", "test")}
     assert not (ids["train"] & ids["val"]) and not (ids["train"] & ids["test"]) and not (ids["val"] & ids["test"])
@@ -50,11 +53,32 @@ def test_user_file_problems_are_quarantined_with_reasons(tmp_path):
     assert res.detection.format == "columns" and res.detection.columns == {"user": "question", "assistant": "answer"}
     assert res.rows_in == 6 and res.rows_kept == 1
     reasons = {q["source"].split(":")[-1]: q["reason"] for q in res.quarantined}
-    assert reasons["line 2"].startswith("invalid JSON")
-    assert reasons["line 3"] == "answer: missing"
-    assert reasons["line 4"] == "messages[1].content: empty or whitespace-only assistant message"
-    assert reasons["line 5"] == f"exact duplicate of {f}:line 1"
-    assert reasons["line 6"] == "expected a JSON object per record, got list"
+    assert reasons["2"].startswith("invalid JSON")
+    assert reasons["3"] == "answer: missing"
+    assert reasons["4"] == "messages[1].content: empty or whitespace-only assistant message"
+    assert reasons["5"] == f"exact duplicate of {f}:1"
+    assert reasons["6"] == "expected a JSON object per record, got list"
+
+
+def test_data_encoding_reaches_the_reader_and_bad_bytes_are_quarantined(tmp_path):
+    f = tmp_path / "export.jsonl.gz"  # a gzipped cp1252 export: é, € and ’ are single bytes there
+    rows = [{"question": "Plain ASCII?", "answer": "Yes."}]
+    rows += [{"question": f"Question {i} about the café?", "answer": f"It’s {i} € – tax included."} for i in range(3)]
+    with gzip.open(f, "wb") as out:
+        out.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("cp1252"))
+    kw = {"path": str(f), "val_fraction": 0.0, "test_fraction": 0.0, "near_duplicate_threshold": None}
+    res = prepare(DataConfig(**kw), RunPaths(tmp_path, "utf8"), seed=0)
+    assert (res.rows_in, res.rows_kept, res.reasons["unreadable"]) == (4, 1, 3)  # in = kept + quarantined
+    assert [int(q["source"].rsplit(":", 1)[1]) for q in res.quarantined] == [2, 3, 4]
+    assert all(re.fullmatch(rf"{re.escape(str(f))}:\d+", q["source"]) and "invalid UTF-8 at byte" in q["reason"]
+               and "set data.encoding" in q["reason"] for q in res.quarantined)
+    res = prepare(DataConfig(**kw, encoding="cp1252"), RunPaths(tmp_path, "cp"), seed=0)
+    assert res.rows_kept == 4
+    train = read_jsonl(RunPaths(tmp_path, "cp").split("train"))
+    assert sorted(c["messages"][1]["content"] for c in train) == sorted(r["answer"] for r in rows)
+    f.write_bytes(gzip.compress(json.dumps(rows[1], ensure_ascii=False).encode("cp1252")))
+    with pytest.raises(FormatError, match=rf"first unreadable record: {re.escape(str(f))}:1: invalid UTF-8 at byte"):
+        prepare(DataConfig(**kw), RunPaths(tmp_path, "none"), seed=0)  # nothing readable: the error says why
 
 
 def test_stratified_and_grouped_splits(tmp_path):
