@@ -56,14 +56,21 @@ def fold_system(messages: list[dict]) -> list[dict]:
 
 
 def folds_system(tokenizer) -> bool:
-    """True when the chat template refuses a system message (it raises on a probe that has one)."""
+    """True when the chat template refuses a system message (it raises on a probe that has one), or
+    moves it as the conversation grows (Mistral's put it before the *last* user turn, so earlier
+    turns would render differently in training than when they were generated)."""
     key = tokenizer.chat_template
     cached = _FOLDS.get(key)
     if cached is None:
-        probe = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}]
+        s, u1, a1, u2 = ({"role": r, "content": c} for r, c in
+                         (("system", "s"), ("user", "u1"), ("assistant", "a1"), ("user", "u2")))
+
+        def grows(head, full):
+            first = tokenizer.apply_chat_template(head, tokenize=False, add_generation_prompt=True)
+            return tokenizer.apply_chat_template(full, tokenize=False, add_generation_prompt=True).startswith(first)
+
         try:
-            tokenizer.apply_chat_template(probe, tokenize=False, add_generation_prompt=True)
-            cached = False
+            cached = not grows([s, u1], [s, u1, a1, u2]) and grows([u1], [u1, a1, u2])
         except Exception:  # jinja's raise_exception: "System role not supported"
             cached = True
         _FOLDS[key] = cached
@@ -81,20 +88,50 @@ def encode_prompt(tokenizer, messages: list[dict]) -> list[int]:
 def assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
     """The rendered conversation and the character spans of each trained assistant turn."""
     text = render(tokenizer, messages)
+    final = closing_suffix(tokenizer)
     spans = []
     for i, m in enumerate(messages):
         if m["role"] != "assistant" or m.get("weight", 1) == 0:
             continue
         before = render(tokenizer, messages[:i], add_generation_prompt=True)
         upto = render(tokenizer, messages[: i + 1])
-        if not upto.startswith(before) or not text.startswith(upto):
+        if final and upto.endswith(final):
+            upto = upto[: len(upto) - len(final)]
+        if not upto.startswith(before):
             raise TemplateError(
-                f"the chat template does not render messages[:{i + 1}] as a prefix of the whole conversation, "
-                "so assistant turns cannot be located; use a template without history-dependent rewriting"
+                f"the chat template's generation prompt is not how it renders the start of reply {i} (it writes "
+                f"{before[-40:]!r} to generate but {upto[len(before) - 40:len(before) + 10]!r} in the conversation, "
+                "e.g. it opens a reasoning block only when generating), so what is trained would not be what the "
+                "model continues from when served"
+            )
+        if not text.startswith(upto):
+            raise TemplateError(
+                f"the chat template rewrites earlier turns: messages[:{i + 1}] render differently inside the whole "
+                "conversation (e.g. it drops the reasoning of earlier replies), so an earlier reply would be trained "
+                "in a form the model never sees when it writes it; split such conversations into one record per "
+                "reply, or use a template that renders a conversation as a growing prefix"
             )
         end = len(before) + len(upto[len(before):].rstrip())
         spans.append((len(before), end))
     return text, spans
+
+
+def closing_suffix(tokenizer) -> str:
+    """Text a template writes once at the very end of a whole conversation, after the last turn's
+    own end (Phi-3.5 appends EOS after its final ``<|end|>``); not part of any turn, so not trained:
+    the model stops at the turn's end, as when serving."""
+    key = tokenizer.chat_template
+    if key not in _SUFFIX:
+        u, a = {"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}
+        one, two = render(tokenizer, [u, a]), render(tokenizer, [u, a, u, a])
+        eos = tokenizer.eos_token or ""
+        cut = one.rstrip()
+        _SUFFIX[key] = eos if eos and cut.endswith(eos) and not two.startswith(one) and two.startswith(
+            cut[: len(cut) - len(eos)]) else ""
+    return _SUFFIX[key]
+
+
+_SUFFIX: dict[str | None, str] = {}
 
 
 def build_example(tokenizer, messages: list[dict]) -> Example:
