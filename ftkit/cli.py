@@ -1,4 +1,5 @@
-"""Command line: ``ftkit serve MODEL_DIR``, ``ftkit check-params FILE``, ``ftkit demo-data PATH``."""
+"""Command line: ``ftkit serve MODEL_DIR``, ``ftkit check-params FILE``, ``ftkit import-openai-job JOB -o FILE``,
+``ftkit demo-data PATH``."""
 
 from __future__ import annotations
 
@@ -25,6 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--kv-cache-tokens", type=int, default=16384,
                    help="KV cache pool shared by concurrent requests, in tokens (bounds memory)")
     s.add_argument("--threads", type=int, default=None, help="CPU threads for the model (default: one less than the cores)")
+    s.add_argument("--read-timeout", type=float, default=None,
+                   help="seconds a client may stay silent mid-request or idle before its connection is closed (default 10)")
 
     c = sub.add_parser("check-params", help="validate a parameters YAML file without running anything")
     c.add_argument("file")
@@ -54,6 +57,13 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                    help="dotted override, YAML value: --override train.max_steps=10")
 
+    oj = sub.add_parser("import-openai-job", help="an OpenAI fine-tuning job (JSON) as a parameters YAML file")
+    oj.add_argument("job", help="the job object (client.fine_tuning.jobs.retrieve(ID)) or the create request, as JSON")
+    oj.add_argument("-o", "--output", required=True, help="the parameters file to write, e.g. parameters/mine.yaml")
+    oj.add_argument("--training-file", default=None,
+                    help="the local training JSONL (the job's training_file is an OpenAI file id)")
+    oj.add_argument("--validation-file", default=None, help="the local validation JSONL, if the job had one")
+
     d = sub.add_parser("demo-data", help="write the AcmeCorp demo CSV")
     d.add_argument("path")
     d.add_argument("--n", type=int, default=1000)
@@ -62,12 +72,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     if args.command == "serve":
-        from .serve import make_server, serve_forever
+        from .serve import READ_TIMEOUT_S, make_server, serve_forever
 
         try:
             server = make_server(args.model_dir, args.host, args.port, args.api_key, args.max_tokens_cap, args.name,
                                  max_prompt_tokens=args.max_prompt_tokens, kv_cache_tokens=args.kv_cache_tokens,
-                                 threads=args.threads)
+                                 threads=args.threads, read_timeout=args.read_timeout or READ_TIMEOUT_S)
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
@@ -107,6 +117,17 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command in ("validate", "convert"):
         return _check_command(args)
+    if args.command == "import-openai-job":
+        from .config import ConfigError
+        from .openai_job import JobError, import_job
+
+        try:
+            out = import_job(args.job, args.output, args.training_file, args.validation_file)
+        except (JobError, ConfigError, OSError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(f"wrote {out}")
+        return 0
     if args.command == "demo-data":
         from .demo_data import write_csv
 

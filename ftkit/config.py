@@ -332,8 +332,10 @@ class HostConfig:
     load_max_tokens: int = 64
     # cost and payback
     requests_per_day: int = 10_000
+    """Requests a day; self-hosting is sized on these at the requests/s the load test measured."""
     tokens_per_request: int = 600
-    """Prompt + reply tokens of one request (hosted APIs bill both)."""
+    """Prompt + reply tokens of one request: the hosted API's price (it bills both); not used to size
+    the machines (the load test measures reply tokens, of the test split's prompts)."""
     hosted_price_per_million_tokens: float = 1.5
     """A hosted API's blended price (USD per 1M tokens) for the same requests (a fine-tuned small hosted model)."""
     machine_hourly_usd: float = 0.10

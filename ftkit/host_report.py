@@ -84,10 +84,11 @@ def plot_load(levels: list[dict]):
 def cost_table(costs: dict, host):
     pb = costs["payback_months"]
     rows = [
-        ("requests per day × tokens per request", f"{host.requests_per_day:,} × {host.tokens_per_request:,}"),
-        ("tokens per month", f"{costs['tokens_per_month']:,.0f}"),
-        ("needed / measured tokens per second (one machine)",
-         f"{costs['needed_tokens_per_s']:,.1f} / {costs['measured_tokens_per_s']:,.1f}"),
+        ("requests per day × prompt + reply tokens per request",
+         f"{host.requests_per_day:,} × {host.tokens_per_request:,}"),
+        ("tokens per month (what the hosted API bills)", f"{costs['tokens_per_month']:,.0f}"),
+        ("needed / measured requests per second (one machine)",
+         f"{costs['needed_requests_per_s']:,.3f} / {costs['measured_requests_per_s']:,.3f}" + _measured_on(costs)),
         ("machines (whole, running all month)", f"{costs['machines']}"),
         ("hosted API per month", f"${costs['hosted_monthly_usd']:,.2f} (at ${host.hosted_price_per_million_tokens}/1M tokens)"),
         ("self-hosted per month", f"${costs['self_hosted_monthly_usd']:,.2f} (at ${host.machine_hourly_usd}/hour)"),
@@ -96,6 +97,12 @@ def cost_table(costs: dict, host):
         ("payback period", "never (self-hosting costs more at this volume)" if math.isinf(pb) else f"{pb:.1f} months"),
     ]
     return _frame([{"what": a, "value": b} for a, b in rows]).set_index("what")
+
+
+def _measured_on(costs: dict) -> str:
+    """What size of request the requests/s were measured on: replies longer than that take longer."""
+    reply = costs.get("measured_reply_tokens_per_request")
+    return f" (measured with replies of {reply:,.0f} tokens on average)" if reply else ""
 
 
 def plot_cost(cumulative: list[dict]):

@@ -19,7 +19,8 @@ What it would add over this module is HTTP plumbing; the engine is the same. See
 
 Safety: binds to 127.0.0.1 by default and refuses any other address without an API key; keys
 are compared in constant time; malformed JSON, unknown models, oversized prompts and
-``max_tokens`` above the cap get 4xx errors in OpenAI's error shape; a client that disconnects
+``max_tokens`` above the cap get 4xx errors in OpenAI's error shape, and so does a bad or missing
+Content-Length; a connection silent for :data:`READ_TIMEOUT_S` is answered or closed; a client that disconnects
 mid-stream has its request cancelled in the engine; SIGTERM stops the engine and closes the socket.
 """
 
@@ -45,6 +46,10 @@ from .modeling import load_tokenizer, resolve_device, stop_token_ids
 
 log = logging.getLogger("ftkit")
 MAX_BODY_BYTES = 1 << 20
+READ_TIMEOUT_S = 10.0
+"""Seconds a connection may stay silent while the server reads from it (a request line, headers, a
+body shorter than its Content-Length, an idle keep-alive connection): then it is answered or closed,
+so a client that stops sending never holds a server thread for good. ``ftkit serve --read-timeout``."""
 
 
 class APIError(Exception):
@@ -136,14 +141,19 @@ class Generator:
                 return self._engines[kind]
             if self._closing.is_set():
                 raise APIError(503, "the server is shutting down", "server_error")
-            page = 256
             gc = GenerationConfig(max_new_tokens=self.max_tokens_cap, eos_token_id=self.stop_ids,
                                   pad_token_id=self.tokenizer.pad_token_id, do_sample=kind == "sample")
             if kind == "sample":  # values other than 1.0 make transformers build the per-request processors
                 gc.temperature, gc.top_p, gc.top_k = 0.7, 0.95, 0
-            cb = ContinuousBatchingConfig(page_size=page, num_blocks=-(-self.kv_cache_tokens // page),
-                                          max_batch_tokens=self.max_batch_tokens, per_request_processors=kind == "sample",
-                                          max_blocks_per_request=0)
+            try:
+                cb = ContinuousBatchingConfig(**engine_config_kwargs(
+                    ContinuousBatchingConfig, kv_cache_tokens=self.kv_cache_tokens,
+                    max_batch_tokens=self.max_batch_tokens, per_request_processors=kind == "sample"))
+            except EngineConfigError as e:
+                if kind == "sample":  # the greedy engine still serves temperature 0
+                    raise APIError(400, f"sampling is not available on this server: {e}; send temperature 0",
+                                   param="temperature") from None
+                raise
             manager = self.model.init_continuous_batching(generation_config=gc, continuous_batching_config=cb)
             with torch.inference_mode():  # the engine's thread inherits the caller's mode: no autograd graphs
                 manager.start()
@@ -266,6 +276,56 @@ class Generator:
             t.join(timeout=2)
 
 
+KV_PAGE_TOKENS = 256
+"""Tokens per KV-cache block (the engine's own default); the pool is ``kv_cache_tokens`` rounded up to blocks."""
+
+
+class EngineConfigError(RuntimeError):
+    """The installed transformers' ContinuousBatchingConfig lacks a setting the server cannot do without."""
+
+
+def _config_fields(cls) -> set[str]:
+    """The keyword arguments ``cls`` takes: its dataclass fields, else its ``__init__``'s parameters."""
+    import dataclasses
+    import inspect
+
+    if dataclasses.is_dataclass(cls):
+        return {f.name for f in dataclasses.fields(cls) if f.init}
+    return {n for n, p in inspect.signature(cls.__init__).parameters.items()
+            if n != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
+
+def engine_config_kwargs(cls, *, kv_cache_tokens: int, max_batch_tokens: int, per_request_processors: bool,
+                         page_tokens: int = KV_PAGE_TOKENS) -> dict:
+    """Keyword arguments for transformers' ``ContinuousBatchingConfig`` (``cls``) under the names this
+    version takes: the tokens per KV block are ``page_size`` from 5.24 (``block_size`` there is a
+    deprecated alias) and ``block_size`` before (5.17: ``page_size`` is a TypeError).
+
+    The KV pool's size (block size and ``num_blocks``) and ``max_batch_tokens`` bound the server's
+    memory, and ``per_request_processors`` is what applies each request's temperature and top-p: a
+    version without one of those raises :class:`EngineConfigError` rather than serving something
+    else. ``per_request_processors=False`` is the engine's default, so it is only passed when True.
+    """
+    fields = _config_fields(cls)
+    size = next((n for n in ("page_size", "block_size") if n in fields), None)
+    missing = [n for n in ("num_blocks", "max_batch_tokens") if n not in fields]
+    if size is None:
+        missing.insert(0, "page_size/block_size")
+    if per_request_processors and "per_request_processors" not in fields:
+        missing.append("per_request_processors")
+    if missing:
+        raise EngineConfigError(f"this transformers' ContinuousBatchingConfig has no {', '.join(missing)}")
+    kw = {size: page_tokens, "num_blocks": -(-kv_cache_tokens // page_tokens), "max_batch_tokens": max_batch_tokens}
+    if per_request_processors:
+        kw["per_request_processors"] = True
+    # an optimisation switch, so dropped where missing: 0 keeps the engine off its decode fast path
+    # (flash_attn_with_kvcache, only with flash attention on CUDA), as ftkit always ran it; a version
+    # without the setting has no such path to turn off
+    if "max_blocks_per_request" in fields:
+        kw["max_blocks_per_request"] = 0
+    return kw
+
+
 def _completion_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
@@ -277,15 +337,18 @@ class Handler(BaseHTTPRequestHandler):
     # set on the class by make_server
     gen: Generator
     api_key: str | None = None
+    timeout = READ_TIMEOUT_S  # socketserver applies it to the connection's socket (reads and writes)
 
     def log_message(self, fmt, *args):  # route access logs through logging
         log.info("%s %s", self.address_string(), fmt % args)
 
-    def _send_json(self, status: int, body: dict) -> None:
+    def _send_json(self, status: int, body: dict, close: bool = False) -> None:
         data = json.dumps(body).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
+        if close:
+            self.send_header("Connection", "close")  # also makes the handler close the connection
         self.end_headers()
         self.wfile.write(data)
 
@@ -297,18 +360,23 @@ class Handler(BaseHTTPRequestHandler):
         return hmac.compare_digest(token.encode(), self.api_key.encode())
 
     def _handle(self, fn) -> None:
+        self._body_read = self.command != "POST"
         try:
             if self.path != "/health" and not self._authorised():
                 raise APIError(401, "invalid or missing API key (send 'Authorization: Bearer KEY')",
                                "authentication_error", code="invalid_api_key")
             fn()
         except APIError as e:
-            self._send_json(e.status, e.body())
+            # a body left unread would be parsed as the next request: close the connection instead
+            self._send_json(e.status, e.body(), close=not self._body_read)
         except (BrokenPipeError, ConnectionResetError):
             log.info("client disconnected")
+        except TimeoutError:  # a write to a client that stopped reading
+            log.info("client stopped reading for %.0f s: connection closed", self.timeout)
+            self.close_connection = True
         except Exception as e:  # noqa: BLE001 - a server answers rather than dies
             log.exception("request failed")
-            self._send_json(500, APIError(500, f"internal error: {e}", "server_error").body())
+            self._send_json(500, APIError(500, f"internal error: {e}", "server_error").body(), close=not self._body_read)
 
     def do_GET(self):
         self._handle(self._get)
@@ -325,12 +393,43 @@ class Handler(BaseHTTPRequestHandler):
         else:
             raise APIError(404, f"no route GET {self.path}", code="not_found")
 
-    def _read_json(self) -> dict:
-        length = int(self.headers.get("Content-Length") or 0)
+    def _body_length(self) -> int:
+        """The request's Content-Length, checked: digits only (no sign, no ``1_000``), one value, at most
+        :data:`MAX_BODY_BYTES`; a POST without one is answered 411 (chunked bodies are not read)."""
+        values = self.headers.get_all("Content-Length") or []
+        if not values or self.headers.get("Transfer-Encoding"):
+            raise APIError(411, "Content-Length is required: send the JSON body with a Content-Length header "
+                                "(chunked request bodies are not supported)", code="length_required")
+        if len(set(v.strip() for v in values)) > 1:
+            raise APIError(400, f"conflicting Content-Length headers: {', '.join(values)}", code="invalid_content_length")
+        value = values[0].strip()
+        if value.startswith("-") and value[1:].isascii() and value[1:].isdigit():
+            raise APIError(400, f"Content-Length must not be negative, got {value}", code="invalid_content_length")
+        if not (value.isascii() and value.isdigit()):
+            raise APIError(400, f"Content-Length must be a whole number of bytes, got {value!r}",
+                           code="invalid_content_length")
+        length = int(value)
         if length > MAX_BODY_BYTES:
             raise APIError(413, f"request body of {length} bytes exceeds {MAX_BODY_BYTES}")
+        return length
+
+    def _read_body(self) -> bytes:
+        length = self._body_length()
         try:
-            body = json.loads(self.rfile.read(length) or b"")
+            data = self.rfile.read(length)
+        except TimeoutError:
+            raise APIError(400, f"request body ended before its Content-Length of {length} bytes (nothing more "
+                                f"arrived for {self.timeout:.0f} s)", code="incomplete_body") from None
+        if len(data) < length:  # the client closed its side
+            raise APIError(400, f"request body ended after {len(data)} of its Content-Length of {length} bytes",
+                           code="incomplete_body")
+        self._body_read = True
+        return data
+
+    def _read_json(self) -> dict:
+        data = self._read_body()
+        try:
+            body = json.loads(data or b"")
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise APIError(400, f"request body is not valid JSON: {e}") from None
         if not isinstance(body, dict):
@@ -444,12 +543,13 @@ def is_loopback(host: str) -> bool:
 
 def make_server(model_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
                 max_tokens_cap: int = 512, name: str | None = None, *, max_prompt_tokens: int | None = None,
-                kv_cache_tokens: int = 16384, threads: int | None = None) -> ThreadingHTTPServer:
+                kv_cache_tokens: int = 16384, threads: int | None = None,
+                read_timeout: float = READ_TIMEOUT_S) -> ThreadingHTTPServer:
     if not is_loopback(host) and not api_key:
         raise ValueError(f"refusing to bind to {host} without an API key: pass --api-key (or bind to 127.0.0.1)")
     gen = Generator(model_dir, name=name, max_tokens_cap=max_tokens_cap, max_prompt_tokens=max_prompt_tokens,
                     kv_cache_tokens=kv_cache_tokens, threads=threads)
-    handler = type("BoundHandler", (Handler,), {"gen": gen, "api_key": api_key})
+    handler = type("BoundHandler", (Handler,), {"gen": gen, "api_key": api_key, "timeout": read_timeout})
     try:
         server = _Server((host, port), handler)
     except OSError:

@@ -496,7 +496,7 @@ def build_trainer(cfg: ExperimentConfig, paths: RunPaths, model, tokenizer, trai
         num_train_epochs=t.epochs,
         max_steps=t.max_steps,
         lr_scheduler_type=t.lr_scheduler,
-        warmup_steps=t.warmup_ratio,
+        warmup_steps=0,  # set below, once the number of processes is known
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
         logging_steps=t.logging_steps,
@@ -530,6 +530,10 @@ def build_trainer(cfg: ExperimentConfig, paths: RunPaths, model, tokenizer, trai
         accelerator_config={"non_blocking": device.type == "cuda"},
         disable_tqdm=False,
     )
+    # an int, worked out here: transformers 5 reads a float < 1 in warmup_steps as a ratio, 4.x as a
+    # number of steps (0), and neither has a ratio field it reads the same way
+    args.warmup_steps = warmup_steps(t.warmup_ratio, optimizer_steps(
+        len(train_rows), plan["micro_batch"], plan["accumulation"], args.world_size, t.epochs, t.max_steps))
     from transformers import EarlyStoppingCallback
 
     callbacks = [CompleteCheckpointMarker()]
@@ -546,6 +550,26 @@ def build_trainer(cfg: ExperimentConfig, paths: RunPaths, model, tokenizer, trai
                                     boundaries=plan["attention"] == "varlen",
                                     trained_logits_only=plan.get("applied_trained_logits_only", False)),
     )
+
+
+def optimizer_steps(examples: int, micro_batch: int, accumulation: int, processes: int, epochs: float,
+                    max_steps: int = -1) -> int:
+    """The optimiser steps the Trainer takes: ``max_steps`` when positive, else ``epochs`` times the
+    steps of one epoch, counted as transformers' Trainer counts them (each process gets
+    ceil(examples / (micro_batch x processes)) micro-batches, the last one short; an epoch is
+    ceil(micro-batches / accumulation) steps, at least one; epochs are rounded up to a whole step)."""
+    if max_steps > 0:
+        return max_steps
+    micro_batches = math.ceil(examples / (micro_batch * processes))
+    return math.ceil(epochs * max(math.ceil(micro_batches / accumulation), 1))
+
+
+def warmup_steps(ratio: float, total_steps: int) -> int:
+    """Warm-up steps for ``train.warmup_ratio``: ceil(ratio x total steps). The product is rounded to
+    9 places first, so 0.07 x 100 (7.000000000000001 in floating point) gives 7 steps, not 8."""
+    if not 0 <= ratio <= 1:
+        raise ValueError(f"train.warmup_ratio: a share of the optimiser steps in [0, 1], got {ratio}")
+    return math.ceil(round(ratio * total_steps, 9))
 
 
 def _checkpointing_args(on: bool) -> dict:

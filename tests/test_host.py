@@ -92,16 +92,33 @@ def test_chat_box_streams_a_reply(tiny_path, tmp_path):
 def test_monthly_costs_and_payback():
     h = HostConfig(requests_per_day=10_000, tokens_per_request=600, hosted_price_per_million_tokens=1.5,
                    machine_hourly_usd=0.10, fine_tune_cost_usd=20.0)
-    c = cost.monthly_costs(h, tokens_per_second=40.0)
-    assert c["tokens_per_month"] == pytest.approx(182_400_000)
+    c = cost.monthly_costs(h, requests_per_second=0.05)
+    assert c["tokens_per_month"] == pytest.approx(182_400_000)  # the hosted price: prompt + reply tokens
     assert c["hosted_monthly_usd"] == pytest.approx(273.6)
-    assert c["needed_tokens_per_s"] == pytest.approx(69.444, abs=1e-3) and c["machines"] == 2  # 69.4 / 40 → 2
-    assert c["self_hosted_monthly_usd"] == pytest.approx(146.0)
-    assert c["payback_months"] == pytest.approx(20.0 / (273.6 - 146.0))
-    dear = cost.monthly_costs(HostConfig(machine_hourly_usd=5.0), tokens_per_second=40.0)
+    assert c["needed_requests_per_s"] == pytest.approx(0.11574, abs=1e-5) and c["machines"] == 3  # 0.116 / 0.05 → 3
+    assert c["self_hosted_monthly_usd"] == pytest.approx(219.0)
+    assert c["payback_months"] == pytest.approx(20.0 / (273.6 - 219.0))
+    dear = cost.monthly_costs(HostConfig(machine_hourly_usd=5.0), requests_per_second=0.05)
     assert dear["monthly_saving_usd"] < 0 and math.isinf(dear["payback_months"])
     curve = cost.cumulative(c, months=2)
     assert curve[0] == {"month": 0, "hosted API": 0.0, "fine-tuned, self-hosted": 20.0}
+
+
+def test_machines_are_sized_on_measured_requests_not_prompt_plus_reply_tokens():
+    """A load test of 32 requests of 64 reply tokens in 40 s measured 51.2 reply tokens/s, 0.8 requests/s.
+    10,000 requests a day of 600 prompt + reply tokens need 0.116 requests/s: one machine. (Dividing
+    600-token requests by 51.2 reply tokens/s gave 69.4 / 51.2 → 2 machines, counting each prompt as
+    reply tokens to generate.)"""
+    load = [{"concurrency": 1, "requests": 2, "completion_tokens": 128, "wall_s": 9.0, "requests_per_s": 2 / 9.0,
+             "tokens_per_s_total": 128 / 9.0},
+            {"concurrency": 16, "requests": 32, "completion_tokens": 2048, "wall_s": 40.0, "requests_per_s": 0.8,
+             "tokens_per_s_total": 51.2}]
+    measured = cost.capacity(load)
+    assert measured == {"requests_per_second": 0.8, "reply_tokens_per_request": 64.0}
+    c = cost.monthly_costs(HostConfig(requests_per_day=10_000, tokens_per_request=600), **measured)
+    assert c["machines"] == 1 and c["measured_reply_tokens_per_request"] == 64.0
+    assert cost.monthly_costs(HostConfig(requests_per_day=200_000), **measured)["machines"] == 3  # 2.31 / 0.8
+    assert cost.monthly_costs(HostConfig(requests_per_day=69_120), **measured)["machines"] == 1  # exactly 0.8/s
 
 
 def test_serving_commands(run):

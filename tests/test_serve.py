@@ -248,3 +248,164 @@ def test_refuses_public_bind_without_key(tiny_path):
                          capture_output=True, text=True, timeout=120, env={"FTKIT_API_KEY": "", "PATH": ""})
     assert out.returncode == 2
     assert "refusing to bind to 0.0.0.0 without an API key" in out.stderr
+
+
+# --- the engine's settings under each transformers spelling ----------------------------------------
+
+def _fake_config(*names: str, dataclass: bool = True):
+    """A stand-in for transformers' ContinuousBatchingConfig taking the keywords ``names``."""
+    import dataclasses
+
+    if dataclass:
+        return dataclasses.make_dataclass("CB", [(n, object, None) for n in names])
+    ns: dict = {}
+    exec(f"def __init__(self, *, {', '.join(n + '=None' for n in names)}): pass", ns)  # noqa: S102
+    return type("CB", (), {"__init__": ns["__init__"]})
+
+
+REST = ("num_blocks", "max_batch_tokens", "per_request_processors", "max_blocks_per_request")
+
+
+def test_engine_config_kwargs_for_page_size_and_block_size():
+    """5.24 calls the tokens per KV block page_size (block_size kept as a deprecated alias), 5.17 block_size
+    (page_size is a TypeError there): each gets its own name, and every keyword built is accepted."""
+    from ftkit.serve import EngineConfigError, engine_config_kwargs
+
+    common = {"num_blocks": 32, "max_batch_tokens": 512, "max_blocks_per_request": 0}
+    for cls, name in ((_fake_config("page_size", *REST, "block_size"), "page_size"),  # 5.24
+                      (_fake_config("block_size", *REST), "block_size"),  # 5.17
+                      (_fake_config("block_size", *REST, dataclass=False), "block_size"),
+                      (_fake_config("page_size", *REST, dataclass=False), "page_size")):
+        kw = engine_config_kwargs(cls, kv_cache_tokens=8000, max_batch_tokens=512, per_request_processors=False)
+        assert kw == {name: 256, **common}, cls
+        cls(**kw)  # no unexpected keyword
+        kw = engine_config_kwargs(cls, kv_cache_tokens=8192, max_batch_tokens=512, per_request_processors=True)
+        assert kw == {name: 256, **common, "per_request_processors": True}
+        cls(**kw)
+    # the decode fast path switch is an optimisation: not passed where the version lacks it
+    kw = engine_config_kwargs(_fake_config("block_size", *REST[:3]), kv_cache_tokens=256, max_batch_tokens=64,
+                              per_request_processors=False)
+    assert kw == {"block_size": 256, "num_blocks": 1, "max_batch_tokens": 64}
+    # per-request temperature is not: a version without it cannot serve sampled requests
+    no_processors = _fake_config("page_size", "num_blocks", "max_batch_tokens")
+    assert engine_config_kwargs(no_processors, kv_cache_tokens=256, max_batch_tokens=64,
+                                per_request_processors=False) == {"page_size": 256, "num_blocks": 1, "max_batch_tokens": 64}
+    with pytest.raises(EngineConfigError, match="no per_request_processors"):
+        engine_config_kwargs(no_processors, kv_cache_tokens=256, max_batch_tokens=64, per_request_processors=True)
+    with pytest.raises(EngineConfigError, match="no page_size/block_size"):
+        engine_config_kwargs(_fake_config("tokens_per_block", *REST), kv_cache_tokens=256, max_batch_tokens=64,
+                             per_request_processors=False)
+
+
+def test_engine_config_kwargs_for_the_installed_transformers():
+    from transformers import ContinuousBatchingConfig
+
+    from ftkit.serve import engine_config_kwargs
+
+    kw = engine_config_kwargs(ContinuousBatchingConfig, kv_cache_tokens=8192, max_batch_tokens=512,
+                              per_request_processors=True)
+    cb = ContinuousBatchingConfig(**kw)
+    assert cb.num_blocks == 32 and cb.per_request_processors is True
+
+
+# --- malformed Content-Length, over raw sockets ----------------------------------------------------
+
+def _raw(srv, head: bytes, body: bytes = b"", wait: float = 30) -> tuple[str, dict | None, bool]:
+    """Send ``head`` (request line and headers, without the blank line) and ``body``; returns (status
+    line, JSON body or None, whether the server then closed the connection)."""
+    with socket.create_connection((srv.host, srv.port), timeout=wait) as s:
+        s.sendall(head + f"\r\nAuthorization: Bearer {KEY}\r\n\r\n".encode() + body)
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = s.recv(4096)
+            if not chunk:
+                return data.decode(errors="replace"), None, True
+            data += chunk
+        head_text, _, rest = data.partition(b"\r\n\r\n")
+        lines = head_text.decode().split("\r\n")
+        headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+        n = int(headers.get("content-length", 0))
+        while len(rest) < n:
+            rest += s.recv(4096)
+        s.settimeout(0.5)  # well inside the server's 2 s read timeout
+        try:
+            closed = s.recv(1) == b""
+        except TimeoutError:
+            closed = False
+        return lines[0], json.loads(rest[:n]) if n else None, closed
+
+
+def _still_serves(srv) -> None:
+    status, body = _post(srv, "/v1/chat/completions", json.dumps(
+        {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}).encode())
+    assert status == 200 and body["choices"][0]["message"]["role"] == "assistant"
+
+
+POST = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+GOOD = json.dumps({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}).encode()
+
+
+@pytest.fixture(scope="module")
+def quick_server(tiny_path, tmp_path_factory):
+    """A server whose connections time out after 2 s of silence (--read-timeout)."""
+    log = tmp_path_factory.mktemp("quick") / "server.log"
+    srv = ServerProcess(tiny_path, api_key=KEY, log_path=log, extra_args=["--read-timeout", "2"]).start()
+    yield srv
+    assert srv.stop() == 0, log.read_text()[-2000:]
+    assert "Traceback" not in log.read_text(), log.read_text()[-3000:]
+
+
+def _openai_error(body: dict, code: str) -> None:
+    assert set(body["error"]) == {"message", "type", "param", "code"}
+    assert body["error"]["type"] == "invalid_request_error" and body["error"]["code"] == code
+
+
+@pytest.mark.parametrize(("length", "fragment"), [(b"abc", "whole number"), (b"1_000", "whole number"),
+                                                  (b"+12", "whole number"), (b"-5", "must not be negative")])
+def test_content_length_not_a_size_is_400(quick_server, length, fragment):
+    status, body, closed = _raw(quick_server, POST + b"\r\nContent-Length: " + length, GOOD)
+    assert status == "HTTP/1.1 400 Bad Request", status
+    _openai_error(body, "invalid_content_length")
+    assert fragment in body["error"]["message"]
+    assert closed  # the body was not read: it must not be taken for the next request
+    _still_serves(quick_server)
+
+
+def test_post_without_content_length_is_411(quick_server):
+    status, body, closed = _raw(quick_server, POST, GOOD)
+    assert status == "HTTP/1.1 411 Length Required", status
+    _openai_error(body, "length_required")
+    assert closed
+    status, body, closed = _raw(quick_server, POST + b"\r\nTransfer-Encoding: chunked",
+                                f"{len(GOOD):x}\r\n".encode() + GOOD + b"\r\n0\r\n\r\n")
+    assert status == "HTTP/1.1 411 Length Required" and closed
+    _still_serves(quick_server)
+
+
+def test_body_shorter_than_content_length_times_out(quick_server):
+    """A Content-Length larger than the body sent: answered 400 once nothing more arrives for the read
+    timeout (2 s here), not a thread waiting for good and never a 500."""
+    t0 = time.monotonic()
+    status, body, closed = _raw(quick_server, POST + f"\r\nContent-Length: {len(GOOD) + 100}".encode(), GOOD)
+    assert status == "HTTP/1.1 400 Bad Request", status
+    _openai_error(body, "incomplete_body")
+    assert "Content-Length of" in body["error"]["message"] and closed
+    assert 1.5 < time.monotonic() - t0 < 15
+    _still_serves(quick_server)
+    with urllib.request.urlopen(f"http://{quick_server.host}:{quick_server.port}/health", timeout=10) as r:
+        assert json.load(r)["requests_in_flight"] == 0
+
+
+def test_silent_client_is_disconnected(quick_server):
+    """A connection that sends half a request line and nothing more is closed after the read timeout."""
+    with socket.create_connection((quick_server.host, quick_server.port), timeout=15) as s:
+        s.sendall(b"POST /v1/chat")
+        t0 = time.monotonic()
+        assert s.recv(4096) == b""  # closed by the server, no answer owed to half a request line
+        assert time.monotonic() - t0 < 10
+    _still_serves(quick_server)
+
+
+def test_good_request_over_raw_socket_keeps_the_connection(quick_server):
+    status, body, closed = _raw(quick_server, POST + f"\r\nContent-Length: {len(GOOD)}".encode(), GOOD)
+    assert status == "HTTP/1.1 200 OK" and body["object"] == "chat.completion" and not closed
