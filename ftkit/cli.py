@@ -69,6 +69,10 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--n", type=int, default=1000)
     d.add_argument("--seed", type=int, default=42)
 
+    x = sub.add_parser("export-tools", help="fetch llama.cpp's converter and templates (pinned, hashed); --build also "
+                                            "builds llama-cpp-python once (quantiser, GGUF loading checks)")
+    x.add_argument("--build", action="store_true", help="also build and install llama-cpp-python (minutes)")
+
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     if args.command == "serve":
@@ -114,6 +118,21 @@ def main(argv: list[str] | None = None) -> int:
         if int(os.environ.get("RANK", "0")) == 0:  # under accelerate launch, the main process writes
             write_json(run_paths(cfg).metrics("03_train"), metrics)
             print(f"train_loss_last={metrics['train_loss_last']} steps={metrics['steps']}")
+        return 0
+    if args.command == "export-tools":
+        import time
+
+        from . import llama_cpp
+
+        try:
+            print(f"llama.cpp tools: {llama_cpp.fetch(quiet=False)} ({len(llama_cpp.templates())} chat templates)")
+            if args.build:
+                t0 = time.perf_counter()
+                wheel = llama_cpp.build_wheel()
+                print(f"llama-cpp-python: {wheel} installed ({time.perf_counter() - t0:,.0f} s)")
+        except llama_cpp.ToolError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         return 0
     if args.command in ("validate", "convert"):
         return _check_command(args)

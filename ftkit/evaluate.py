@@ -43,7 +43,7 @@ import torch
 
 from .config import RulesConfig
 from .formats import prompt_and_reference, with_system_prompt
-from .masking import IGNORE_INDEX, build_example, render
+from .masking import IGNORE_INDEX, TemplateError, build_example, closing_suffix, render
 from .metrics import (
     Sample,
     bleu,
@@ -257,7 +257,10 @@ def prompted_row(tokenizer, messages: list[dict], prompting: Prompting) -> dict:
     head = prompting.head(messages)
     if not head:
         return ex.to_dict()
-    prefix_ids = tokenizer(render(tokenizer, head), add_special_tokens=False)["input_ids"]
+    head_text = render(tokenizer, head)
+    if (final := closing_suffix(tokenizer)) and head_text.endswith(final):  # Phi-3.5's conversation-final EOS
+        head_text = head_text[: len(head_text) - len(final)]
+    prefix_ids = tokenizer(head_text, add_special_tokens=False)["input_ids"]
     if ex.input_ids[: len(prefix_ids)] != prefix_ids:
         raise ValueError("the chat template does not render the few-shot prefix as a prefix of the prompted "
                          "conversation; set evaluate.prompting.few_shot: 0")
@@ -538,6 +541,16 @@ def evaluate_run(cfg, paths) -> dict:
     shots, shot_ids = choose_shots(paths.chat("train"), e.prompting.few_shot, cfg.seed) \
         if paths.chat("train").exists() else ([], [])
     prompting = Prompting(e.prompting.system_prompt, shots, shot_ids)
+    few_shot_note = None
+    first = next((r for r in iter_jsonl(chat_path) if "messages" in r), None)
+    if shots and first is not None:
+        try:
+            prompted_row(tok, first["messages"], prompting)
+        except (TemplateError, ValueError) as err:  # templates that rewrite earlier turns (Qwen3's reasoning)
+            few_shot_note = f"few-shot examples left out of the prompted baseline: {err}"
+            log.warning(few_shot_note)
+            shots, shot_ids = [], []
+            prompting = Prompting(e.prompting.system_prompt, shots, shot_ids)
 
     def prompted_rows() -> Iterator[dict]:
         for i, r in enumerate(iter_jsonl(chat_path)):
@@ -625,7 +638,7 @@ def evaluate_run(cfg, paths) -> dict:
         "task": task,
         "test_examples": len(samples["tuned"]["loss"].values),
         "generations": len(sample),
-        "few_shot_ids": shot_ids,
+        "few_shot_ids": shot_ids, "few_shot_note": few_shot_note,
         "prompted_system_prompt": e.prompting.system_prompt,
         "confidence": e.confidence,
         "bootstrap_samples": e.bootstrap_samples,

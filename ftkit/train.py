@@ -73,9 +73,12 @@ def packing_leak(model) -> float:
     kernels, whatever the dtype or quantisation); with a leak they move by the size of logits.
     """
     device = next(model.parameters()).device
-    first = torch.tensor([[5, 17, 42, 99, 7, 23]], device=device)
-    other = torch.tensor([[61, 8, 300, 12, 77, 1000]], device=device)
-    b = torch.tensor([[11, 13, 19, 3]], device=device)
+    vocab = model.get_input_embeddings().num_embeddings  # small test vocabularies too
+
+    def ids(*xs):
+        return torch.tensor([[x % vocab for x in xs]], device=device)
+
+    first, other, b = ids(5, 17, 42, 99, 7, 23), ids(61, 8, 300, 12, 77, 1000), ids(11, 13, 19, 3)
     pos = torch.tensor([[0, 1, 2, 3, 4, 5, 0, 1, 2, 3]], device=device)
     out = [model(input_ids=torch.cat([prefix, b], 1), position_ids=pos, use_cache=False).logits[0, first.shape[1]:]
            for prefix in (first, other)]

@@ -91,7 +91,7 @@ def build_model_dir(fam: Family, out: Path, corpus: list[str]) -> Path:
     prepare_tokenizer(tok)
     cls = getattr(transformers, fam.config)
     kw = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=1024, bos_token_id=tok.bos_token_id,
+              num_key_value_heads=2, max_position_embeddings=4096, bos_token_id=tok.bos_token_id,
               eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     if fam.config in ("Gemma3TextConfig", "Qwen3Config"):
         kw["head_dim"] = 16
