@@ -28,9 +28,11 @@ log = logging.getLogger("ftkit")
 # Round-trip tolerances: (max |Δlogit| relative to the merged model's largest |logit|, least share of
 # positions with the same greedy next token, largest mean KL divergence merged → GGUF per position).
 # Near-ties can flip the greedy token, so agreement is bounded loosely and the KL divergence
-# (llama.cpp's measure of quantisation loss) carries the distribution-level check.
+# (llama.cpp's measure of quantisation loss) carries the distribution-level check. llama.cpp also
+# quantises the activations of Q8_0 dot products to 8 bits: on SmolLM2-135M its largest logit moved 6.3%
+# (transformers' de-quantised read 3.3%) at a mean KL of 0.007, hence Q8_0's 10%.
 TOLERANCE = {"f32": (1e-4, 0.99, 1e-5), "f16": (1e-2, 0.95, 1e-3), "bf16": (3e-2, 0.95, 5e-3),
-             "q8_0": (5e-2, 0.95, 1e-2), "q4_k_m": (0.5, 0.75, 0.15)}
+             "q8_0": (0.1, 0.95, 1e-2), "q4_k_m": (0.5, 0.75, 0.15)}
 _CONVERTER_TYPES = ("f32", "f16", "bf16", "q8_0")
 GENERATE_TOKENS = 24
 
