@@ -22,7 +22,7 @@ def run_paths(cfg: ExperimentConfig) -> RunPaths:
 _SUBMODULES = {"config", "paths", "demo_data", "readers", "formats", "cleaning", "data", "templates", "masking",
                "conversion", "estimate", "checker", "replay", "launch", "modeling", "train", "lean_trainer", "evaluate", "export", "serve",
                "server_process", "host", "report", "cli", "metrics", "judge", "eval_report",
-               "gguf_export", "llama_cpp", "loadtest", "cost", "host_report"}
+               "gguf_export", "llama_cpp", "openai_job", "loadtest", "cost", "host_report"}
 
 
 def __getattr__(name: str):

@@ -59,7 +59,7 @@ def folds_system(tokenizer) -> bool:
     """True when the chat template refuses a system message (it raises on a probe that has one), or
     moves it as the conversation grows (Mistral's put it before the *last* user turn, so earlier
     turns would render differently in training than when they were generated)."""
-    key = tokenizer.chat_template
+    key = (tokenizer.chat_template, tokenizer.bos_token, tokenizer.eos_token)
     cached = _FOLDS.get(key)
     if cached is None:
         s, u1, a1, u2 = ({"role": r, "content": c} for r, c in
@@ -77,7 +77,7 @@ def folds_system(tokenizer) -> bool:
     return cached
 
 
-_FOLDS: dict[str | None, bool] = {}
+_FOLDS: dict[tuple, bool] = {}
 
 
 def encode_prompt(tokenizer, messages: list[dict]) -> list[int]:
@@ -102,7 +102,7 @@ def assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[in
                 f"the chat template's generation prompt is not how it renders the start of reply {i} (it writes "
                 f"{before[-40:]!r} to generate but {upto[len(before) - 40:len(before) + 10]!r} in the conversation, "
                 "e.g. it opens a reasoning block only when generating), so what is trained would not be what the "
-                "model continues from when served"
+                "model continues from when served: the prompt must be a prefix of the rendered reply"
             )
         if not text.startswith(upto):
             raise TemplateError(
@@ -120,7 +120,7 @@ def closing_suffix(tokenizer) -> str:
     """Text a template writes once at the very end of a whole conversation, after the last turn's
     own end (Phi-3.5 appends EOS after its final ``<|end|>``); not part of any turn, so not trained:
     the model stops at the turn's end, as when serving."""
-    key = tokenizer.chat_template
+    key = (tokenizer.chat_template, tokenizer.eos_token)  # the suffix is the EOS, which differs per vocabulary
     if key not in _SUFFIX:
         u, a = {"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}
         one, two = render(tokenizer, [u, a]), render(tokenizer, [u, a, u, a])
@@ -131,7 +131,7 @@ def closing_suffix(tokenizer) -> str:
     return _SUFFIX[key]
 
 
-_SUFFIX: dict[str | None, str] = {}
+_SUFFIX: dict[tuple, str] = {}
 
 
 def build_example(tokenizer, messages: list[dict]) -> Example:
