@@ -130,6 +130,13 @@ def consistency_check(server, cfg, paths: RunPaths, *, n: int | None = None, max
     facts.append(f"{100 * stop_rate:.0f}% of replies end with the end-of-turn token within {max_tokens} tokens "
                  f"(required: {100 * cfg.host.min_stop_rate:.0f}%)")
     facts.append("no reply runs on past the end-of-turn token" if no_run_on else "a reply ran on past the end-of-turn token")
+    if not prompts_ok:
+        facts.append("fix: serve outputs/<experiment>/merged with its saved tokenizer (its chat template is the "
+                     "training one); a server that renders prompts with another template answers a different prompt")
+    if stop_rate < cfg.host.min_stop_rate:
+        facts.append("fix: the tuned model has not learned to end its turn yet: train longer (train.max_steps or "
+                     "train.epochs) or at a higher train.learning_rate, and check in report 02 that the end-of-turn "
+                     "token is trained (green) after each reply")
     return {"consistency_passed": passed, "consistency_cases": len(rows), "consistency_prompts_match": prompts_ok,
             "consistency_stop_rate": stop_rate, "consistency_min_stop_rate": cfg.host.min_stop_rate,
             "consistency_no_run_on": no_run_on, "consistency_reason": "; ".join(facts), "consistency_rows": rows}
