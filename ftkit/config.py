@@ -57,7 +57,7 @@ class DataConfig:
     """Stage 01: where the raw data is, how to read, clean and split it."""
 
     path: Any = DEMO_DATA
-    """`demo` (the shipped AcmeCorp generator), a file, a folder, a glob, or a list of those:
+    """`demo` (the shipped sample-data generator), a file, a folder, a glob, or a list of those:
     JSONL, JSON, CSV/TSV, Excel .xlsx (first sheet), Parquet, a `datasets` directory, plain text;
     any file may be gzipped (`export.csv.gz`)."""
     encoding: str = "utf-8"
