@@ -230,6 +230,7 @@ def convert(cfg: ExperimentConfig, paths: RunPaths, tokenizer) -> ConversionResu
     """Run stage 02 for all splits; writes chat and token files and the quarantine file."""
     c = cfg.convert
     out = ConversionResult(template_source=getattr(tokenizer, "template_source", "the model's own"))
+    folded = folds_system(tokenizer)
     kw = {"system_prompt": c.system_prompt, "max_seq_len": c.max_seq_len, "over_length": c.over_length,
           "eot_text": tokenizer.decode([end_of_turn_token_id(tokenizer)]), "prefix": turn_prefix(tokenizer)}
     for name in SPLITS:
@@ -263,8 +264,8 @@ def convert(cfg: ExperimentConfig, paths: RunPaths, tokenizer) -> ConversionResu
         write_jsonl(paths.tokens(name), token_rows)
         write_jsonl(paths.openai_export(name), (to_openai(r) for r in chat_rows if "messages" in r))
         out.kept[name] = len(chat_rows)
-        out.system_folded[name] = sum(1 for r in chat_rows if folds_system(tokenizer) and "messages" in r
-                                      and r["messages"][0]["role"] == "system")
+        out.system_folded[name] = sum(1 for r in chat_rows if "messages" in r and r["messages"][0]["role"] == "system") \
+            if folded else 0
         out.lengths[name], out.trained_share[name], out.turns[name] = lens, shares, turns
     write_jsonl(paths.format_quarantine, out.quarantined)
     return out

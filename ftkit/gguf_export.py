@@ -138,11 +138,10 @@ def verify_llama_cpp(ids, ref_logits, greedy, gguf_file: Path, qtype: str) -> di
         llm.reset()
         llm.eval(x)
         got.append(torch.from_numpy(np.array(llm.scores[: len(x)], dtype=np.float32)))
-        llm.reset()
         gen = []
         for t in llm.generate(x, temp=0.0, top_k=1, reset=True):
             gen.append(t)
-            if len(gen) >= len(want) or t in (llm.token_eos(),):
+            if len(gen) >= len(want) or t == llm.token_eos():
                 break
         n = min(len(gen), len(want))
         same += sum(1 for a, b in zip(gen[:n], want[:n], strict=True) if a == b)

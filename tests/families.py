@@ -80,26 +80,33 @@ def build_tokenizer(fam: Family, corpus: list[str], vocab_size: int = 700):
 
 def build_model_dir(fam: Family, out: Path, corpus: list[str]) -> Path:
     """A tiny random model of ``fam`` with its tokenizer and template, saved under ``out``."""
-    import torch
-    import transformers
-
-    from ftkit.modeling import _set_generation_config, prepare_tokenizer
+    from ftkit.modeling import prepare_tokenizer
 
     if (out / "config.json").exists():
         return out
     tok = build_tokenizer(fam, corpus)
     prepare_tokenizer(tok)
-    cls = getattr(transformers, fam.config)
+    save_tiny(fam.config, tok, out)
+    return out
+
+
+def save_tiny(config_class: str, tok, out: Path) -> Path:
+    """A 2-layer random model of ``config_class`` (a transformers config name) sized for ``tok``, with
+    ftkit's generation config (stop ids), saved with the tokenizer under ``out``."""
+    import torch
+    import transformers
+
+    from ftkit.modeling import _set_generation_config
+
     kw = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=4096, bos_token_id=tok.bos_token_id,
               eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    if fam.config in ("Gemma3TextConfig", "Qwen3Config"):
+    if config_class in ("Gemma3TextConfig", "Qwen3Config"):
         kw["head_dim"] = 16
-    if fam.config == "Gemma3TextConfig":
+    if config_class == "Gemma3TextConfig":
         kw.update(sliding_window=256, layer_types=["sliding_attention", "full_attention"])
-    config = cls(**kw)
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config)
+    model = transformers.AutoModelForCausalLM.from_config(getattr(transformers, config_class)(**kw))
     _set_generation_config(model, tok)
     model.save_pretrained(out)
     tok.save_pretrained(out)

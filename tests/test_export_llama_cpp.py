@@ -26,23 +26,11 @@ ARCHS = ["LlamaConfig", "Qwen2Config", pytest.param("Qwen3Config", marks=pytest.
 
 
 def build(arch: str, out, tiny_path):
-    import torch
-    import transformers
+    from families import save_tiny
 
-    from ftkit.modeling import _set_generation_config, load_tokenizer
+    from ftkit.modeling import load_tokenizer
 
-    tok = load_tokenizer(tiny_path)
-    kw = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=2048, bos_token_id=tok.bos_token_id,
-              eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    if arch in ("Qwen3Config", "Gemma3TextConfig"):
-        kw["head_dim"] = 16
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(getattr(transformers, arch)(**kw))
-    _set_generation_config(model, tok)
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
+    return save_tiny(arch, load_tokenizer(tiny_path), out)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
