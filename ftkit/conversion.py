@@ -19,6 +19,7 @@ from .formats import to_openai, with_system_prompt
 from .masking import (
     IGNORE_INDEX,
     Example,
+    HistoryRewriteError,
     TemplateError,
     build_example,
     end_of_turn_token_id,
@@ -51,6 +52,8 @@ class ConversionResult:
     trained_tokens: dict[str, int] = field(default_factory=dict)
     total_tokens: dict[str, int] = field(default_factory=dict)
     examples: list[Example] = field(default_factory=list)
+    per_reply: dict[str, int] = field(default_factory=dict)
+    """conversations trained as one example per reply (the template rewrites earlier turns), per split"""
     system_folded: dict[str, int] = field(default_factory=dict)
     """records whose system message went into the first user turn (the template has no system role)"""
     template_source: str = "the model's own"
@@ -71,6 +74,7 @@ class ConversionResult:
                 "mean": float(arr.mean()), "p50": float(np.percentile(arr, 50)), "p95": float(np.percentile(arr, 95)),
                 "max": int(arr.max()), "trained_token_share": self.trained_tokens[name] / max(self.total_tokens[name], 1),
                 "truncated": self.truncated.get(name, 0), "split_records": self.split.get(name, 0),
+                "one_example_per_reply": self.per_reply.get(name, 0),
             }
         return {"records_in": self.records_in, "kept": self.kept, "quarantined": len(self.quarantined),
                 "quarantine_reasons": reasons, "max_seq_len": max_seq_len, "token_stats": stats,
@@ -165,6 +169,9 @@ def process_record(tokenizer, rec: dict, *, system_prompt: str | None, max_seq_l
         messages = with_system_prompt(rec["messages"], system_prompt)
         try:
             ex = build_example(tokenizer, messages)
+        except HistoryRewriteError as e:
+            return per_reply(tokenizer, rec, messages, e, max_seq_len=max_seq_len, over_length=over_length,
+                             eot_text=eot_text, prefix=prefix)
         except TemplateError as e:
             return {"ok": False, "code": "template_error", "reason": str(e)}
         except Exception as e:  # the template's own raise_exception (roles, tool calls it cannot render)
@@ -199,6 +206,28 @@ def process_record(tokenizer, rec: dict, *, system_prompt: str | None, max_seq_l
     return {"ok": True, "truncated": truncated, "chat": {"id": rec.get("id"), **body, "meta": rec.get("meta", {})},
             "tokens": [{"id": i, **p.to_dict()} for i, p in zip(ids, pieces, strict=True)],
             "turns": sum(1 for m in messages if m["role"] == "assistant") if messages else 1}
+
+
+def per_reply(tokenizer, rec: dict, messages: list[dict], error: Exception, **kw) -> dict:
+    """A conversation whose template rewrites earlier turns (Qwen3), as one example per trained reply:
+    reply k is trained as the last turn of messages up to it, the earlier replies in the form the
+    template gives history (untrained), which is what the model sees when it writes reply k. The
+    record is kept only when every reply converts; otherwise the first failure is its reason."""
+    trained = [i for i, m in enumerate(messages) if m["role"] == "assistant" and m.get("weight", 1) != 0]
+    if len(trained) < 2:
+        return {"ok": False, "code": "template_error", "reason": str(error)}
+    pieces = []
+    for i in trained:
+        sub = [{**m, "weight": 0} if m["role"] == "assistant" and j != i else m for j, m in enumerate(messages[:i + 1])]
+        res = process_record(tokenizer, {**rec, "messages": sub}, system_prompt=None, **kw)
+        if not res["ok"]:
+            return {**res, "reason": f"reply {len(pieces) + 1} of {len(trained)} (trained one per example, as the "
+                                     f"template rewrites earlier turns): {res['reason']}"}
+        pieces += res["tokens"]
+    ids = [f"{rec.get('id')}#{k}" for k in range(len(pieces))]
+    return {"ok": True, "truncated": False, "per_reply": True,
+            "chat": {"id": rec.get("id"), "messages": messages, "meta": rec.get("meta", {})},
+            "tokens": [{**p, "id": i} for i, p in zip(ids, pieces, strict=True)], "turns": len(trained)}
 
 
 PARALLEL_FROM = 5000  # below this, worker start-up costs more than it saves
@@ -238,6 +267,7 @@ def convert(cfg: ExperimentConfig, paths: RunPaths, tokenizer) -> ConversionResu
         out.records_in[name] = len(records)
         chat_rows, token_rows, lens, shares, turns = [], [], [], [], []
         out.trained_tokens[name] = out.total_tokens[name] = out.truncated[name] = out.split[name] = 0
+        out.per_reply[name] = 0
         for i, (rec, res) in enumerate(zip(records, process_many(tokenizer, records, **kw), strict=True), 1):
             where = f"{paths.split(name)}:{i}"  # the split file's line; the record's id names its input
             if not res["ok"]:
@@ -249,7 +279,10 @@ def convert(cfg: ExperimentConfig, paths: RunPaths, tokenizer) -> ConversionResu
                 continue
             chat_rows.append(res["chat"])
             out.truncated[name] += res["truncated"]
-            out.split[name] += len(res["tokens"]) > 1
+            if res.get("per_reply"):
+                out.per_reply[name] += 1
+            else:
+                out.split[name] += len(res["tokens"]) > 1
             for piece in res["tokens"]:
                 ex = Example(piece["input_ids"], piece["labels"])
                 token_rows.append(piece)

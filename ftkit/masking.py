@@ -20,6 +20,11 @@ class TemplateError(ValueError):
     """The chat template does not render a conversation as a growing prefix."""
 
 
+class HistoryRewriteError(TemplateError):
+    """The template renders an earlier reply differently once the conversation goes on (Qwen3 drops
+    the reasoning of earlier replies): each reply can only be trained as the last turn of its prefix."""
+
+
 @dataclass
 class Example:
     input_ids: list[int]
@@ -105,11 +110,11 @@ def assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[in
                 "model continues from when served: the prompt must be a prefix of the rendered reply"
             )
         if not text.startswith(upto):
-            raise TemplateError(
+            raise HistoryRewriteError(
                 f"the chat template rewrites earlier turns: messages[:{i + 1}] render differently inside the whole "
                 "conversation (e.g. it drops the reasoning of earlier replies), so an earlier reply would be trained "
-                "in a form the model never sees when it writes it; split such conversations into one record per "
-                "reply, or use a template that renders a conversation as a growing prefix"
+                "in a form the model never sees when it writes it; stage 02 trains such a conversation as one "
+                "example per reply, each reply the last turn of its own prefix"
             )
         end = len(before) + len(upto[len(before):].rstrip())
         spans.append((len(before), end))

@@ -202,6 +202,23 @@ def plot_balance(stats: dict[str, dict[str, list]], label_column: str | None, to
     return fig
 
 
+def template_note(metrics: dict) -> None:
+    """Which chat template was used, where it came from, and what ftkit did for it."""
+    from IPython.display import Markdown, display
+
+    folded = sum(metrics.get("system_folded", {}).values())
+    per_reply = sum(s.get("one_example_per_reply", 0) for s in metrics["token_stats"].values())
+    parts = [f"Chat template: {metrics.get('chat_template', 'the model' + chr(39) + 's own')}; end of turn "
+             f"`{metrics.get('end_of_turn_token')}`, pad `{metrics.get('pad_token')}`."]
+    if folded:
+        parts.append(f"{folded:,} records had their system message folded into the first user turn (the template "
+                     "has no system role, or moves it); serving does the same.")
+    if per_reply:
+        parts.append(f"{per_reply:,} conversations are trained as one example per reply (the template rewrites "
+                     "earlier turns, so each reply is trained as the last turn, as the model writes it).")
+    display(Markdown(" ".join(parts)))
+
+
 def token_stats_table(metrics: dict):
     rows = [{"split": s, "in": metrics["records_in"][s], "kept": metrics["kept"][s], **st}
             for s, st in metrics["token_stats"].items()]

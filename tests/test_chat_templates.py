@@ -76,7 +76,8 @@ def outcome(path: Path) -> tuple[str, str]:
         return "refused", f"the template cannot render a plain conversation: {type(e).__name__}: {e}"
     multi = process_record(tok, {"messages": CONVERSATION}, **kw)
     if multi["ok"]:
-        return "verified", f"multi-turn, ends turns with {tok.decode([eot])!r}"
+        how = (" (one example per reply: the template rewrites earlier turns)" if multi.get("per_reply") else "")
+        return "verified", f"multi-turn{how}, ends turns with {tok.decode([eot])!r}"
     single = process_record(tok, {"messages": SINGLE}, **kw)
     tail = "; single-turn verified" if single["ok"] else f"; single-turn refused too: {single['reason']}"
     return "refused", f"multi-turn: {multi['reason']}{tail}"
@@ -111,8 +112,8 @@ def test_every_template_verifies_or_is_refused_with_a_reason():
                  "mistralai-Mistral-Nemo-Instruct-2407.jinja", "google-gemma-2-2b-it.jinja",
                  "microsoft-Phi-3.5-mini-instruct.jinja", "HuggingFaceTB-SmolLM3-3B.jinja"):
         assert rows[name][0] == "verified", (name, rows[name])
-    res, why = rows["Qwen-Qwen3-0.6B.jinja"]  # drops earlier replies' reasoning: multi-turn refused, single verified
-    assert res == "refused" and "rewrites earlier turns" in why and "single-turn verified" in why
+    res, why = rows["Qwen-Qwen3-0.6B.jinja"]  # drops earlier replies' reasoning: trained one example per reply
+    assert res == "verified" and "one example per reply" in why
 
 
 @needs_templates

@@ -153,3 +153,18 @@ def test_every_module_is_reachable_lazily(root):
 
     modules = {p.stem for p in (root / "ftkit").glob("*.py")} - {"__init__", "__main__"}
     assert modules == ftkit._SUBMODULES
+
+
+def test_floor_constraints_are_the_declared_floors(root):
+    """`make test-floor` installs exactly the oldest versions pyproject.toml accepts (torch aside: see the file)."""
+    import re
+
+    import tomllib
+
+    deps = tomllib.loads((root / "pyproject.toml").read_text())["project"]["dependencies"]
+    floors = dict(re.match(r"([\w-]+)>=([\w.]+)", d).groups() for d in deps if ">=" in d)
+    pinned = dict(line.split("==") for line in (root / "tests" / "floors.txt").read_text().splitlines()
+                  if line and not line.startswith("#"))
+    assert pinned and all(floors[name] == version.removesuffix(".0") or floors[name] == version
+                          for name, version in pinned.items()), (floors, pinned)
+    assert set(pinned) == {"transformers", "peft", "accelerate", "bitsandbytes"}

@@ -78,11 +78,15 @@ def test_family_end_to_end(family, data_file, tmp_path):
     conv = conversion.convert(cfg, paths, tok)
     refused = {q["reason_code"] for q in conv.quarantined}
     multi_turn = [r for r in read_jsonl(paths.chat("train")) if sum(m["role"] == "assistant" for m in r["messages"]) > 1]
-    if family == "qwen3":  # its template drops earlier replies' reasoning: multi-turn refused with the reason
-        assert refused == {"template_error"} and not multi_turn
-        assert all("rewrites earlier turns" in q["reason"] for q in conv.quarantined)
+    assert not refused and multi_turn, conv.quarantined[:1]
+    per_reply = [t for t in read_jsonl(paths.tokens("train")) if "#" in str(t["id"])]
+    if family == "qwen3":  # its template drops earlier replies' reasoning: one example per reply, the last trained
+        assert len(per_reply) == 2 * len(multi_turn) == 2 * conv.per_reply["train"]
+        first, second = (t for t in per_reply if t["id"].split("#")[0] == multi_turn[0]["id"])
+        assert tok.decode([x for x, y in zip(second["input_ids"], second["labels"], strict=True) if y != -100]).count(
+            fam.end_of_turn) == 1  # the earlier reply is context, not trained again
     else:
-        assert conv.quarantined == [] and multi_turn, conv.quarantined[:1]
+        assert not per_reply and conv.per_reply["train"] == 0
 
     train_metrics = ftkit.launch.train(cfg, paths)  # 03
     assert train_metrics["steps"] == 2
