@@ -90,7 +90,7 @@ def build_model_dir(fam: Family, out: Path, corpus: list[str]) -> Path:
     return out
 
 
-def save_tiny(config_class: str, tok, out: Path) -> Path:
+def save_tiny(config_class: str, tok, out: Path, **overrides) -> Path:
     """A 2-layer random model of ``config_class`` (a transformers config name) sized for ``tok``, with
     ftkit's generation config (stop ids), saved with the tokenizer under ``out``."""
     import torch
@@ -101,10 +101,14 @@ def save_tiny(config_class: str, tok, out: Path) -> Path:
     kw = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=4096, bos_token_id=tok.bos_token_id,
               eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    if config_class in ("Gemma3TextConfig", "Qwen3Config"):
+    if config_class == "Qwen3Config":
         kw["head_dim"] = 16
     if config_class == "Gemma3TextConfig":
-        kw.update(sliding_window=256, layer_types=["sliding_attention", "full_attention"])
+        # As the released Gemma 3 checkpoints are, and as llama.cpp and transformers' GGUF reader assume (the
+        # file records neither): head_dim 256 = query_pre_attn_scalar, and only every sixth layer global, so
+        # both of these two layers are local.
+        kw.update(head_dim=256, sliding_window=256, layer_types=["sliding_attention"] * 2)
+    kw.update(overrides)
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(getattr(transformers, config_class)(**kw))
     _set_generation_config(model, tok)

@@ -19,10 +19,7 @@ pytestmark = [pytest.mark.export,
                                  reason="llama-cpp-python not built: make export-tools")]
 PROMPTS = [[{"role": "user", "content": "What is 2 plus 3?"}],
            [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Reset my password, please."}]]
-_DIFFER = "llama.cpp's logits differ from transformers' on this tiny random config (open: see the closing note of issue 16)"
-ARCHS = ["LlamaConfig", "Qwen2Config", pytest.param("Qwen3Config", marks=pytest.mark.xfail(strict=True, reason=_DIFFER)),
-         "MistralConfig", pytest.param("Gemma3TextConfig", marks=pytest.mark.xfail(strict=True, reason=_DIFFER)),
-         "Phi3Config"]
+ARCHS = ["LlamaConfig", "Qwen2Config", "Qwen3Config", "MistralConfig", "Gemma3TextConfig", "Phi3Config"]
 
 
 def build(arch: str, out, tiny_path):
@@ -47,8 +44,15 @@ def test_export_loads_and_generates_in_llama_cpp(arch, tiny_path, tmp_path):
         assert [g["type"] for g in out["gguf"]] == ["q8_0", "q4_k_m"], out["gguf_skipped"]
     for g in out["gguf"]:
         cpp = g["llama_cpp"]
-        assert cpp["checked"] and cpp["passed"], (g["type"], cpp)
-        assert cpp["generated_tokens"] > 0
+        assert cpp["checked"] and cpp["generated_tokens"] > 0, (g["type"], cpp)
+        if g["type"] == "q8_0":
+            assert cpp["passed"], (g["type"], cpp)
+        else:
+            # A random model's next-token distribution is nearly flat, so Q4_K_M's top-1 flips among near-ties
+            # (Gemma: 69% top-1 at a KL of 0.0002); its logits and KL are judged here, its top-1 on SmolLM2's
+            # real weights in test_smollm2_q4_k_m_in_llama_cpp.
+            assert cpp["relative_logit_diff"] <= cpp["relative_tolerance"], (g["type"], cpp)
+            assert cpp["mean_kl_divergence"] <= cpp["max_mean_kl_divergence"], (g["type"], cpp)
     if out["gguf"]:
         assert out["modelfile"]
 
