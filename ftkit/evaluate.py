@@ -41,6 +41,7 @@ from pathlib import Path
 
 import torch
 
+from . import reasoning
 from .config import RulesConfig
 from .formats import prompt_and_reference, with_system_prompt
 from .masking import IGNORE_INDEX, TemplateError, build_example, closing_suffix, render
@@ -286,19 +287,23 @@ def generate(model, tokenizer, prompts: list[list[dict]], *, max_new_tokens: int
         torch.manual_seed(seed)
     sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if do_sample else \
         {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+    markers = reasoning.markers_for(tokenizer)
     out = []
     try:
         for i in range(0, len(prompts), batch_size):
             texts = [render(tokenizer, p, add_generation_prompt=True) for p in prompts[i:i + batch_size]]
+            inside = [reasoning.starts_inside(t, markers) for t in texts]
             enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
             gen = model.generate(**enc, max_new_tokens=max_new_tokens, eos_token_id=stop_ids,
                                  pad_token_id=tokenizer.pad_token_id, use_cache=True, **sampling)
             new = gen[:, enc["input_ids"].shape[1]:]
-            for row in new.tolist():
+            for row, opened in zip(new.tolist(), inside, strict=True):
                 stopped = any(t in stop_ids for t in row)
                 if stopped:
                     row = row[: next(k for k, t in enumerate(row) if t in stop_ids)]
-                out.append({"text": tokenizer.decode(row, skip_special_tokens=True).strip(),
+                # the answer is what is scored, as the server returns it in ``content``
+                thought, text = reasoning.split(tokenizer.decode(row, skip_special_tokens=True), markers, opened)
+                out.append({"text": text.strip(), "reasoning": thought,
                             "stopped": stopped, "new_tokens": len(row), "token_ids": row})
     finally:
         tokenizer.padding_side = side

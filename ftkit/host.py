@@ -38,15 +38,21 @@ def ask_all(server, cfg, paths: RunPaths) -> list[dict]:
         t0 = time.perf_counter()
         resp = client.chat.completions.create(model=model_id, messages=messages, max_tokens=cfg.evaluate.max_new_tokens)
         plain_s = time.perf_counter() - t0
-        t0, first, pieces = time.perf_counter(), None, []
+        t0, first, pieces, thought = time.perf_counter(), None, [], []
         for chunk in client.chat.completions.create(model=model_id, messages=messages, stream=True,
                                                     max_tokens=cfg.evaluate.max_new_tokens):
-            delta = chunk.choices[0].delta.content if chunk.choices else None
-            if delta:
+            delta = chunk.choices[0].delta if chunk.choices else None
+            if delta is not None and (delta.content or (delta.model_extra or {}).get("reasoning_content")):
                 first = first if first is not None else time.perf_counter() - t0
-                pieces.append(delta)
+                if delta.content:
+                    pieces.append(delta.content)
+                else:
+                    thought.append(delta.model_extra["reasoning_content"])
         answers.append({
             "prompt": messages[-1]["content"], "reply": resp.choices[0].message.content,
+            # a reasoning model's <think> block, served apart from the answer (ftkit.reasoning)
+            "reasoning": (resp.choices[0].message.model_extra or {}).get("reasoning_content"),
+            "streamed_reasoning": "".join(thought) or None,
             "finish_reason": resp.choices[0].finish_reason,
             "completion_tokens": resp.usage.completion_tokens, "seconds": plain_s,
             "streamed_reply": "".join(pieces), "stream_chunks": len(pieces), "time_to_first_token_s": first,

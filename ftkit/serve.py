@@ -40,6 +40,7 @@ from pathlib import Path
 
 import torch
 
+from . import reasoning
 from .config import ModelConfig
 from .masking import encode_prompt
 from .modeling import load_tokenizer, resolve_device, stop_token_ids
@@ -98,6 +99,7 @@ class Generator:
             self.model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype="auto")
         self.model = self.model.to(dev).eval()
         self.stop_ids = stop_token_ids(self.tokenizer)
+        self.reasoning = reasoning.markers_for(self.tokenizer)
         self.context_len = getattr(self.model.config, "max_position_embeddings", 2048)
         self.kv_cache_tokens = kv_cache_tokens
         self.max_batch_tokens = max_batch_tokens
@@ -115,6 +117,10 @@ class Generator:
     def encode_chat(self, messages: list[dict]) -> list[int]:
         """Token ids of a chat prompt: :func:`ftkit.masking.encode_prompt`, as stage 02 rendered training data."""
         return encode_prompt(self.tokenizer, messages)
+
+    def opens_inside(self, prompt_ids: list[int]) -> bool:
+        """Whether the chat prompt opened the reply's ``<think>`` block itself (see :mod:`ftkit.reasoning`)."""
+        return bool(self.reasoning) and reasoning.starts_inside(self.tokenizer.decode(prompt_ids[-8:]), self.reasoning)
 
     def encode_text(self, prompt: str) -> list[int]:
         return self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
@@ -475,8 +481,14 @@ class Handler(BaseHTTPRequestHandler):
             return
         text, finish, token_ids = self.gen.generate(prompt_ids, body, max_tokens)
         n = len(token_ids)
-        choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
-                  if chat else {"index": 0, "text": text, "finish_reason": finish, "logprobs": None})
+        if chat:
+            message = {"role": "assistant", "content": text}
+            if self.gen.reasoning:
+                thought, answer = reasoning.split(text, self.gen.reasoning, self.gen.opens_inside(prompt_ids))
+                message.update(content=answer, reasoning_content=thought)
+            choice = {"index": 0, "message": message, "finish_reason": finish}
+        else:
+            choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
         resp = {"id": cid, "object": "chat.completion" if chat else "text_completion", "created": created,
                 "model": self.gen.name, "choices": [choice],
                 "usage": {"prompt_tokens": len(prompt_ids), "completion_tokens": n,
@@ -503,9 +515,13 @@ class Handler(BaseHTTPRequestHandler):
         self.close_connection = True
         obj = "chat.completion.chunk" if chat else "text_completion"
 
-        def event(delta_text: str | None, finish: str | None, first: bool = False, extra: dict | None = None) -> None:
+        splitter = reasoning.Splitter(self.gen.reasoning if chat else None, chat and self.gen.opens_inside(prompt_ids))
+
+        def event(delta_text: str | None, finish: str | None, first: bool = False, extra: dict | None = None,
+                  kind: str = "content") -> None:
             if chat:
-                delta = {"role": "assistant", "content": ""} if first else ({"content": delta_text} if delta_text else {})
+                key = "reasoning_content" if kind == "reasoning" else "content"
+                delta = {"role": "assistant", "content": ""} if first else ({key: delta_text} if delta_text else {})
                 choice = {"index": 0, "delta": delta, "finish_reason": finish}
             else:
                 choice = {"index": 0, "text": delta_text or "", "finish_reason": finish}
@@ -518,7 +534,10 @@ class Handler(BaseHTTPRequestHandler):
             if chat:
                 event(None, None, first=True, extra={"prompt_token_ids": prompt_ids} if ids_wanted else None)
             for piece in pieces:
-                event(piece, None)  # a disconnect raises here
+                for kind, text in splitter.feed(piece):
+                    event(text, None, kind=kind)  # a disconnect raises here
+            for kind, text in splitter.finish():
+                event(text, None, kind=kind)
         except APIError as e:  # headers are sent: report the error as a last event
             self.wfile.write(f"data: {json.dumps(e.body())}\n\n".encode())
             return

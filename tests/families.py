@@ -24,6 +24,7 @@ class Family:
     pad: str
     specials: tuple[str, ...]
     end_of_turn: str  # what the template closes an assistant turn with
+    plain: tuple[str, ...] = ()  # added tokens that are not special (kept in decoded text), e.g. <think>
 
 
 FAMILIES = [
@@ -33,7 +34,7 @@ FAMILIES = [
     Family("qwen2.5", "Qwen2Config", "Qwen-Qwen2.5-7B-Instruct.jinja", "bytelevel", "<|endoftext|>", "<|im_end|>",
            "<|endoftext|>", ("<|im_start|>", "<|im_end|>"), "<|im_end|>"),
     Family("qwen3", "Qwen3Config", "Qwen-Qwen3-0.6B.jinja", "bytelevel", "<|endoftext|>", "<|im_end|>",
-           "<|endoftext|>", ("<|im_start|>", "<|im_end|>"), "<|im_end|>"),
+           "<|endoftext|>", ("<|im_start|>", "<|im_end|>"), "<|im_end|>", ("<think>", "</think>")),
     Family("mistral", "MistralConfig", "mistralai-Mistral-Nemo-Instruct-2407.jinja", "metaspace", "<s>", "</s>",
            "<pad>", ("[INST]", "[/INST]", "<unk>"), "</s>"),
     Family("gemma", "Gemma3TextConfig", "google-gemma-2-2b-it.jinja", "metaspace", "<bos>", "<eos>", "<pad>",
@@ -41,7 +42,7 @@ FAMILIES = [
     Family("phi3", "Phi3Config", "microsoft-Phi-3.5-mini-instruct.jinja", "metaspace", "<s>", "<|endoftext|>",
            "<pad>", ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>", "<unk>"), "<|end|>"),
     Family("smollm3", "SmolLM3Config", "HuggingFaceTB-SmolLM3-3B.jinja", "bytelevel", "<|im_start|>", "<|im_end|>",
-           "<|endoftext|>", ("<|im_start|>", "<|im_end|>", "<|endoftext|>"), "<|im_end|>"),
+           "<|endoftext|>", ("<|im_start|>", "<|im_end|>", "<|endoftext|>"), "<|im_end|>", ("<think>", "</think>")),
 ]
 BY_NAME = {f.name: f for f in FAMILIES}
 
@@ -74,6 +75,7 @@ def build_tokenizer(fam: Family, corpus: list[str], vocab_size: int = 700):
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=fam.bos, eos_token=fam.eos, pad_token=fam.pad,
                                    additional_special_tokens=[s for s in fam.specials if s not in (fam.bos, fam.eos)],
                                    **kw)
+    fast.add_tokens(list(fam.plain))
     fast.chat_template = template_path(fam.template).read_text(encoding="utf-8")
     return fast
 

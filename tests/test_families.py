@@ -104,10 +104,14 @@ def test_family_end_to_end(family, data_file, tmp_path):
     try:
         check = host.consistency_check(server, cfg, paths)
         answers = host.ask_all(server, cfg, paths)
+        if fam.plain:  # a reasoning vocabulary: the <think> block is served apart from the answer
+            _check_reasoning_split(server, cfg, paths)
     finally:
         assert server.stop() == 0
     assert check["consistency_prompts_match"], check["consistency_reason"]
     assert len(answers) == 3 and all(a["prompt"] for a in answers)
+    for a in answers:  # greedy: streamed as returned whole, reasoning and answer alike
+        assert a["streamed_reply"] == a["reply"] and ((a["streamed_reasoning"] or "").strip() or None) == a["reasoning"]
     exports = gguf_export.export_all(paths.merged_dir, paths, cfg.host.gguf_types, host.check_prompts(paths, n=2))
     for g in exports["gguf"]:
         assert g["passed"], g
@@ -119,3 +123,25 @@ def test_family_end_to_end(family, data_file, tmp_path):
     leaked = [str(p) for p in paths.root.rglob("*") if p.is_file() and p.suffix in (".json", ".jsonl", ".txt", ".log", "")
               and DEMO_STRINGS.search(p.read_text(encoding="utf-8", errors="ignore"))]
     assert not leaked, leaked
+
+
+def _check_reasoning_split(server, cfg, paths):
+    from ftkit import host, reasoning
+    from ftkit.modeling import load_tokenizer
+
+    tok = load_tokenizer(str(paths.merged_dir))
+    markers = reasoning.markers_for(tok)
+    assert markers, "the vocabulary holds <think> and </think>"
+    client = host.client_for(server, cfg.host.api_key)
+    messages = host.served_prompts(cfg, paths)[0]
+    resp = client.chat.completions.create(model=client.models.list().data[0].id, messages=messages, max_tokens=24,
+                                          extra_body={"return_token_ids": True})
+    msg, ids = resp.choices[0].message, resp.choices[0].model_extra["token_ids"]
+    raw = tok.decode([t for t in ids if t not in server_stop_ids(tok)], skip_special_tokens=True)
+    assert (msg.model_extra["reasoning_content"], msg.content) == reasoning.split(raw, markers), raw
+
+
+def server_stop_ids(tok):
+    from ftkit.modeling import stop_token_ids
+
+    return set(stop_token_ids(tok))
