@@ -16,7 +16,7 @@ THIRDPARTY := .cache/thirdparty/.fetched
 REPORTS := $(OUTPUTS)/$(EXP)/reports
 STAGES := 01_data_prep 02_format_conversion 03_train 04_evaluate 05_host
 
-.PHONY: run install test test-floor test-slow test-export export-tools thirdparty lint clean lab 01 02 03 04 05 $(STAGES)
+.PHONY: run install test test-floor test-slow test-export export-tools thirdparty lint docs clean lab 01 02 03 04 05 $(STAGES)
 
 run: $(REPORTS)/05_host.html  ## all five stages for EXP (default demo)
 
@@ -79,8 +79,12 @@ export-tools: $(STAMP)  ## llama.cpp's converter and templates, and llama-cpp-py
 test-export: export-tools $(THIRDPARTY)  ## every family's GGUF written, quantised and generating in llama.cpp
 	FTKIT_REQUIRE_THIRDPARTY=1 $(BIN)/python -m pytest -q -m export
 
-lint: $(STAMP)
+lint: $(STAMP)  ## ruff, and the import-linter contracts in pyproject.toml (stages independent, core below them)
 	$(BIN)/ruff check ftkit tests bench
+	$(BIN)/lint-imports
+
+docs: $(STAMP)  ## regenerate docs/configuration.md from the config dataclasses (a test fails when it is stale)
+	$(BIN)/ftkit config-reference -o docs/configuration.md
 
 lab: $(STAMP)  ## JupyterLab on the notebooks
 	$(BIN)/jupyter lab --notebook-dir=.

@@ -9,11 +9,11 @@ import os
 import sys
 import time
 
-from ftkit.conversion import process_many, process_record
-from ftkit.demo_data import generate
-from ftkit.formats import Detection, to_canonical, validate
-from ftkit.masking import end_of_turn_token_id
-from ftkit.modeling import load_tokenizer, resolve_model_path
+from ftkit.convert.conversion import process_many, process_record
+from ftkit.core.formats import Detection, to_canonical, validate
+from ftkit.core.masking import end_of_turn_token_id
+from ftkit.core.modeling import load_tokenizer, resolve_model_path
+from ftkit.data.demo_data import generate
 
 
 def conversations(n: int) -> list[dict]:

@@ -2,7 +2,7 @@
 
 Tokenises the 4,514 Bitext customer-support pairs (read in place from ../shared/data, written
 only to a temporary directory) with the model's chat template, then measures, each in a fresh
-child process, the peak resident memory of ``ftkit.evaluate.example_losses`` over the first 100
+child process, the peak resident memory of ``ftkit.evaluate.loss.example_losses`` over the first 100
 rows and over all rows, and prints the ratio (target: <= 1.5). Each child also records the
 memory just after loading the model, so the growth attributable to evaluation is visible.
 
@@ -27,9 +27,9 @@ BITEXT = ROOT.parent / "shared" / "data" / "bitext-customer-support" / "bitext_c
 def tokenise(model_name: str, out: Path) -> int:
     import csv
 
-    from ftkit.config import ModelConfig
-    from ftkit.masking import build_example
-    from ftkit.modeling import load_tokenizer, resolve_model_path
+    from ftkit.core.config import ModelConfig
+    from ftkit.core.masking import build_example
+    from ftkit.core.modeling import load_tokenizer, resolve_model_path
 
     tok = load_tokenizer(resolve_model_path(model_name), ModelConfig(name=model_name))
     n = 0
@@ -46,10 +46,10 @@ def tokenise(model_name: str, out: Path) -> int:
 def child(model_name: str, rows_path: str, limit: int, batch_size: int) -> None:
     import itertools
 
-    from ftkit.config import ModelConfig
-    from ftkit.evaluate import example_losses, summarise_loss
-    from ftkit.modeling import load_model, load_tokenizer, resolve_model_path
-    from ftkit.paths import iter_jsonl
+    from ftkit.core.config import ModelConfig
+    from ftkit.core.modeling import load_model, load_tokenizer, resolve_model_path
+    from ftkit.core.paths import iter_jsonl
+    from ftkit.evaluate.loss import example_losses, summarise_loss
 
     path = resolve_model_path(model_name)
     model = load_model(path, ModelConfig(name=model_name))

@@ -29,7 +29,7 @@ ARCHS = {  # real architecture shapes
 def build_model(arch: str, tokenizer_dir: str, out: Path) -> Path:
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from ftkit.modeling import _set_generation_config, prepare_tokenizer
+    from ftkit.core.modeling import prepare_tokenizer, set_generation_config
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     prepare_tokenizer(tok)
@@ -38,7 +38,7 @@ def build_model(arch: str, tokenizer_dir: str, out: Path) -> Path:
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = LlamaForCausalLM(config).to(torch.bfloat16)
-    _set_generation_config(model, tok)
+    set_generation_config(model, tok)
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return out
@@ -46,9 +46,14 @@ def build_model(arch: str, tokenizer_dir: str, out: Path) -> Path:
 
 def run(method: str, model_dir: Path, out: Path, steps: int, through_stage: int = 5, num_processes: int = 1,
         accelerate_config: str | None = None) -> dict:
-    from ftkit import conversion, data, evaluate, export, host, launch
-    from ftkit.config import load_config
-    from ftkit.paths import RunPaths
+    from ftkit.convert import conversion
+    from ftkit.core.config import load_config
+    from ftkit.core.paths import RunPaths
+    from ftkit.data import dataset as data
+    from ftkit.evaluate import evaluation as evaluate
+    from ftkit.host import client as host
+    from ftkit.host import merge as export
+    from ftkit.train import launch
 
     cfg = load_config(experiment=f"gpu-{method}", outputs_dir=str(out), model={"name": str(model_dir)},
                       train={"method": method, "max_steps": steps, "batch_size": 8, "learning_rate": 2e-4,

@@ -23,7 +23,7 @@ import time
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
-from ftkit.lean_trainer import LeanTrainer
+from ftkit.train.lean_trainer import LeanTrainer
 
 
 class Rows(torch.utils.data.Dataset):

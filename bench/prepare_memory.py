@@ -15,9 +15,9 @@ from pathlib import Path
 
 CHILD = """
 import resource, sys, time
-from ftkit.config import DataConfig
-from ftkit.data import prepare
-from ftkit.paths import RunPaths
+from ftkit.core.config import DataConfig
+from ftkit.data.dataset import prepare
+from ftkit.core.paths import RunPaths
 t = time.perf_counter()
 res = prepare(DataConfig(path=sys.argv[1]), RunPaths(sys.argv[2], "bench"), seed=0)
 print(res.rows_in, res.rows_kept, res.rows_quarantined, time.perf_counter() - t,
@@ -56,7 +56,7 @@ def main() -> None:
         small = sizes[0]
         held = float(subprocess.run([sys.executable, "-c", HOLD, str(tmp / f"r{small}.jsonl")], capture_output=True,
                                     text=True, check=True).stdout)
-        base = float(subprocess.run([sys.executable, "-c", "import resource, ftkit.data;"
+        base = float(subprocess.run([sys.executable, "-c", "import resource, ftkit.data.dataset;"
                                      "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"],
                                     capture_output=True, text=True, check=True).stdout)
         per_record = (held - 15) / small  # minus an empty interpreter

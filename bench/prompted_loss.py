@@ -30,10 +30,11 @@ def main() -> None:
 
     import torch
 
-    from ftkit.config import load_config
-    from ftkit.evaluate import Prompting, choose_shots, example_losses, prompted_row
-    from ftkit.modeling import load_model, load_tokenizer, resolve_model_path
-    from ftkit.paths import RunPaths, iter_jsonl
+    from ftkit.core.config import load_config
+    from ftkit.core.modeling import load_model, load_tokenizer, resolve_model_path
+    from ftkit.core.paths import RunPaths, iter_jsonl
+    from ftkit.evaluate.loss import example_losses
+    from ftkit.evaluate.prompting import Prompting, choose_shots, prompted_row
 
     cfg = load_config(args.params, outputs_dir=args.outputs)
     paths = RunPaths(Path(args.outputs), cfg.experiment)

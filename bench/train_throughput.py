@@ -6,8 +6,8 @@ In one process, for each model shape and data mix, it trains for ``--warmup`` st
 * **baseline**: what a typical tutorial does: transformers Trainer + PEFT LoRA (r=16, alpha 32,
   all linear layers, dropout 0: PEFT's default), bf16, SDPA attention, padding to the longest
   example of each batch (``DataCollatorForSeq2Seq``), no packing, gradient checkpointing on, AdamW;
-* **ftkit**: ``ftkit.train.run_training``, the function notebook 03 calls, with its defaults on a
-  GPU (``ftkit.train.device_plan``) and the same model, examples, micro-batch, learning rate,
+* **ftkit**: ``ftkit.train.training.run_training``, the function notebook 03 calls, with its defaults on a
+  GPU (``ftkit.train.plan.device_plan``) and the same model, examples, micro-batch, learning rate,
   schedule and seed. Two things are changed around it, neither inside the timed steps: the
   pre-flight memory check only records its estimate (instead of stopping a run it thinks too big),
   and the LoRA initialisation is seeded just before the adapters are added, as the baseline's is;
@@ -92,7 +92,7 @@ LORA = dict(r=16, alpha=32, dropout=0.0)  # PEFT's default dropout; the ablation
 # adapters' dropout instead, against the same dropout-0 baseline)
 _OFF = {"attention": "sdpa", "kernels": "none", "optimizer": "adamw_torch", "merge_accumulation": False,
         "compile": False}
-# ablation keys that are not ftkit config: run_ftkit switches these around ftkit.train.run_training
+# ablation keys that are not ftkit config: run_ftkit switches these around ftkit.train.training.run_training
 BENCH_SWITCHES = ("compiled_loss", "non_blocking", "traced_attention", "whole_decoder", "cuda_graphs",
                   "extra_warmup", "expandable_segments", "manual_gc", "stock_walks", "cpp_wrapper")
 ABLATIONS = {
@@ -129,7 +129,7 @@ ABLATIONS = {
     # otherwise pauses for collections that walk every object the process holds
     "ftkit, manual gc": {"manual_gc": True},
     # the Trainer's per-step module walks as stock transformers does them (model.train(), the parameter
-    # count for total_flos, clipping and zero_grad over every parameter): ftkit.lean_trainer does them once
+    # count for total_flos, clipping and zero_grad over every parameter): ftkit.train.lean_trainer does them once
     "ftkit, stock module walks": {"stock_walks": True},
     # the compiled layers launching their kernels from Inductor's Python wrapper (ftkit uses its C++
     # wrapper on a GPU: the 1.5B Bitext step leaves the GPU idle while the host launches ~3,000 kernels)
@@ -308,7 +308,7 @@ def run_baseline(model, tok, rows, arch, batch, lr, warmup, steps, seed, out, ac
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
     from transformers import set_seed as hf_set_seed
 
-    from ftkit.train import TokenizedDataset
+    from ftkit.core.batches import TokenizedDataset
 
     model.config.use_cache = False
     model.enable_input_require_grads()  # as tutorials do for gradient checkpointing with PEFT
@@ -334,12 +334,12 @@ def run_baseline(model, tok, rows, arch, batch, lr, warmup, steps, seed, out, ac
 # ---- ftkit ----------------------------------------------------------------------------------------
 def run_ftkit(model_dir, tok_dir, rows, arch, method, batch, lr, warmup, steps, seed, out, accum=1,
               train_overrides=None, dropout=LORA["dropout"], logging_steps=None, profile=False):
-    """``ftkit.train.run_training`` on a prepared experiment directory; see the module docstring."""
-    import ftkit.estimate as est
-    import ftkit.train as ft
-    from ftkit.config import load_config
-    from ftkit.paths import RunPaths, write_jsonl
-    from ftkit.train import set_seed
+    """``ftkit.train.training.run_training`` on a prepared experiment directory; see the module docstring."""
+    from ftkit.core.config import load_config
+    from ftkit.core.paths import RunPaths, write_jsonl
+    from ftkit.train.recipe import Recipe
+    from ftkit.train.trainer import set_seed
+    from ftkit.train.training import run_training
 
     train_overrides = dict(train_overrides or {})
     dropout = train_overrides.pop("lora_dropout", dropout)
@@ -363,67 +363,68 @@ def run_ftkit(model_dir, tok_dir, rows, arch, method, batch, lr, warmup, steps, 
         shutil.copytree(tok_dir, paths.tokenizer_dir)
 
     recs, plans = [], {}
-    orig = (ft.make_collator, ft.build_trainer, est.check_fits, ft.add_lora, ft.register_varlen_attention,
-            ft.compile_layers)
-
     warmup = warmup + switches.get("extra_warmup", 0)
+    stock = Recipe()
 
-    def make_collator(*a, **k):
-        inner = orig[0](*a, **k)
-        if switches.get("cuda_graphs"):
-            inner = Bucketed(inner, switches["cuda_graphs"])
-        recs.append(Recorder(inner, warmup, steps, profile=profile))
-        return recs[-1]
+    class BenchRecipe(Recipe):
+        """Stage 03's pieces, timed (a recording collator and callback) and switched by the ablation."""
 
-    def build_trainer(*a, **k):
-        trainer = orig[1](*a, **k)
-        recs[-1].accum = trainer.args.gradient_accumulation_steps
-        trainer.add_callback(recs[-1].callback())
-        if switches.get("compiled_loss") is False:
-            base = trainer.model.get_base_model() if hasattr(trainer.model, "get_base_model") else trainer.model
-            base.__dict__.pop("_loss_function", None)
-        if switches.get("non_blocking") is False:
-            trainer.accelerator.dataloader_config.non_blocking = False
-        if switches.get("cuda_graphs"):
-            trainer.add_callback(step_marker())
-        if switches.get("manual_gc"):
-            trainer.add_callback(manual_gc())
-        return trainer
+        lean_trainer = not switches.get("stock_walks")
 
-    def check_fits(e, c, free):
-        plans["preflight_total_gb"] = e.total_gb
+        def collator(self, *a, **k):
+            inner = stock.collator(*a, **k)
+            if switches.get("cuda_graphs"):
+                inner = Bucketed(inner, switches["cuda_graphs"])
+            recs.append(Recorder(inner, warmup, steps, profile=profile))
+            return recs[-1]
 
-    def add_lora(model, c):
-        set_seed(seed)
-        return orig[3](model, c)
+        def trainer(self, trainer):
+            recs[-1].accum = trainer.args.gradient_accumulation_steps
+            trainer.add_callback(recs[-1].callback())
+            if switches.get("compiled_loss") is False:
+                base = trainer.model.get_base_model() if hasattr(trainer.model, "get_base_model") else trainer.model
+                base.__dict__.pop("_loss_function", None)
+            if switches.get("non_blocking") is False:
+                trainer.accelerator.dataloader_config.non_blocking = False
+            if switches.get("cuda_graphs"):
+                trainer.add_callback(step_marker())
+            if switches.get("manual_gc"):
+                trainer.add_callback(manual_gc())
+            return trainer
 
-    ft.make_collator, ft.build_trainer, est.check_fits, ft.add_lora = make_collator, build_trainer, check_fits, add_lora
-    if switches.get("traced_attention"):
-        ft.register_varlen_attention = lambda: orig[4](traced=True)
-    if switches.get("whole_decoder"):
-        ft.compile_layers = compile_decoder
-    if switches.get("cuda_graphs"):
-        ft.compile_layers = lambda model, **kw: orig[5](model, mode="reduce-overhead")
-    if switches.get("cpp_wrapper") is False:
-        ft.compile_layers = lambda model, **kw: orig[5](model)
+        def check_fits(self, e, c, free):  # timed runs go on whatever the estimate says
+            plans["preflight_total_gb"] = e.total_gb
+
+        def add_adapters(self, model, c):
+            set_seed(seed)  # the same adapter initialisation as the baselines
+            return stock.add_adapters(model, c)
+
+        def register_attention(self):
+            if switches.get("traced_attention"):
+                from ftkit.train.kernels import register_varlen_attention
+
+                return register_varlen_attention(traced=True)
+            return stock.register_attention()
+
+        def compile_layers(self, model, **kw):
+            if switches.get("whole_decoder"):
+                return compile_decoder(model)
+            if switches.get("cuda_graphs"):
+                return stock.compile_layers(model, mode="reduce-overhead")
+            if switches.get("cpp_wrapper") is False:
+                return stock.compile_layers(model)
+            return stock.compile_layers(model, **kw)
+
     if switches.get("expandable_segments"):
         torch.cuda.memory._set_allocator_settings("expandable_segments:True")
-    from ftkit.lean_trainer import LeanTrainer
-
-    lean = LeanTrainer._lean
-    if switches.get("stock_walks"):
-        LeanTrainer._lean = lambda self: False
     try:
-        trainer, metrics = ft.run_training(cfg, paths)
+        trained, metrics = run_training(cfg, paths, BenchRecipe())
     finally:
-        LeanTrainer._lean = lean
         if switches.get("expandable_segments"):
             torch.cuda.memory._set_allocator_settings("expandable_segments:False")
-        (ft.make_collator, ft.build_trainer, est.check_fits, ft.add_lora, ft.register_varlen_attention,
-         ft.compile_layers) = orig
     # stage 03 resets the peak after loading; its own figure is the larger of loading and training
     peak = metrics["peak_memory_mb"] * 2**20 / 1e9
-    del trainer
+    del trained
     return recs[-1], peak, {**plans, "load_peak_memory_gb": metrics["load_peak_memory_mb"] * 2**20 / 1e9,
                             "device_plan": metrics["device_plan"], "compiler": compiler_counts()}
 
@@ -494,7 +495,7 @@ def manual_gc(every: int = 50):
 
 def compile_decoder(model, **_) -> int:
     """The 'decoder compiled whole' experiment: the decoder stack under the LM head compiled as one
-    region instead of each layer on its own; returns the layer count like ``ftkit.train.compile_layers``."""
+    region instead of each layer on its own; returns the layer count like ``ftkit.train.kernels.compile_layers``."""
     decoder = model.get_decoder()
     decoder.compile(dynamic=True)
     return len(decoder.layers)
@@ -619,10 +620,10 @@ def main() -> None:
     import transformers
     from transformers import AutoTokenizer
 
-    from ftkit.modeling import prepare_tokenizer
+    from ftkit.core.modeling import prepare_tokenizer
 
     if args.tokenizer is None:
-        from ftkit.modeling import EMBEDDED, resolve_model_path
+        from ftkit.core.modeling import EMBEDDED, resolve_model_path
 
         args.tokenizer = resolve_model_path(EMBEDDED)
     work = Path(args.work or tempfile.mkdtemp(prefix="ftkit-bench-"))

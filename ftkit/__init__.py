@@ -2,10 +2,11 @@
 
 import logging as _logging
 
-from .config import ConfigError, ExperimentConfig, load_config
-from .paths import RunPaths
+from ftkit.core.config import ConfigError, ExperimentConfig, load_config
+from ftkit.core.lazy import lazy_submodules
+from ftkit.core.paths import RunPaths
 
-__all__ = ["ConfigError", "ExperimentConfig", "RunPaths", "load_config", "run_paths"]
+__all__ = ["ConfigError", "ExperimentConfig", "RunPaths", "load_config", "run_paths", "start"]
 __version__ = "0.1.0"
 
 _logging.getLogger("ftkit").addHandler(_logging.NullHandler())
@@ -15,20 +16,23 @@ _logging.getLogger("bitsandbytes").setLevel(_logging.ERROR)
 
 def run_paths(cfg: ExperimentConfig) -> RunPaths:
     """The artifact paths of ``cfg``'s experiment (relative outputs_dir resolved at the project root)."""
-    from .paths import resolve_outputs_dir
+    from ftkit.core.paths import resolve_outputs_dir
 
     return RunPaths(resolve_outputs_dir(cfg.outputs_dir), cfg.experiment)
 
-_SUBMODULES = {"config", "paths", "demo_data", "readers", "formats", "cleaning", "data", "templates", "masking",
-               "conversion", "estimate", "checker", "replay", "launch", "modeling", "train", "lean_trainer", "evaluate", "export", "serve",
-               "server_process", "host", "report", "cli", "metrics", "judge", "eval_report",
-               "gguf_export", "llama_cpp", "openai_job", "loadtest", "cost", "host_report"}
 
 
-def __getattr__(name: str):
-    """Import submodules on first use (``ftkit.train.train(...)``) so ``import ftkit`` stays light."""
-    if name in _SUBMODULES:
-        import importlib
+def start(experiment: str = "demo", seed: int = 42, outputs_dir: str = "outputs", model=None, data=None,
+          convert=None, train=None, evaluate=None, host=None, overrides=None):
+    """A notebook's first step: its parameters validated into one config (every problem reported at once),
+    the run's paths, and the plotting style. Returns ``(cfg, paths)``."""
+    from ftkit.report.common import setup_notebook
 
-        return importlib.import_module(f"{__name__}.{name}")
-    raise AttributeError(f"module 'ftkit' has no attribute {name!r}")
+    cfg = load_config(experiment=experiment, seed=seed, outputs_dir=outputs_dir, model=model or {}, data=data or {},
+                      convert=convert or {}, train=train or {}, evaluate=evaluate or {}, host=host or {},
+                      overrides=overrides or {})
+    setup_notebook()
+    return cfg, run_paths(cfg)
+
+
+__getattr__ = lazy_submodules(__name__)

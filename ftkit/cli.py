@@ -57,6 +57,20 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                    help="dotted override, YAML value: --override train.max_steps=10")
 
+    r = sub.add_parser("run", help="run stages 01-05 on a parameters file without papermill (same functions, "
+                                   "outputs and metrics as the notebooks)")
+    r.add_argument("params", help="a parameters YAML file, e.g. parameters/demo.yaml")
+    r.add_argument("--stages", default="01-05", help="which stages, in order: 01-05 (default), 03-05, 01,02")
+    r.add_argument("--experiment", default=None,
+                   help="run name (default: the file's experiment key, else its name without .yaml)")
+    r.add_argument("--outputs-dir", default=None, help="where runs go (default: the file's outputs_dir, else outputs)")
+    r.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                   help="dotted override, YAML value: --override train.max_steps=10")
+
+    cr = sub.add_parser("config-reference", help="write the configuration reference generated from the config "
+                                                 "dataclasses (docs/configuration.md)")
+    cr.add_argument("-o", "--output", default=None, help="file to write (default: print it)")
+
     oj = sub.add_parser("import-openai-job", help="an OpenAI fine-tuning job (JSON) as a parameters YAML file")
     oj.add_argument("job", help="the job object (client.fine_tuning.jobs.retrieve(ID)) or the create request, as JSON")
     oj.add_argument("-o", "--output", required=True, help="the parameters file to write, e.g. parameters/mine.yaml")
@@ -76,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     if args.command == "serve":
-        from .serve import READ_TIMEOUT_S, make_server, serve_forever
+        from ftkit.host.serve import READ_TIMEOUT_S, make_server, serve_forever
 
         try:
             server = make_server(args.model_dir, args.host, args.port, args.api_key, args.max_tokens_cap, args.name,
@@ -88,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         serve_forever(server)
         return 0
     if args.command == "check-params":
-        from .config import ConfigError, check_top_level, load_config, read_yaml
+        from ftkit.core.config import ConfigError, check_top_level, load_config, read_yaml
 
         try:
             params = read_yaml(args.file)
@@ -100,13 +114,23 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         print(f"{args.file}: ok")
         return 0
+    if args.command == "run":
+        return _run(args)
+    if args.command == "config-reference":
+        from ftkit.core import config_reference
+
+        if args.output:
+            print(config_reference.write(args.output))
+        else:
+            print(config_reference.markdown(), end="")
+        return 0
     if args.command == "train":
         import yaml
 
-        from . import run_paths
-        from .config import ConfigError, load_config
-        from .paths import write_json
-        from .train import train
+        from ftkit import run_paths
+        from ftkit.core.config import ConfigError, load_config
+        from ftkit.core.paths import write_json
+        from ftkit.train.training import train
 
         try:
             overrides = {k: yaml.safe_load(v) for k, _, v in (o.partition("=") for o in args.override)}
@@ -122,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "export-tools":
         import time
 
-        from . import llama_cpp
+        from ftkit.host import llama_cpp
 
         try:
             print(f"llama.cpp tools: {llama_cpp.fetch(quiet=False)} ({len(llama_cpp.templates())} chat templates)")
@@ -137,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in ("validate", "convert"):
         return _check_command(args)
     if args.command == "import-openai-job":
-        from .config import ConfigError
+        from ftkit.core.config import ConfigError
+
         from .openai_job import JobError, import_job
 
         try:
@@ -148,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {out}")
         return 0
     if args.command == "demo-data":
-        from .demo_data import write_csv
+        from ftkit.data.demo_data import write_csv
 
         print(write_csv(args.path, args.n, args.seed))
         return 0
@@ -156,9 +181,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _check_command(args) -> int:
-    from .checker import CheckSummary, check, clean_for_export, parse_columns, write_records
-    from .formats import FORMATS
-    from .readers import InputError, encoding_problem
+    from ftkit.core.formats import FORMATS
+    from ftkit.core.readers import InputError, encoding_problem
+    from ftkit.data.checker import CheckSummary, check, clean_for_export, parse_columns, write_records
 
     if args.format != "auto" and args.format not in FORMATS:
         print(f"error: --format {args.format!r}: choose auto or one of {', '.join(FORMATS)}", file=sys.stderr)
@@ -188,3 +213,32 @@ def _check_command(args) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _run(args) -> int:
+    """``ftkit run``: the stages as the notebooks run them, headless, ending with where the reports are."""
+    from pathlib import Path
+
+    import yaml
+
+    from ftkit import pipeline, run_paths
+    from ftkit.core.config import ConfigError, check_top_level, load_config, read_yaml
+
+    os.environ["FTKIT_HEADLESS"] = "1"  # no widgets: a fixed list of prompts, the server stopped at the end
+    try:
+        stages = pipeline.parse_stages(args.stages)
+        params = read_yaml(args.params)
+        check_top_level(params, args.params)
+        params["experiment"] = args.experiment or params.get("experiment") or Path(args.params).stem
+        if args.outputs_dir:
+            params["outputs_dir"] = args.outputs_dir
+        overrides = {**params.pop("overrides", {}),
+                     **{k: yaml.safe_load(v) for k, _, v in (o.partition("=") for o in args.override)}}
+        cfg = load_config(params, overrides=overrides, source=args.params)
+    except (ConfigError, pipeline.StageSpecError) as e:
+        print(e, file=sys.stderr)
+        return 2
+    paths = run_paths(cfg)
+    pipeline.run(cfg, paths, stages)
+    print(f"{cfg.experiment}: stages {', '.join(stages)} done; metrics under {paths.root / 'metrics'}")
+    return 0

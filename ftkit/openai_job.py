@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from .config import TrainConfig
+from ftkit.core.config import TrainConfig
 
 # the job object's own bookkeeping: no setting of the run to carry over
 BOOKKEEPING = {"object", "id", "created_at", "finished_at", "fine_tuned_model", "organization_id", "result_files",
@@ -154,7 +154,7 @@ def _train_lines(params: dict, default: TrainConfig) -> list[str]:
 
 
 def _default_model() -> str:
-    from .config import ModelConfig
+    from ftkit.core.config import ModelConfig
 
     return ModelConfig().name
 
@@ -174,8 +174,8 @@ def _experiment(text) -> str | None:
 def import_job(job_path: str | Path, output: str | Path, training_file: str | None = None,
                validation_file: str | None = None) -> Path:
     """Write the parameters file for the job in ``job_path`` to ``output``; checked with
-    :func:`ftkit.config.load_config` before it is written."""
-    from .config import load_config
+    :func:`ftkit.core.config.load_config` before it is written."""
+    from ftkit.core.config import load_config
 
     try:
         job = json.loads(Path(job_path).read_text(encoding="utf-8-sig"))

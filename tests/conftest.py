@@ -16,21 +16,21 @@ def root() -> Path:
 
 @pytest.fixture(scope="session")
 def smollm_path() -> str:
-    from ftkit.modeling import resolve_model_path
+    from ftkit.core.modeling import resolve_model_path
 
     return resolve_model_path("smollm2-135m-instruct")
 
 
 @pytest.fixture(scope="session")
 def tokenizer(smollm_path):
-    from ftkit.modeling import load_tokenizer
+    from ftkit.core.modeling import load_tokenizer
 
     return load_tokenizer(smollm_path)
 
 
 @pytest.fixture(scope="session")
 def tiny_path() -> str:
-    from ftkit.modeling import resolve_model_path
+    from ftkit.core.modeling import resolve_model_path
 
     return resolve_model_path("tiny-random")
 

@@ -48,7 +48,7 @@ BY_NAME = {f.name: f for f in FAMILIES}
 
 
 def template_path(name: str) -> Path:
-    from ftkit import llama_cpp
+    from ftkit.host import llama_cpp
 
     return llama_cpp.home() / "models" / "templates" / name
 
@@ -82,7 +82,7 @@ def build_tokenizer(fam: Family, corpus: list[str], vocab_size: int = 700):
 
 def build_model_dir(fam: Family, out: Path, corpus: list[str]) -> Path:
     """A tiny random model of ``fam`` with its tokenizer and template, saved under ``out``."""
-    from ftkit.modeling import prepare_tokenizer
+    from ftkit.core.modeling import prepare_tokenizer
 
     if (out / "config.json").exists():
         return out
@@ -98,7 +98,7 @@ def save_tiny(config_class: str, tok, out: Path, **overrides) -> Path:
     import torch
     import transformers
 
-    from ftkit.modeling import _set_generation_config
+    from ftkit.core.modeling import set_generation_config
 
     kw = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=4096, bos_token_id=tok.bos_token_id,
@@ -113,7 +113,7 @@ def save_tiny(config_class: str, tok, out: Path, **overrides) -> Path:
     kw.update(overrides)
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(getattr(transformers, config_class)(**kw))
-    _set_generation_config(model, tok)
+    set_generation_config(model, tok)
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return out

@@ -56,7 +56,7 @@ def test_useful_flops_equal_the_counted_matmuls(monkeypatch, method, prompt):
 
 def test_every_ablation_is_a_bench_switch_or_valid_train_config():
     """An ablation with a misspelt key would fail only on the GPU, after its device time is spent."""
-    from ftkit.config import load_config
+    from ftkit.core.config import load_config
 
     for overrides in tt.ABLATIONS.values():
         config_keys = {k: v for k, v in overrides.items() if k not in tt.BENCH_SWITCHES and k != "lora_dropout"}

@@ -29,7 +29,7 @@ SINGLE = [CONVERSATION[1], CONVERSATION[2]]
 
 
 def templates() -> list[Path]:
-    from ftkit import llama_cpp
+    from ftkit.host import llama_cpp
 
     return llama_cpp.templates()
 
@@ -62,8 +62,8 @@ def tokenizer_for(template: str):
 def outcome(path: Path) -> tuple[str, str]:
     """('verified', turns) or ('refused', the reason), for the multi-turn conversation (and, when that
     is refused, the single-turn one)."""
-    from ftkit.conversion import process_record
-    from ftkit.masking import TemplateError, end_of_turn_token_id, turn_prefix
+    from ftkit.convert.conversion import process_record
+    from ftkit.core.masking import TemplateError, end_of_turn_token_id, turn_prefix
 
     tok = tokenizer_for(path.read_text(encoding="utf-8"))
     try:

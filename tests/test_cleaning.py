@@ -1,4 +1,4 @@
-from ftkit.cleaning import card_like, fill_placeholders, find_pii, near_duplicates, normalise_text, scrub_pii
+from ftkit.data.cleaning import card_like, fill_placeholders, find_pii, near_duplicates, normalise_text, scrub_pii
 
 
 def test_normalise_text_keeps_indentation():

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ftkit.config import SECTIONS, ConfigError, ExperimentConfig, check_top_level, load_config, read_yaml
+from ftkit.core.config import SECTIONS, ConfigError, ExperimentConfig, check_top_level, load_config, read_yaml
 
 NOTEBOOKS = ["01_data_prep", "02_format_conversion", "03_train", "04_evaluate", "05_host"]
 
@@ -149,10 +149,18 @@ def test_parameters_yaml_only_differs_from_defaults(root):
 
 
 def test_every_module_is_reachable_lazily(root):
-    import ftkit
+    """After ``import ftkit``, every module is reachable by attribute (``ftkit.host.serve``), as notebooks write."""
+    import subprocess
+    import sys
 
-    modules = {p.stem for p in (root / "ftkit").glob("*.py")} - {"__init__", "__main__"}
-    assert modules == ftkit._SUBMODULES
+    names = [".".join(p.relative_to(root).with_suffix("").parts) for p in (root / "ftkit").rglob("*.py")
+             if p.stem not in ("__init__", "__main__")]
+    code = ("import functools, ftkit\n"
+            f"for n in {names!r}:\n"
+            "    m = functools.reduce(getattr, n.split('.')[1:], ftkit)\n"
+            "    assert m.__name__ == n, (n, m)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0 and len(names) > 40, proc.stderr[-2000:]
 
 
 def test_floor_constraints_are_the_declared_floors(root):

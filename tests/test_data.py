@@ -4,10 +4,10 @@ import re
 
 import pytest
 
-from ftkit.config import DataConfig
-from ftkit.data import prepare
-from ftkit.formats import FormatError
-from ftkit.paths import RunPaths, read_jsonl
+from ftkit.core.config import DataConfig
+from ftkit.core.formats import FormatError
+from ftkit.core.paths import RunPaths, read_jsonl
+from ftkit.data.dataset import prepare
 
 
 def test_demo_prepare_accounts_for_every_row(tmp_path):
@@ -123,8 +123,8 @@ def test_unsupported_input_is_a_clear_error(tmp_path):
 
 def test_forgetting_guard_self_distillation(tmp_path):
     """The base model's own answers to shipped general prompts join train only, marked as replay."""
-    from ftkit.config import load_config
-    from ftkit.replay import general_prompts, mix_general
+    from ftkit.core.config import load_config
+    from ftkit.core.replay import general_prompts, mix_general
 
     cfg = load_config(experiment="g", outputs_dir=str(tmp_path), model={"name": "tiny-random"},
                       data={"demo_size": 100, "general_mix": 0.1})
@@ -147,8 +147,8 @@ def test_forgetting_guard_self_distillation(tmp_path):
 
 
 def test_forgetting_guard_generates_with_base_model(tmp_path):
-    from ftkit.config import load_config
-    from ftkit.replay import self_distilled
+    from ftkit.core.config import load_config
+    from ftkit.core.replay import self_distilled
 
     cfg = load_config(model={"name": "tiny-random"})
     out = self_distilled(cfg, 4, tmp_path / "replay.jsonl")

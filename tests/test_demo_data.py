@@ -1,9 +1,9 @@
 import csv
 import re
 
-from ftkit.config import RulesConfig
-from ftkit.demo_data import ORDER_PATTERN, SIGN_OFF, generate, write_csv
-from ftkit.evaluate import check_rules
+from ftkit.core.config import RulesConfig
+from ftkit.data.demo_data import ORDER_PATTERN, SIGN_OFF, generate, write_csv
+from ftkit.evaluate.rules import check_rules
 
 HOUSE = RulesConfig(max_sentences=3, ignore_for_sentences=[SIGN_OFF], required_phrases=[SIGN_OFF],
                     echo_pattern=ORDER_PATTERN)

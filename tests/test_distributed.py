@@ -2,13 +2,14 @@
 
 import json
 
-from ftkit import conversion, data
-from ftkit.config import load_config
-from ftkit.paths import RunPaths, read_json
+from ftkit.convert import conversion
+from ftkit.core.config import load_config
+from ftkit.core.paths import RunPaths, read_json
+from ftkit.data import dataset as data
 
 
 def test_two_process_ddp_on_cpu(tmp_path):
-    from ftkit.launch import train
+    from ftkit.train.launch import train
 
     cfg = load_config(experiment="ddp", outputs_dir=str(tmp_path), model={"name": "tiny-random", "device": "cpu"},
                       data={"demo_size": 120},

@@ -1,8 +1,11 @@
 import pytest
 import torch
 
-from ftkit.config import RulesConfig
-from ftkit.evaluate import check_rules, count_sentences, generate, heldout_loss, rouge_l
+from ftkit.core.config import RulesConfig
+from ftkit.core.generation import generate
+from ftkit.evaluate.evaluation import rouge_l
+from ftkit.evaluate.loss import heldout_loss
+from ftkit.evaluate.rules import check_rules, count_sentences
 
 
 @pytest.mark.parametrize("text,n", [("", 0), ("One.", 1), ("One. Two! Three?", 3), ("No end", 1),
@@ -32,7 +35,7 @@ def test_rouge_l_known_values():
 def test_heldout_loss_matches_model_loss(tiny_path, tokenizer):
     from transformers import AutoModelForCausalLM
 
-    from ftkit.masking import build_example
+    from ftkit.core.masking import build_example
 
     model = AutoModelForCausalLM.from_pretrained(tiny_path).eval()
     msgs = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello, how can I help?"}]
@@ -52,8 +55,8 @@ def test_example_losses_do_not_depend_on_batching(tiny_path, tokenizer):
     """Per-example losses come back in input order, the same whatever the batch size or token budget."""
     from transformers import AutoModelForCausalLM
 
-    from ftkit.evaluate import example_losses
-    from ftkit.masking import build_example
+    from ftkit.core.masking import build_example
+    from ftkit.evaluate.loss import example_losses
 
     model = AutoModelForCausalLM.from_pretrained(tiny_path).eval()
     rows = [build_example(tokenizer, [{"role": "user", "content": "q" * (i % 7 + 1)},
@@ -72,7 +75,8 @@ def test_prompted_losses_from_a_cached_prefix_equal_whole_rows(tiny_path, tokeni
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from ftkit.evaluate import Prompting, _prefix_cache, _prefix_groups, example_losses, prompted_row
+    from ftkit.evaluate.loss import _prefix_cache, _prefix_groups, example_losses
+    from ftkit.evaluate.prompting import Prompting, prompted_row
 
     model = AutoModelForCausalLM.from_pretrained(tiny_path)
     model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)).eval()
@@ -108,7 +112,7 @@ def test_stop_detection(tiny_path, tokenizer):
 # ----------------------------------------------------------------------------- metrics, hand-computed
 
 def test_exact_match_and_token_f1():
-    from ftkit.metrics import exact_match, normalize_answer, token_f1
+    from ftkit.evaluate.metrics import exact_match, normalize_answer, token_f1
 
     assert normalize_answer("  The  Cat, sat!  ") == "cat sat"
     assert exact_match("The cat sat.", "cat sat") == 1.0
@@ -122,7 +126,7 @@ def test_exact_match_and_token_f1():
 
 
 def test_chrf_bleu_bounds_and_order():
-    from ftkit.metrics import bleu, chrf
+    from ftkit.evaluate.metrics import bleu, chrf
 
     ref = "Your order ships tomorrow from our warehouse."
     assert chrf(ref, ref) == pytest.approx(1.0) and bleu(ref, ref) == pytest.approx(1.0)
@@ -133,7 +137,7 @@ def test_chrf_bleu_bounds_and_order():
 
 
 def test_json_validity_and_task_inference():
-    from ftkit.metrics import infer_task, json_valid
+    from ftkit.evaluate.metrics import infer_task, json_valid
 
     assert json_valid('{"a": 1}') and json_valid('```json\n{"a": [1, 2]}\n```') and json_valid("[1]")
     assert not json_valid('{"a": 1') and not json_valid("yes")
@@ -144,7 +148,7 @@ def test_json_validity_and_task_inference():
 
 
 def test_label_metrics_hand_computed():
-    from ftkit.metrics import label_metrics
+    from ftkit.evaluate.metrics import label_metrics
 
     got = label_metrics(["a", "b", "a", "c"], ["a", "b", "b", "a"])
     assert got["accuracy"] == 0.5
@@ -157,7 +161,7 @@ def test_label_metrics_hand_computed():
 def test_bootstrap_known_cases():
     import numpy as np
 
-    from ftkit.metrics import Sample, bootstrap_ci, paired_bootstrap
+    from ftkit.evaluate.metrics import Sample, bootstrap_ci, paired_bootstrap
 
     rng = np.random.default_rng(1)
     a = rng.normal(size=200)
@@ -193,7 +197,7 @@ class _PrefersLonger:
 
 
 def test_judge_order_swap_cancels_position_bias():
-    from ftkit.judge import compare
+    from ftkit.evaluate.judge import compare
 
     items = [{"prompt": f"q{i}", "reference": "r", "first": "long answer " * (i + 2), "second": "short"}
              for i in range(10)]
@@ -210,7 +214,7 @@ def test_judge_order_swap_cancels_position_bias():
 def test_local_judge_answers_a_or_b(tiny_path, tokenizer):
     from transformers import AutoModelForCausalLM
 
-    from ftkit.judge import LocalJudge, compare
+    from ftkit.evaluate.judge import LocalJudge, compare
 
     judge = LocalJudge(AutoModelForCausalLM.from_pretrained(tiny_path).eval(), tokenizer)
     got = compare(judge, [{"prompt": "Hi", "reference": "Hello!", "first": "Hello!", "second": "Go away."}] * 2)
@@ -223,7 +227,7 @@ def test_endpoint_judge_through_openai_client():
     import json
     import threading
 
-    from ftkit.judge import EndpointJudge, compare
+    from ftkit.evaluate.judge import EndpointJudge, compare
 
     seen = []
 
@@ -269,8 +273,8 @@ def _force_logits(model, token_ids, value):
 def test_stop_rate_on_a_model_that_never_emits_eos(tiny_path, tokenizer):
     from transformers import AutoModelForCausalLM
 
-    from ftkit.evaluate import score_generations
-    from ftkit.modeling import stop_token_ids
+    from ftkit.core.modeling import stop_token_ids
+    from ftkit.evaluate.scoring import score_generations
 
     model = AutoModelForCausalLM.from_pretrained(tiny_path).eval()
     stops = stop_token_ids(tokenizer)
@@ -289,8 +293,8 @@ def test_stop_rate_on_a_model_that_never_emits_eos(tiny_path, tokenizer):
 
 
 def test_prompted_rows_train_only_the_conversations_own_reply(tokenizer):
-    from ftkit.evaluate import Prompting, prompted_row
-    from ftkit.masking import IGNORE_INDEX
+    from ftkit.core.masking import IGNORE_INDEX
+    from ftkit.evaluate.prompting import Prompting, prompted_row
 
     shots = [{"role": "user", "content": "Where is AC-111111?"}, {"role": "assistant", "content": "Shipped today."}]
     prompting = Prompting("Answer briefly.", shots, ["s1"])
@@ -307,11 +311,12 @@ def test_prompted_rows_train_only_the_conversations_own_reply(tokenizer):
 
 @pytest.fixture(scope="module")
 def evaluated(tmp_path_factory):
-    from ftkit import conversion, data
-    from ftkit.config import load_config
-    from ftkit.evaluate import evaluate_run
-    from ftkit.paths import RunPaths
-    from ftkit.train import run_training
+    from ftkit.convert import conversion
+    from ftkit.core.config import load_config
+    from ftkit.core.paths import RunPaths
+    from ftkit.data import dataset as data
+    from ftkit.evaluate.evaluation import evaluate_run
+    from ftkit.train.training import run_training
 
     out = tmp_path_factory.mktemp("eval")
     cfg = load_config(experiment="e", outputs_dir=str(out), model={"name": "tiny-random"}, data={"demo_size": 150},
@@ -342,14 +347,14 @@ def test_evaluate_run_reports_three_models_with_intervals(evaluated):
     assert m["reference"]["rule_pass_rate"] == 1.0  # every demo reply ends with the sign-off
     assert m["forgetting"]["examples"] == 40 and isinstance(m["forgetting"]["flag"], bool)
     assert len(m["few_shot_ids"]) == 2 and m["test_examples"] > 0
-    from ftkit.paths import read_jsonl
+    from ftkit.core.paths import read_jsonl
 
     rows = read_jsonl(paths.generations)
     assert len(rows) == 6 and {"base", "prompted", "tuned", "reference"} <= set(rows[0])
 
 
 def test_evaluate_run_is_reproducible(evaluated):
-    from ftkit.evaluate import evaluate_run
+    from ftkit.evaluate.evaluation import evaluate_run
 
     cfg, paths, first = evaluated
     again = evaluate_run(cfg, paths)
@@ -359,7 +364,7 @@ def test_evaluate_run_is_reproducible(evaluated):
 
 
 def test_evaluate_config_errors_name_the_field():
-    from ftkit.config import ConfigError, load_config
+    from ftkit.core.config import ConfigError, load_config
 
     with pytest.raises(ConfigError) as e:
         load_config(evaluate={"confidence": 95, "judge": {"enabled": True}, "prompting": {"few_shot": -1}})

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import pytest
 
-from ftkit import gguf_export, llama_cpp
+from ftkit.host import gguf as gguf_export
+from ftkit.host import llama_cpp
 
 pytestmark = [pytest.mark.export,
               pytest.mark.skipif(llama_cpp.bindings() is None or not llama_cpp.available(),
@@ -25,7 +26,7 @@ ARCHS = ["LlamaConfig", "Qwen2Config", "Qwen3Config", "MistralConfig", "Gemma3Te
 def build(arch: str, out, tiny_path):
     from families import save_tiny
 
-    from ftkit.modeling import load_tokenizer
+    from ftkit.core.modeling import load_tokenizer
 
     return save_tiny(arch, load_tokenizer(tiny_path), out)
 
@@ -34,7 +35,7 @@ def build(arch: str, out, tiny_path):
 def test_export_loads_and_generates_in_llama_cpp(arch, tiny_path, tmp_path):
     """Written, quantised, loaded and generating in llama.cpp with the merged model's logits; or refused
     by the converter with its reason (Llama, SmolLM2's own architecture, must export)."""
-    from ftkit.paths import RunPaths
+    from ftkit.core.paths import RunPaths
 
     model_dir = build(arch, tmp_path / "model", tiny_path)
     out = gguf_export.export_all(model_dir, RunPaths(tmp_path, arch), ["q8_0", "q4_k_m"], PROMPTS)
@@ -59,7 +60,7 @@ def test_export_loads_and_generates_in_llama_cpp(arch, tiny_path, tmp_path):
 
 @pytest.mark.slow
 def test_smollm2_q4_k_m_in_llama_cpp(smollm_path, tmp_path):
-    from ftkit.paths import RunPaths
+    from ftkit.core.paths import RunPaths
 
     out = gguf_export.export_all(smollm_path, RunPaths(tmp_path, "s"), ["q8_0", "q4_k_m"], PROMPTS)
     assert out["gguf_passed"], out

@@ -16,6 +16,8 @@ import re
 import pytest
 from families import BY_NAME, FAMILIES, build_model_dir, template_path
 
+from ftkit.host import consistency
+
 DEMO_STRINGS = re.compile(r"AcmeCorp|AC-\d{6}|— AcmeCorp Support")
 
 
@@ -53,9 +55,12 @@ needs_templates = pytest.mark.skipif(not template_path("Qwen-Qwen3-0.6B.jinja").
 @pytest.mark.parametrize("family", [f.name for f in FAMILIES])
 def test_family_end_to_end(family, data_file, tmp_path):
     import ftkit
-    from ftkit import conversion, export, gguf_export, host
-    from ftkit.masking import end_of_turn_token_id
-    from ftkit.paths import read_jsonl
+    from ftkit.convert import conversion
+    from ftkit.core.masking import end_of_turn_token_id
+    from ftkit.core.paths import read_jsonl
+    from ftkit.host import client as host
+    from ftkit.host import gguf as gguf_export
+    from ftkit.host import merge as export
 
     fam = BY_NAME[family]
     model_dir = build_model_dir(fam, tmp_path / "model", corpus(neutral_records()))
@@ -69,7 +74,7 @@ def test_family_end_to_end(family, data_file, tmp_path):
     )
     paths = ftkit.run_paths(cfg)
 
-    prep = ftkit.data.prepare(cfg.data, paths, cfg.seed)  # 01
+    prep = ftkit.data.dataset.prepare(cfg.data, paths, cfg.seed)  # 01
     assert prep.metrics()["rows_in"] == len(neutral_records())
 
     tok = conversion.run_tokenizer(cfg, paths)  # 02
@@ -88,10 +93,10 @@ def test_family_end_to_end(family, data_file, tmp_path):
     else:
         assert not per_reply and conv.per_reply["train"] == 0
 
-    train_metrics = ftkit.launch.train(cfg, paths)  # 03
+    train_metrics = ftkit.train.launch.train(cfg, paths)  # 03
     assert train_metrics["steps"] == 2
 
-    ev = ftkit.evaluate.evaluate_run(cfg, paths)  # 04
+    ev = ftkit.evaluate.evaluation.evaluate_run(cfg, paths)  # 04
     assert ev["generations"] if "generations" in ev else True
 
     merge = export.merge_adapter(cfg, paths, host.check_prompts(paths))  # 05
@@ -102,7 +107,7 @@ def test_family_end_to_end(family, data_file, tmp_path):
     assert eot in (stops if isinstance(stops, list) else [stops])
     server = host.start_server(cfg, paths)
     try:
-        check = host.consistency_check(server, cfg, paths)
+        check = consistency.consistency_check(server, cfg, paths)
         answers = host.ask_all(server, cfg, paths)
         if fam.plain:  # a reasoning vocabulary: the <think> block is served apart from the answer
             _check_reasoning_split(server, cfg, paths)
@@ -126,8 +131,9 @@ def test_family_end_to_end(family, data_file, tmp_path):
 
 
 def _check_reasoning_split(server, cfg, paths):
-    from ftkit import host, reasoning
-    from ftkit.modeling import load_tokenizer
+    from ftkit.core import reasoning
+    from ftkit.core.modeling import load_tokenizer
+    from ftkit.host import client as host
 
     tok = load_tokenizer(str(paths.merged_dir))
     markers = reasoning.markers_for(tok)
@@ -142,6 +148,6 @@ def _check_reasoning_split(server, cfg, paths):
 
 
 def server_stop_ids(tok):
-    from ftkit.modeling import stop_token_ids
+    from ftkit.core.modeling import stop_token_ids
 
     return set(stop_token_ids(tok))

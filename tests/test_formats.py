@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ftkit.formats import (
+from ftkit.core.formats import (
     Detection,
     FormatError,
     Problem,

@@ -4,8 +4,9 @@ derived from the Jinja one and checked."""
 
 import pytest
 
-from ftkit import gguf_export, llama_cpp
-from ftkit.gguf_export import GGUFExportError
+from ftkit.host import gguf as gguf_export
+from ftkit.host import llama_cpp
+from ftkit.host.gguf import GGUFExportError
 
 PROMPTS = [[{"role": "user", "content": "Where is my order 123456?"}],
            [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Reset my password, it's urgent!"}]]
@@ -43,7 +44,7 @@ def test_unsupported_architecture_is_a_reason(tmp_path, tiny_path):
 
 def test_missing_tools_skip_with_the_command(tiny_path, tmp_path, monkeypatch):
     """Without llama.cpp's tools, auto skips (the stage goes on) and names the command to run."""
-    from ftkit.paths import RunPaths
+    from ftkit.core.paths import RunPaths
 
     monkeypatch.setenv("FTKIT_LLAMA_CPP", str(tmp_path / "none"))
     monkeypatch.setattr(llama_cpp, "bindings", lambda: None)
@@ -68,7 +69,7 @@ def test_modelfile_carries_template_and_stops(tokenizer):
 
 
 def test_modelfile_for_llama3_leaves_bos_to_llama_cpp(tiny_path):
-    from ftkit.modeling import load_tokenizer
+    from ftkit.core.modeling import load_tokenizer
 
     tok = load_tokenizer(tiny_path, chat_template="llama3")
     go = gguf_export.go_template(tok)
@@ -78,7 +79,7 @@ def test_modelfile_for_llama3_leaves_bos_to_llama_cpp(tiny_path):
 
 
 def test_modelfile_refuses_a_history_rewriting_template(tiny_path):
-    from ftkit.modeling import load_tokenizer
+    from ftkit.core.modeling import load_tokenizer
 
     rewrite = ("{% for m in messages %}{% if loop.last %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
                "{% else %}<|im_start|>{{ m['role'] }}\n…<|im_end|>\n{% endif %}{% endfor %}"
@@ -90,7 +91,7 @@ def test_modelfile_refuses_a_history_rewriting_template(tiny_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("qtype", ["f16", "q8_0"])
 def test_round_trip_smollm2(smollm_path, tmp_path, qtype):
-    from ftkit.paths import RunPaths
+    from ftkit.core.paths import RunPaths
 
     out = gguf_export.export_all(smollm_path, RunPaths(tmp_path, "s"), [qtype], PROMPTS)
     assert out["gguf_passed"], out

@@ -6,25 +6,30 @@ heads, the layout handed back to the model) is checked without a GPU. The same c
 kernel is the GPU test at the end (``pytest -m gpu``).
 """
 
+import dataclasses
+
 import pytest
 import torch
 
-from ftkit import train as ft
-from ftkit.config import load_config
-from ftkit.masking import IGNORE_INDEX
+from ftkit.core import batches
+from ftkit.core.config import load_config
+from ftkit.core.masking import IGNORE_INDEX
+from ftkit.train import kernels, packing, trainer
+from ftkit.train import plan as planning
+from ftkit.train.plan import Applied
 
 
 def test_cpu_plan_is_unchanged():
-    plan = ft.device_plan(load_config(model={"device": "cpu"}))
-    assert plan == {"device": "cpu", "optimizer": "adamw_torch", "gradient_checkpointing": False,
+    plan = planning.device_plan(load_config(model={"device": "cpu"}))
+    assert plan.to_dict() == {"device": "cpu", "optimizer": "adamw_torch", "gradient_checkpointing": False,
                     "attention": "sdpa", "kernels": "none", "compile": False, "merge_accumulation": False,
                     "trained_logits_only": False, "micro_batch": 4, "accumulation": 1}
-    assert ft.device_plan(load_config(model={"device": "cpu"}, train={"method": "qlora"}))["gradient_checkpointing"] \
+    assert planning.device_plan(load_config(model={"device": "cpu"}, train={"method": "qlora"})).gradient_checkpointing \
         is False
 
 
 def test_compile_with_liger_is_refused():
-    from ftkit.config import ConfigError
+    from ftkit.core.config import ConfigError
 
     with pytest.raises(ConfigError, match="train.kernels: 'liger' cannot run inside compiled layers"):
         load_config(train={"compile": True, "kernels": "liger"})
@@ -32,35 +37,35 @@ def test_compile_with_liger_is_refused():
 
 def test_explicit_choices_win():
     cfg = load_config(model={"device": "cpu"}, train={"optimizer": "sgd", "gradient_checkpointing": True})
-    plan = ft.device_plan(cfg)
-    assert plan["optimizer"] == "sgd" and plan["gradient_checkpointing"] is True
+    plan = planning.device_plan(cfg)
+    assert plan.optimizer == "sgd" and plan.gradient_checkpointing is True
 
 
 def test_cuda_plan(monkeypatch):
-    monkeypatch.setattr(ft, "_varlen_fn", lambda: object())
-    monkeypatch.setattr(ft, "liger_available", lambda: True)
-    plan = ft.device_plan(load_config(model={"device": "cuda"}))
-    assert plan == {"device": "cuda", "optimizer": "adamw_torch_fused", "gradient_checkpointing": False,
+    monkeypatch.setattr(kernels, "varlen_fn", lambda: object())
+    monkeypatch.setattr(kernels, "liger_available", lambda: True)
+    plan = planning.device_plan(load_config(model={"device": "cuda"}))
+    assert plan.to_dict() == {"device": "cuda", "optimizer": "adamw_torch_fused", "gradient_checkpointing": False,
                     "attention": "varlen", "kernels": "none", "compile": True, "merge_accumulation": False,
                     "trained_logits_only": True, "micro_batch": 4, "accumulation": 1}
     # Liger's kernels where the layers stay eager: QLoRA, compile switched off, or a run too short
     # to win back the compile time
     cuda = load_config(model={"device": "cuda"})
     for train in ({"method": "qlora"}, {"compile": False}):
-        p = ft.device_plan(load_config(model={"device": "cuda"}, train=train))
-        assert (p["compile"], p["kernels"]) == (False, "liger"), train
-    assert (ft.device_plan(cuda, est_train_seconds=60)["compile"], ft.device_plan(cuda, 3600)["compile"]) == (False, True)
-    assert ft.device_plan(load_config(model={"device": "cuda"}, train={"compile": True}), 60)["compile"]
+        p = planning.device_plan(load_config(model={"device": "cuda"}, train=train))
+        assert (p.compile, p.kernels) == (False, "liger"), train
+    assert (planning.device_plan(cuda, est_train_seconds=60).compile, planning.device_plan(cuda, 3600).compile) == (False, True)
+    assert planning.device_plan(load_config(model={"device": "cuda"}, train={"compile": True}), 60).compile
     for method in ("full", "dora"):
-        assert ft.device_plan(load_config(model={"device": "cuda"}, train={"method": method}))["compile"]
-    assert not ft.device_plan(load_config(model={"device": "cuda"}, train={"num_processes": 2}))["compile"]
-    assert ft.device_plan(load_config(model={"device": "cuda"}, train={"gradient_accumulation_steps": 4})
-                          )["merge_accumulation"]
-    assert ft.device_plan(load_config(model={"device": "cuda"}, train={"method": "qlora"}))["gradient_checkpointing"]
-    assert ft.device_plan(load_config(model={"device": "cuda"}, train={"packing": False}))["attention"] == "sdpa"
-    assert not ft.device_plan(load_config(model={"device": "cuda"}, train={"packing": False}))["trained_logits_only"]
-    assert not ft.device_plan(load_config(model={"device": "cuda"}, train={"compile": False, "kernels": "liger+loss"})
-                              )["trained_logits_only"]
+        assert planning.device_plan(load_config(model={"device": "cuda"}, train={"method": method})).compile
+    assert not planning.device_plan(load_config(model={"device": "cuda"}, train={"num_processes": 2})).compile
+    assert planning.device_plan(load_config(model={"device": "cuda"}, train={"gradient_accumulation_steps": 4})
+                          ).merge_accumulation
+    assert planning.device_plan(load_config(model={"device": "cuda"}, train={"method": "qlora"})).gradient_checkpointing
+    assert planning.device_plan(load_config(model={"device": "cuda"}, train={"packing": False})).attention == "sdpa"
+    assert not planning.device_plan(load_config(model={"device": "cuda"}, train={"packing": False})).trained_logits_only
+    assert not planning.device_plan(load_config(model={"device": "cuda"}, train={"compile": False, "kernels": "liger+loss"})
+                              ).trained_logits_only
 
 
 def _reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1), enable_gqa=False):
@@ -86,22 +91,22 @@ def tiny_model():
 
 @pytest.mark.parametrize("from_collator", [True, False])
 def test_varlen_attention_matches_per_example(monkeypatch, tiny_model, from_collator):
-    monkeypatch.setattr(ft, "_varlen_fn", lambda: _reference_varlen)
+    monkeypatch.setattr(kernels, "varlen_fn", lambda: _reference_varlen)
     examples = [[5, 17, 42, 99, 7], [11, 13, 19], [61, 8, 300 - 1, 12, 77, 200, 3]]
     separate = [tiny_model(input_ids=torch.tensor([e])).logits[0].float() for e in examples]
-    batch = ft.make_collator(0, packing=True, boundaries=from_collator)(
+    batch = batches.make_collator(0, packing=True, boundaries=from_collator)(
         [{"input_ids": e, "labels": e} for e in examples])
     assert ("cu_seq_lens_q" in batch) == from_collator
-    assert ft.register_varlen_attention()
-    tiny_model.config._attn_implementation = ft.VARLEN
+    assert kernels.register_varlen_attention()
+    tiny_model.config._attn_implementation = kernels.VARLEN
     batch.pop("labels")
     packed = tiny_model(**batch).logits[0].float()
     assert torch.allclose(packed, torch.cat(separate), atol=0.05), (packed - torch.cat(separate)).abs().max()
-    assert ft.packing_leak(tiny_model) == 0.0
+    assert packing.packing_leak(tiny_model) == 0.0
 
 
 def test_collator_boundaries():
-    batch = ft.make_collator(0, packing=True, boundaries=True)(
+    batch = batches.make_collator(0, packing=True, boundaries=True)(
         [{"input_ids": [1, 2, 3], "labels": [1, 2, 3]}, {"input_ids": [4, 5], "labels": [4, 5]}])
     assert batch["cu_seq_lens_q"].tolist() == [0, 3, 5] and batch["max_length_q"] == 3
     assert batch["labels"].tolist() == [[IGNORE_INDEX, 2, 3, IGNORE_INDEX, 5]]
@@ -113,9 +118,9 @@ def test_varlen_kernel_on_gpu(tiny_model):
     model = tiny_model.cuda()
     examples = [[5, 17, 42, 99, 7], [11, 13, 19], [61, 8, 299, 12, 77, 200, 3]]
     separate = torch.cat([model(input_ids=torch.tensor([e], device="cuda")).logits[0].float() for e in examples])
-    assert ft.register_varlen_attention()
-    model.config._attn_implementation = ft.VARLEN
-    batch = ft.make_collator(0, packing=True, boundaries=True)([{"input_ids": e, "labels": e} for e in examples])
+    assert kernels.register_varlen_attention()
+    model.config._attn_implementation = kernels.VARLEN
+    batch = batches.make_collator(0, packing=True, boundaries=True)([{"input_ids": e, "labels": e} for e in examples])
     batch = {k: v.cuda() if torch.is_tensor(v) else v for k, v in batch.items() if k != "labels"}
     assert torch.allclose(model(**batch).logits[0].float(), separate, atol=0.05)
 
@@ -140,14 +145,14 @@ def test_fused_kernels_leave_other_models_alone(monkeypatch, tiny_model):
     monkeypatch.setitem(sys.modules, "liger_kernel", types.ModuleType("liger_kernel"))
     monkeypatch.setitem(sys.modules, "liger_kernel.transformers", fake)
     monkeypatch.setitem(sys.modules, "liger_kernel.transformers.monkey_patch", patch)
-    assert ft.apply_fused_kernels(tiny_model)
+    assert kernels.apply_fused_kernels(tiny_model)
     assert tiny_model.model.norm.patched and modeling_llama.LlamaRMSNorm is original
 
 
 def test_fold_accumulation_sizes_micro_batches_by_memory(monkeypatch):
     import types
 
-    import ftkit.estimate as est
+    import ftkit.core.estimate as est
 
     # a stand-in estimate: 1 GB per 100 tokens in a micro-batch (half that for compiled layers)
     asked = []
@@ -158,54 +163,55 @@ def test_fold_accumulation_sizes_micro_batches_by_memory(monkeypatch):
 
     monkeypatch.setattr(est, "estimate", fake_estimate)
     cfg = load_config(model={"device": "cpu"}, train={"batch_size": 2, "gradient_accumulation_steps": 8})
-    plan = {**ft.device_plan(cfg), "merge_accumulation": True}
+    plan = dataclasses.replace(planning.device_plan(cfg), merge_accumulation=True)
     lengths = [100] * 64
     fits_8 = 8.5 * 1024**3 / 0.9  # room for 8 examples of 100 tokens, not 16
-    folded = ft.fold_accumulation(cfg, plan, lengths, int(fits_8))
-    assert (folded["micro_batch"], folded["accumulation"]) == (8, 2)
-    assert folded["folded_estimate_gb"] == 8.0  # the estimate for the micro-batch used, not the configured one
-    assert ft.fold_accumulation(cfg, plan, lengths, 10**15)["micro_batch"] == 16
-    assert ft.fold_accumulation(cfg, {**plan, "merge_accumulation": False}, lengths, 10**15)["micro_batch"] == 2
+    folded = planning.fold_accumulation(cfg, plan, lengths, int(fits_8))
+    assert (folded.micro_batch, folded.accumulation) == (8, 2)
+    assert folded.folded_estimate_gb == 8.0  # the estimate for the micro-batch used, not the configured one
+    assert planning.fold_accumulation(cfg, plan, lengths, 10**15).micro_batch == 16
+    assert planning.fold_accumulation(cfg, dataclasses.replace(plan, merge_accumulation=False), lengths, 10**15).micro_batch == 2
     # compiled layers keep fewer activations: the same memory holds twice the examples
     asked.clear()
-    assert ft.fold_accumulation(cfg, {**plan, "compile": True}, lengths, int(fits_8))["micro_batch"] == 16
+    assert planning.fold_accumulation(cfg, dataclasses.replace(plan, compile=True), lengths, int(fits_8)).micro_batch == 16
     assert asked and all(asked)
     # sized by the largest sampled micro-batch, not a typical one: 4 long documents among 60 short ones
     # make some 8-example micro-batches 4x the mean, so 8 no longer fits where uniform lengths did
     skewed = [70] * 60 + [1000] * 4
     assert sum(skewed) / len(skewed) < 130
-    assert ft.fold_accumulation(cfg, plan, skewed, int(fits_8))["micro_batch"] < 8
+    assert planning.fold_accumulation(cfg, plan, skewed, int(fits_8)).micro_batch < 8
 
 
 def test_micro_batches_resized_when_layers_could_not_be_compiled(monkeypatch):
     import types
 
-    import ftkit.estimate as est
+    import ftkit.core.estimate as est
 
     monkeypatch.setattr(est, "estimate", lambda cfg, path, tokens, n, mean, compiled=False: types.SimpleNamespace(
         total_gb=cfg.train.batch_size * mean / 100 / (2 if compiled else 1)))
     cfg = load_config(model={"device": "cpu"}, train={"batch_size": 2, "gradient_accumulation_steps": 8})
-    planned = {**ft.device_plan(cfg), "merge_accumulation": True, "compile": True}
+    planned = dataclasses.replace(planning.device_plan(cfg), merge_accumulation=True, compile=True)
     lengths, free = [100] * 64, int(8.5 * 1024**3 / 0.9)
-    folded = ft.fold_for_model(cfg, planned, {"compiled_layers": 30}, lengths, free)
-    assert folded["micro_batch"] == 16
-    again = ft.fold_for_model(cfg, planned, {"compiled_layers": 0}, lengths, free)
-    assert (again["micro_batch"], again["accumulation"]) == (8, 2) and again["compile"] is False
+    folded = planning.fold_for_model(cfg, planned, Applied(compiled_layers=30), lengths, free)
+    assert folded.micro_batch == 16
+    again = planning.fold_for_model(cfg, planned, Applied(compiled_layers=0), lengths, free)
+    assert (again.micro_batch, again.accumulation) == (8, 2) and again.compile is False
 
 
 def test_compiled_layers_use_the_cpp_wrapper_on_cuda_only(monkeypatch, tiny_model):
     """On a GPU the compiled layers launch their kernels from Inductor's C++ wrapper (the host-bound
     step of short examples); elsewhere torch.compile's defaults stay. What was chosen is recorded."""
     calls = []
-    monkeypatch.setattr(ft, "compile_layers", lambda model, **kw: calls.append(kw) or 2)
-    monkeypatch.setattr(ft, "compile_loss", lambda model: True)
-    monkeypatch.setattr(ft, "register_varlen_attention", lambda: False)
-    base = {"kernels": "none", "attention": "sdpa", "compile": True}
-    cuda = ft.prepare_for_device(tiny_model, {**base, "device": "cuda"})
-    cpu = ft.prepare_for_device(tiny_model, {**base, "device": "cpu"})
+    monkeypatch.setattr(kernels, "compile_layers", lambda model, **kw: calls.append(kw) or 2)
+    monkeypatch.setattr(kernels, "compile_loss", lambda model: True)
+    monkeypatch.setattr(kernels, "register_varlen_attention", lambda: False)
+    base = dataclasses.replace(planning.device_plan(load_config(model={"device": "cpu"})), compile=True)
+    cuda = planning.prepare_for_device(tiny_model, dataclasses.replace(base, device="cuda"))
+    cpu = planning.prepare_for_device(tiny_model, base)
     assert calls == [{"options": {"cpp_wrapper": True}}, {}]
-    assert (cuda["compile_wrapper"], cpu["compile_wrapper"]) == ("cpp", None)
-    assert "compile_wrapper" not in ft.prepare_for_device(tiny_model, {**base, "device": "cuda", "compile": False})
+    assert (cuda.compile_wrapper, cpu.compile_wrapper) == ("cpp", None)
+    assert "compile_wrapper" not in planning.prepare_for_device(
+        tiny_model, dataclasses.replace(base, device="cuda", compile=False)).to_dict()
 
 
 def test_checkpointing_reaches_the_trainer_without_deprecation(tmp_path):
@@ -216,7 +222,7 @@ def test_checkpointing_reaches_the_trainer_without_deprecation(tmp_path):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none",
-                                 **ft._checkpointing_args(True))
+                                 **trainer._checkpointing_args(True))
     assert getattr(args, "activation_checkpointing", None) or args.gradient_checkpointing
     assert not [w for w in caught if "gradient_checkpointing" in str(w.message)]
 
@@ -237,7 +243,7 @@ def test_compiled_loss_matches_eager(tiny_model):
         return loss.detach().float(), model.lm_head.weight.grad.float().clone()
 
     eager = run()
-    assert ft.compile_loss(model)
+    assert kernels.compile_loss(model)
     compiled = run()
     assert "_loss_function" in model.__dict__
     assert torch.allclose(eager[0], compiled[0], rtol=1e-4), (eager[0], compiled[0])
@@ -254,7 +260,7 @@ def test_trained_positions_same_loss_and_gradients(tiny_model):
     n_items = torch.tensor(20)  # as the Trainer passes it: trained tokens of all micro-batches
 
     def run(trained_only):
-        batch = ft.make_collator(0, packing=True, trained_logits_only=trained_only)(rows)
+        batch = batches.make_collator(0, packing=True, trained_logits_only=trained_only)(rows)
         model.zero_grad(set_to_none=True)
         out = model(**batch, num_items_in_batch=n_items)
         out.loss.backward()
@@ -270,6 +276,6 @@ def test_trained_positions_same_loss_and_gradients(tiny_model):
     for n in full_grads:
         assert torch.allclose(grads[n], full_grads[n], rtol=1e-4, atol=1e-7), n
     # a micro-batch with nothing to train: one position kept, no target, loss 0
-    empty = ft.make_collator(0, packing=True, trained_logits_only=True)([{"input_ids": [4, 5], "labels": [-100, -100]}])
+    empty = batches.make_collator(0, packing=True, trained_logits_only=True)([{"input_ids": [4, 5], "labels": [-100, -100]}])
     assert empty["shift_labels"].tolist() == [[IGNORE_INDEX]]
     assert model(**empty, num_items_in_batch=n_items).loss.item() == 0.0

@@ -6,12 +6,13 @@ import shutil
 import pytest
 
 import ftkit
-from ftkit import cost, host, loadtest
-from ftkit.config import HostConfig
-from ftkit.masking import build_example
-from ftkit.modeling import load_tokenizer
-from ftkit.paths import write_jsonl
-from ftkit.server_process import ServerProcess
+from ftkit.core.config import HostConfig
+from ftkit.core.masking import build_example
+from ftkit.core.modeling import load_tokenizer
+from ftkit.core.paths import write_jsonl
+from ftkit.host import client as host
+from ftkit.host import consistency, cost, loadtest, widget
+from ftkit.host.server_process import ServerProcess
 
 CONVERSATIONS = [
     [{"role": "system", "content": "You are AcmeCorp support."}, {"role": "user", "content": "Where is AC-123456?"},
@@ -39,7 +40,7 @@ def run(tiny_path, tmp_path_factory):
 def test_consistency_passes_on_the_served_model(run, tiny_path, tmp_path):
     cfg, paths = run
     with ServerProcess(tiny_path, log_path=tmp_path / "s.log") as srv:
-        check = host.consistency_check(srv, cfg, paths)
+        check = consistency.consistency_check(srv, cfg, paths)
     assert check["consistency_cases"] == 3  # one + two assistant turns
     assert check["consistency_prompts_match"] and check["consistency_no_run_on"] and check["consistency_passed"]
     assert "3/3 prompts equal their training tokens" in check["consistency_reason"]
@@ -55,7 +56,7 @@ def test_consistency_catches_a_template_that_drifted(run, tiny_path, tmp_path):
     assert tok.chat_template != load_tokenizer(tiny_path).chat_template
     tok.save_pretrained(drifted)
     with ServerProcess(drifted, log_path=tmp_path / "s.log") as srv:
-        check = host.consistency_check(srv, cfg, paths)
+        check = consistency.consistency_check(srv, cfg, paths)
     assert not check["consistency_prompts_match"] and not check["consistency_passed"]
     assert "0/3 prompts equal their training tokens (first difference: c" in check["consistency_reason"]
     assert all(r["first_difference_at"] is not None for r in check["consistency_rows"])
@@ -66,7 +67,7 @@ def test_consistency_requires_replies_that_stop(run, tiny_path, tmp_path):
     cfg, paths = run
     strict = ftkit.load_config(cfg.to_dict() | {"host": {**cfg.to_dict()["host"], "min_stop_rate": 1.0}})
     with ServerProcess(tiny_path, log_path=tmp_path / "s.log") as srv:
-        check = host.consistency_check(srv, strict, paths)
+        check = consistency.consistency_check(srv, strict, paths)
         levels = loadtest.measure(srv, cfg, host.check_prompts(paths, n=2))
     assert check["consistency_prompts_match"] and not check["consistency_passed"]
     assert "0% of replies end with the end-of-turn token" in check["consistency_reason"]
@@ -80,7 +81,7 @@ def test_chat_box_streams_a_reply(tiny_path, tmp_path):
     cfg = ftkit.load_config(model={"name": "tiny-random"}, convert={"system_prompt": "Be brief."},
                             evaluate={"max_new_tokens": 6})
     with ServerProcess(tiny_path, log_path=tmp_path / "s.log") as srv:
-        chat = host.chat_box(srv, cfg)
+        chat = widget.chat_box(srv, cfg)
         text, send = chat.children[0].children
         text.value = "Where is AC-123456?"
         send.click()
@@ -140,7 +141,7 @@ def test_qlora_adapter_merges_into_the_full_precision_base(tiny_path, tmp_path):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from ftkit.export import merge_adapter
+    from ftkit.host.merge import merge_adapter
 
     cfg = ftkit.load_config(experiment="q", outputs_dir=str(tmp_path), model={"name": "tiny-random"},
                             train={"method": "qlora"})

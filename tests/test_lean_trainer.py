@@ -1,10 +1,10 @@
-"""ftkit.lean_trainer: the Trainer with its per-step module walks done once must train exactly as the
+"""ftkit.train.lean_trainer: the Trainer with its per-step module walks done once must train exactly as the
 stock Trainer does (same losses, gradient norms, clipping, dropout on after evaluation, same weights)."""
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
-from ftkit.lean_trainer import LeanTrainer, install_quick_walks, remove_quick_walks
+from ftkit.train.lean_trainer import LeanTrainer, install_quick_walks, remove_quick_walks
 
 
 def _lora_model(dropout=0.1, dora=False):

@@ -1,6 +1,6 @@
 import pytest
 
-from ftkit.masking import IGNORE_INDEX, TemplateError, build_example, end_of_turn_token_id, trained_text
+from ftkit.core.masking import IGNORE_INDEX, TemplateError, build_example, end_of_turn_token_id, trained_text
 
 CONV = [
     {"role": "system", "content": "You are AcmeCorp support."},
@@ -29,7 +29,7 @@ def test_end_of_turn_is_trained_and_pad_differs(tokenizer):
 
 def test_input_ids_equal_serving_rendering(tokenizer):
     """Training tokens == what a server encodes for the same history (prompt part)."""
-    from ftkit.masking import encode_prompt
+    from ftkit.core.masking import encode_prompt
 
     ex = build_example(tokenizer, CONV)
     prompt_ids = encode_prompt(tokenizer, CONV[:-1])
@@ -65,7 +65,7 @@ def templated(request, tokenizer):
     """The tokenizer with three different chat templates (none uses {% generation %} tags)."""
     import copy
 
-    from ftkit.templates import NAMED
+    from ftkit.core.templates import NAMED
 
     tok = copy.deepcopy(tokenizer)
     if request.param == "llama3":
@@ -77,7 +77,7 @@ def templated(request, tokenizer):
 
 
 def test_masks_on_three_templates(templated):
-    from ftkit.conversion import verify_mask
+    from ftkit.convert.conversion import verify_mask
 
     tok, eot = templated
     conv = CONV if "[INST]" not in (tok.chat_template or "") else CONV[1:]
@@ -88,7 +88,7 @@ def test_masks_on_three_templates(templated):
 
 
 def test_verify_mask_reports_a_wrong_mask(tokenizer):
-    from ftkit.conversion import verify_mask
+    from ftkit.convert.conversion import verify_mask
 
     ex = build_example(tokenizer, CONV)
     shifted = type(ex)(ex.input_ids, [IGNORE_INDEX] + ex.labels[:-1])  # off by one: the classic bug
@@ -98,7 +98,7 @@ def test_verify_mask_reports_a_wrong_mask(tokenizer):
 
 
 def test_truncate_at_turn_boundary_and_text_examples(tokenizer):
-    from ftkit.conversion import build_text_example, fit_length
+    from ftkit.convert.conversion import build_text_example, fit_length
 
     full = build_example(tokenizer, CONV)
     msgs, ex = fit_length(tokenizer, CONV, len(full.input_ids) - 1)
@@ -112,7 +112,7 @@ def test_long_text_split_into_pieces_or_dropped_with_the_fix(tokenizer):
     """Completion tuning on a long document: `over_length: split` keeps every token, in
     consecutive max_seq_len pieces, the EOS only at the end; otherwise the record is quarantined
     with a reason that names the setting (never cut silently)."""
-    from ftkit.conversion import build_text_example, process_record
+    from ftkit.convert.conversion import build_text_example, process_record
 
     text = " ".join(f"line {i} of a long plain-text document." for i in range(60))
     full = build_text_example(tokenizer, text)

@@ -5,9 +5,10 @@ import json
 import pytest
 import torch
 
-from ftkit import conversion, data
-from ftkit.config import load_config
-from ftkit.paths import RunPaths
+from ftkit.convert import conversion
+from ftkit.core.config import load_config
+from ftkit.core.paths import RunPaths
+from ftkit.data import dataset as data
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +22,7 @@ def base_dir(tmp_path_factory):
 
 
 def _train(root, **train):
-    from ftkit.train import run_training
+    from ftkit.train.training import run_training
 
     cfg = load_config(experiment="m", outputs_dir=str(root), model={"name": "tiny-random"},
                       train={"max_steps": 6, "batch_size": 4, "learning_rate": 1e-2, "eval_steps": 0, "logging_steps": 1,
@@ -33,7 +34,7 @@ def _train(root, **train):
 @pytest.mark.parametrize("method,extra", [("dora", {}), ("lora", {"lora": {"rslora": True, "modules_to_save": ["lm_head"]}}),
                                           ("full", {"learning_rate": 1e-3})])
 def test_method_trains_and_reloads(base_dir, method, extra):
-    from ftkit.train import load_adapter_model
+    from ftkit.core.trained import load_adapter_model
 
     cfg, trainer, metrics = _train(base_dir, method=method, **extra)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
@@ -70,7 +71,7 @@ def test_qlora_on_cpu(base_dir):
 
 
 def test_completion_objective_trains_every_token(base_dir):
-    from ftkit.train import load_tokens
+    from ftkit.train.trainer import load_tokens
 
     rows = load_tokens(RunPaths(base_dir, "m").tokens("train"), 3, objective="completion")
     for r in rows:
@@ -78,7 +79,7 @@ def test_completion_objective_trains_every_token(base_dir):
 
 
 def test_preflight_stops_a_run_that_cannot_fit(base_dir):
-    from ftkit.estimate import PreflightError, preflight
+    from ftkit.core.estimate import PreflightError, preflight
 
     cfg = load_config(experiment="m", outputs_dir=str(base_dir), model={"name": "tiny-random"},
                       convert={"max_seq_len": 1024}, train={"batch_size": 4})
@@ -96,7 +97,7 @@ def test_preflight_refuses_8b_full_fine_tune_on_24gb():
 
     from transformers import LlamaConfig
 
-    from ftkit.estimate import PreflightError, estimate
+    from ftkit.core.estimate import PreflightError, estimate
     with tempfile.TemporaryDirectory() as d:
         LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                     num_key_value_heads=8, vocab_size=128256).save_pretrained(d)
@@ -105,7 +106,7 @@ def test_preflight_refuses_8b_full_fine_tune_on_24gb():
         est = estimate(cfg, d, 10_000_000, 10_000, 1000)
         assert 7.9e9 < est.parameters < 8.1e9 and est.trainable_parameters == est.parameters
         assert est.total_gb > 24
-        from ftkit.estimate import check_fits
+        from ftkit.core.estimate import check_fits
         with pytest.raises(PreflightError, match="train.method: qlora"):
             check_fits(est, cfg, free_bytes=24 * 1024**3)
 
@@ -117,7 +118,7 @@ def test_compiled_lora_estimate_keeps_fewer_activations():
 
     from transformers import LlamaConfig
 
-    from ftkit.estimate import estimate
+    from ftkit.core.estimate import estimate
     with tempfile.TemporaryDirectory() as d:
         LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
                     num_key_value_heads=2, vocab_size=1000).save_pretrained(d)
@@ -138,7 +139,7 @@ def test_qlora_gradients_equal_dequantised_model():
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from ftkit.modeling import resolve_model_path
+    from ftkit.core.modeling import resolve_model_path
 
     path = resolve_model_path("tiny-random")
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,

@@ -1,9 +1,13 @@
 """The five notebooks through papermill, as `make run` runs them, on the smoke experiment."""
 
 import json
+import math
+import os
+import re
+import subprocess
 
 import pytest
-from conftest import run_make
+from conftest import ROOT, run_make
 
 STAGES = ["01_data_prep", "02_format_conversion", "03_train", "04_evaluate", "05_host"]
 
@@ -74,3 +78,52 @@ def test_unknown_top_level_key_is_rejected(tmp_path, root):
     proc = run_make("01", "EXP=bad2", f"PARAMS={params}", f"OUTPUTS={tmp_path}")
     assert proc.returncode != 0
     assert "trian: unknown key; did you mean 'train'" in proc.stderr + proc.stdout
+
+
+# measured on this machine at this moment (timings, memory, throughput and what is sized from them) or
+# naming where the run lives: equal in kind, not in value
+VOLATILE = re.compile(r"second|_s$|_s_|per_s|ttft|latency|duration|memory|_mb$|_gb$|^load$|^cost$|capacity"
+                      r"|created|base_url|^url$|port|pid|stream_chunks|flos|gflops")
+
+
+def _same(a, b, where=""):
+    """Differences between two metrics trees: keys everywhere, values outside VOLATILE within float noise."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = [f"{where}: keys {sorted(set(a) ^ set(b))}"] if set(a) != set(b) else []
+        for k in set(a) & set(b):
+            if not VOLATILE.search(str(k)):
+                out += _same(a[k], b[k], f"{where}.{k}")
+        return out
+    if isinstance(a, list) and isinstance(b, list):
+        if len(a) != len(b):
+            return [f"{where}: {len(a)} vs {len(b)} items"]
+        return [d for i, (x, y) in enumerate(zip(a, b, strict=True)) for d in _same(x, y, f"{where}[{i}]")]
+    if isinstance(a, float) and isinstance(b, (int, float)):
+        return [] if math.isclose(a, b, rel_tol=1e-4, abs_tol=1e-6) else [f"{where}: {a} vs {b}"]
+    return [] if a == b else [f"{where}: {a!r} vs {b!r}"]
+
+
+def test_ftkit_run_matches_make_run(smoke, tmp_path_factory):
+    """`ftkit run parameters/smoke.yaml` (no papermill) writes the metrics `make run EXP=smoke` writes."""
+    out = tmp_path_factory.mktemp("cli")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
+    proc = subprocess.run([str(ROOT / ".venv" / "bin" / "ftkit"), "run", "parameters/smoke.yaml", "--stages", "01-05",
+                           "--outputs-dir", str(out)], cwd=ROOT, capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    cli, diffs = out / "smoke", []
+    for stage in STAGES:
+        a = json.loads(json.dumps(_metrics(smoke, stage)).replace(str(smoke.parent), "<outputs>"))
+        b = json.loads(json.dumps(_metrics(cli, stage)).replace(str(out), "<outputs>"))
+        diffs += _same(a, b, stage)
+    assert not diffs, diffs[:20]
+    assert not (cli / "reports").exists()  # no notebooks ran
+
+
+def test_stages_parse():
+    from ftkit.pipeline import StageSpecError, parse_stages
+
+    assert parse_stages("01-05") == ["01", "02", "03", "04", "05"]
+    assert parse_stages("3-4,1") == ["01", "03", "04"]
+    for bad in ("05-01", "0", "6", "x", ","):
+        with pytest.raises(StageSpecError):
+            parse_stages(bad)

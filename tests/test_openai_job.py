@@ -5,7 +5,7 @@ import json
 import pytest
 
 from ftkit.cli import main
-from ftkit.config import TrainConfig, load_config, read_yaml
+from ftkit.core.config import TrainConfig, load_config, read_yaml
 
 JOB = {  # as client.fine_tuning.jobs.retrieve(...) returns it
     "object": "fine_tuning.job", "id": "ftjob-abc123", "model": "gpt-4o-mini-2024-07-18", "created_at": 1721764800,
@@ -72,9 +72,9 @@ def test_file_id_without_a_local_training_file_is_refused(tmp_path, capsys):
 def test_openai_jsonl_with_weights_is_read_as_it_is(tmp_path, tokenizer):
     """OpenAI's chat JSONL, per-message weight included, goes through stage 01 unchanged and a weight-0
     reply is not trained."""
-    from ftkit import data
-    from ftkit.masking import build_example, trained_text
-    from ftkit.paths import RunPaths, read_jsonl
+    from ftkit.core.masking import build_example, trained_text
+    from ftkit.core.paths import RunPaths, read_jsonl
+    from ftkit.data import dataset as data
 
     records = [{"messages": [{"role": "system", "content": "You are terse."},
                              {"role": "user", "content": f"What is {i} plus {i}?"},

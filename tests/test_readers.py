@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from ftkit.readers import InputError, encoding_problem, iter_records
+from ftkit.core.readers import InputError, encoding_problem, iter_records
 
 CP1252 = "café – 5 € – it’s"  # é, € and ’ are one byte each in cp1252, and not valid UTF-8 that way
 

@@ -5,11 +5,14 @@ import json
 import pytest
 from conftest import run_make
 
-from ftkit import conversion, data
-from ftkit.config import load_config
-from ftkit.evaluate import adapter_disabled, heldout_loss
-from ftkit.paths import RunPaths
-from ftkit.train import load_tokens, run_training
+from ftkit.convert import conversion
+from ftkit.core.config import load_config
+from ftkit.core.paths import RunPaths
+from ftkit.data import dataset as data
+from ftkit.evaluate.evaluation import adapter_disabled
+from ftkit.evaluate.loss import heldout_loss
+from ftkit.train.trainer import load_tokens
+from ftkit.train.training import run_training
 
 
 def test_real_model_held_out_loss_falls(tmp_path):
@@ -50,7 +53,7 @@ def test_real_model_methods(tmp_path, method):
     """SmolLM2-135M: a few steps of each method lower the loss; the saved result reloads and matches."""
     import torch
 
-    from ftkit.train import load_adapter_model
+    from ftkit.core.trained import load_adapter_model
 
     cfg = load_config(experiment="rm", outputs_dir=str(tmp_path), data={"demo_size": 120},
                       train={"method": method, "max_steps": 4, "batch_size": 4, "eval_steps": 0, "logging_steps": 1,
@@ -66,7 +69,7 @@ def test_real_model_methods(tmp_path, method):
     seen = load_tokens(paths.tokens("train"))[:8]  # loss on the same examples before and after training
     model = trainer.model.eval()
     if method == "full":
-        from ftkit.modeling import load_model, resolve_model_path
+        from ftkit.core.modeling import load_model, resolve_model_path
 
         base = heldout_loss(load_model(resolve_model_path(cfg.model.name), cfg.model), seen, tok.pad_token_id)
     else:
@@ -86,8 +89,8 @@ def test_real_model_methods(tmp_path, method):
             # ... and onto a fresh 4-bit base it reproduces the trained model exactly
             from peft import PeftModel
 
-            from ftkit.modeling import resolve_model_path
-            from ftkit.train import load_4bit
+            from ftkit.core.modeling import resolve_model_path
+            from ftkit.train.loading import load_4bit
 
             quantized = PeftModel.from_pretrained(load_4bit(resolve_model_path(cfg.model.name), cfg), paths.adapter_dir)
             before = quantized.eval()(input_ids=ids).logits

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ftkit import reasoning
+from ftkit.core import reasoning
 
 M = reasoning.Markers()
 CASES = [
@@ -47,7 +47,7 @@ def test_without_markers_nothing_is_split():
 
 
 def test_markers_only_for_a_vocabulary_that_holds_them(tiny_path):
-    from ftkit.modeling import load_tokenizer
+    from ftkit.core.modeling import load_tokenizer
 
     tok = load_tokenizer(tiny_path)
     assert reasoning.markers_for(tok) is None

@@ -10,9 +10,10 @@ import time
 
 import yaml
 
-from ftkit import conversion, data
-from ftkit.config import load_config
-from ftkit.paths import RunPaths
+from ftkit.convert import conversion
+from ftkit.core.config import load_config
+from ftkit.core.paths import RunPaths
+from ftkit.data import dataset as data
 
 
 def _params(root, steps=40):

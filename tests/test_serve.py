@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from ftkit.server_process import ServerProcess
+from ftkit.host.server_process import ServerProcess
 
 KEY = "test-key-123"
 
@@ -121,8 +121,8 @@ def test_prompt_over_context_is_refused(tiny_path, tmp_path):
 
 
 def test_prompt_token_ids_are_the_training_rendering(server, client, tiny_path):
-    from ftkit.masking import build_example, encode_prompt
-    from ftkit.modeling import load_tokenizer
+    from ftkit.core.masking import build_example, encode_prompt
+    from ftkit.core.modeling import load_tokenizer
 
     tok = load_tokenizer(tiny_path)
     msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Where is AC-123456?"}]
@@ -221,8 +221,8 @@ def test_serves_base_plus_adapter(tiny_path, tmp_path):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from ftkit.masking import encode_prompt
-    from ftkit.modeling import load_tokenizer
+    from ftkit.core.masking import encode_prompt
+    from ftkit.core.modeling import load_tokenizer
 
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_pretrained(tiny_path)
@@ -269,7 +269,7 @@ REST = ("num_blocks", "max_batch_tokens", "per_request_processors", "max_blocks_
 def test_engine_config_kwargs_for_page_size_and_block_size():
     """5.24 calls the tokens per KV block page_size (block_size kept as a deprecated alias), 5.17 block_size
     (page_size is a TypeError there): each gets its own name, and every keyword built is accepted."""
-    from ftkit.serve import EngineConfigError, engine_config_kwargs
+    from ftkit.host.engine import EngineConfigError, engine_config_kwargs
 
     common = {"num_blocks": 32, "max_batch_tokens": 512, "max_blocks_per_request": 0}
     for cls, name in ((_fake_config("page_size", *REST, "block_size"), "page_size"),  # 5.24
@@ -300,7 +300,7 @@ def test_engine_config_kwargs_for_page_size_and_block_size():
 def test_engine_config_kwargs_for_the_installed_transformers():
     from transformers import ContinuousBatchingConfig
 
-    from ftkit.serve import engine_config_kwargs
+    from ftkit.host.engine import engine_config_kwargs
 
     kw = engine_config_kwargs(ContinuousBatchingConfig, kv_cache_tokens=8192, max_batch_tokens=512,
                               per_request_processors=True)

@@ -4,9 +4,9 @@ template gets the one its vocabulary fits (and says so), or an error naming what
 import pytest
 from test_chat_templates import CONVERSATION, tokenizer_for
 
-from ftkit.conversion import process_record
-from ftkit.masking import end_of_turn_token_id, turn_prefix
-from ftkit.templates import MARKERS, NAMED, choose, fitting
+from ftkit.convert.conversion import process_record
+from ftkit.core.masking import end_of_turn_token_id, turn_prefix
+from ftkit.core.templates import MARKERS, NAMED, choose, fitting
 
 
 @pytest.mark.parametrize("name", list(NAMED))

@@ -72,9 +72,9 @@ def test_masks_verify_on_the_embedded_template(tokenizer, dataset):
     """Stage 02's per-example work on every record: no template error, no mask mismatch. Over-long
     conversations are truncated at a turn boundary (or quarantined when none fits); long texts are
     split into pieces that keep every token."""
-    from ftkit.checker import CheckSummary, check
-    from ftkit.conversion import build_text_example, process_many
-    from ftkit.masking import end_of_turn_token_id
+    from ftkit.convert.conversion import build_text_example, process_many
+    from ftkit.core.masking import end_of_turn_token_id
+    from ftkit.data.checker import CheckSummary, check
 
     name, p = dataset
     summary = CheckSummary()

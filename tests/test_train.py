@@ -3,14 +3,15 @@
 import pytest
 import torch
 
-from ftkit import conversion, data
-from ftkit.config import load_config
-from ftkit.paths import RunPaths
+from ftkit.convert import conversion
+from ftkit.core.config import load_config
+from ftkit.core.paths import RunPaths
+from ftkit.data import dataset as data
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    from ftkit.train import run_training
+    from ftkit.train.training import run_training
 
     out = tmp_path_factory.mktemp("train")
     cfg = load_config(experiment="t", outputs_dir=str(out), model={"name": "tiny-random"},
@@ -44,7 +45,7 @@ def test_lora_weights_changed_and_base_frozen(trained):
 
 
 def test_adapter_reload_matches(trained):
-    from ftkit.train import load_adapter_model
+    from ftkit.core.trained import load_adapter_model
 
     cfg, paths, trainer, _ = trained
     model = trainer.model.eval()
@@ -60,7 +61,7 @@ def test_adapter_reload_matches(trained):
 
 
 def test_adapter_records_its_base(trained):
-    from ftkit.train import load_adapter_model
+    from ftkit.core.trained import load_adapter_model
 
     cfg, paths, _, _ = trained
     wrong = load_config(experiment="t", outputs_dir=cfg.outputs_dir, model={"name": "some/other-model"})
@@ -86,7 +87,7 @@ def test_leftovers_of_an_earlier_run_are_freed_before_loading():
     import gc
     import weakref
 
-    from ftkit.train import free_leftovers
+    from ftkit.train.loading import free_leftovers
 
     gc.disable()
     try:
@@ -102,7 +103,7 @@ def test_leftovers_of_an_earlier_run_are_freed_before_loading():
 
 
 def test_overfitting_flag():
-    from ftkit.train import overfitting
+    from ftkit.train.history import overfitting
 
     history = [{"step": s, "loss": 3 - 0.1 * s} for s in range(1, 11)]
     rising = history + [{"step": s, "eval_loss": v} for s, v in ((2, 2.0), (4, 1.8), (6, 1.9), (8, 2.1))]
@@ -113,7 +114,7 @@ def test_overfitting_flag():
 
 def test_gradient_checkpointing_trains_and_is_on(tmp_path):
     """The path QLoRA takes on a GPU by default: checkpointed layers, adapters still learning."""
-    from ftkit.train import run_training
+    from ftkit.train.training import run_training
 
     cfg = load_config(experiment="ck", outputs_dir=str(tmp_path), model={"name": "tiny-random"},
                       data={"demo_size": 60},

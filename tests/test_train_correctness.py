@@ -3,10 +3,12 @@
 import pytest
 import torch
 
-from ftkit import conversion, data
-from ftkit.config import load_config
-from ftkit.paths import RunPaths
-from ftkit.train import add_lora, build_trainer, load_tokens, set_seed
+from ftkit.convert import conversion
+from ftkit.core.config import load_config
+from ftkit.core.paths import RunPaths
+from ftkit.data import dataset as data
+from ftkit.train.loading import add_lora
+from ftkit.train.trainer import build_trainer, load_tokens, set_seed
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +23,7 @@ def prepared(tmp_path_factory):
 
 
 def _one_step(prepared, batch: int, accum: int, rows: list[dict], tmp: str):
-    from ftkit.modeling import load_model, resolve_model_path
+    from ftkit.core.modeling import load_model, resolve_model_path
 
     cfg0, paths, tok = prepared
     cfg = load_config(experiment="tc", outputs_dir=cfg0.outputs_dir, model={"name": "tiny-random"},
@@ -59,7 +61,7 @@ def test_gradient_accumulation_matches_full_batch(prepared, tmp_path):
 
 
 def test_same_seed_same_losses(prepared, tmp_path):
-    from ftkit.train import run_training
+    from ftkit.train.training import run_training
 
     cfg0, paths, _ = prepared
 
@@ -76,8 +78,9 @@ def test_same_seed_same_losses(prepared, tmp_path):
 
 def test_packed_losses_equal_unpacked(prepared):
     """Per-example losses of a packed batch equal those of the same examples run one by one."""
-    from ftkit.modeling import load_model, resolve_model_path
-    from ftkit.train import check_packing, make_collator
+    from ftkit.core.batches import make_collator
+    from ftkit.core.modeling import load_model, resolve_model_path
+    from ftkit.train.packing import check_packing
 
     cfg, paths, tok = prepared
     model = load_model(resolve_model_path("tiny-random"), cfg.model)
@@ -101,8 +104,8 @@ def test_packed_losses_equal_unpacked(prepared):
 
 def test_packing_guard_catches_a_leaking_attention(prepared):
     """With a KV cache the mask is not made block-diagonal: the guard must notice such a leak."""
-    from ftkit.modeling import load_model, resolve_model_path
-    from ftkit.train import PackingError, check_packing
+    from ftkit.core.modeling import load_model, resolve_model_path
+    from ftkit.train.packing import PackingError, check_packing
 
     cfg, _, _ = prepared
     model = load_model(resolve_model_path("tiny-random"), cfg.model)
@@ -121,7 +124,7 @@ def test_packing_guard_catches_a_leaking_attention(prepared):
 def test_logits_only_at_trained_positions_train_the_same(prepared):
     """The Trainer with the LM head and loss only at trained positions (the GPU default) logs the
     losses of the full-logits path, with accumulation over micro-batches and in evaluation."""
-    from ftkit.train import run_training
+    from ftkit.train.training import run_training
 
     cfg0, paths, _ = prepared
 

@@ -6,9 +6,9 @@ import math
 import pytest
 import torch
 
-from ftkit.config import load_config
-from ftkit.paths import RunPaths
-from ftkit.train import build_trainer, optimizer_steps, warmup_steps
+from ftkit.core.config import load_config
+from ftkit.core.paths import RunPaths
+from ftkit.train.trainer import build_trainer, optimizer_steps, warmup_steps
 
 
 def _transformers4_warmup(self, num_training_steps: int):
@@ -19,8 +19,8 @@ def _transformers4_warmup(self, num_training_steps: int):
 
 
 def _trainer(tmp_path, tiny_path, ratio: float, **train):
-    from ftkit.modeling import load_model, load_tokenizer
-    from ftkit.train import add_lora
+    from ftkit.core.modeling import load_model, load_tokenizer
+    from ftkit.train.loading import add_lora
 
     cfg = load_config(experiment="wu", outputs_dir=str(tmp_path), model={"name": "tiny-random"},
                       train={"batch_size": 2, "gradient_accumulation_steps": 2, "epochs": 2.5, "warmup_ratio": ratio,

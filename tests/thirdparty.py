@@ -101,6 +101,6 @@ if __name__ == "__main__":
     for p in fetch(Path(sys.argv[1]) if len(sys.argv) > 1 else CACHE):
         print(p)
     # llama.cpp's converter, gguf-py and the model authors' chat templates (the GGUF and template tests)
-    from ftkit import llama_cpp
+    from ftkit.host import llama_cpp
 
     print(llama_cpp.fetch(quiet=True), f"({len(llama_cpp.templates())} chat templates)")

@@ -1,0 +1,37 @@
+"""Stage 02 as one call: the splits rendered with the chat template, masked and tokenised (``run``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ftkit.convert.conversion import ConversionResult, convert, run_tokenizer
+from ftkit.core.config import ExperimentConfig
+from ftkit.core.paths import RunPaths
+
+STAGE = "02_format_conversion"
+
+
+@dataclass
+class ConvertResult:
+    tokenizer: Any
+    conversion: ConversionResult  # examples, lengths, quarantine per split
+    estimate: Any  # ftkit.core.estimate.Estimate: memory and time to plan stage 03 with
+    metrics: dict  # what metrics/02_format_conversion.json holds
+    conversion_max_seq_len: int  # convert.max_seq_len, the length the policy applied
+
+
+def run(cfg: ExperimentConfig, paths: RunPaths) -> ConvertResult:
+    """Stage 02: ``formatted/*.tokens.jsonl`` and the metrics, with the pre-flight estimate for stage 03."""
+    from ftkit.core import estimate
+    from ftkit.core.masking import end_of_turn_token_id
+
+    tokenizer = run_tokenizer(cfg, paths)
+    result = convert(cfg, paths, tokenizer)
+    metrics = result.metrics(cfg.convert.max_seq_len)
+    metrics["end_of_turn_token"] = tokenizer.decode(end_of_turn_token_id(tokenizer))
+    metrics["pad_token"] = tokenizer.pad_token
+    est = estimate.for_run(cfg, result)
+    metrics["estimate"] = est.to_dict()
+    paths.write_metrics(STAGE, metrics)
+    return ConvertResult(tokenizer, result, est, metrics, cfg.convert.max_seq_len)

@@ -1,0 +1,83 @@
+"""Forgetting guard: mix a share of general instruction data into the training split.
+
+With ``data.general_path`` the general data comes from your file (any supported format);
+without it, from **self-distillation**: the base model's own greedy answers to the general prompts
+shipped in ``ftkit/resources/general_prompts.jsonl``, generated under the same system prompt as
+training, so fine-tuning keeps rehearsing what the base model already did. Only answers that end
+on their own (end-of-turn reached) are used. Mixed into train only, marked ``meta.source``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from importlib import resources
+
+from ftkit.core.formats import FormatError, detect_format, to_canonical, validate, with_system_prompt
+from ftkit.core.paths import RunPaths, read_jsonl, write_jsonl
+from ftkit.core.readers import iter_records
+
+log = logging.getLogger("ftkit")
+
+
+def general_prompts() -> list[str]:
+    text = resources.files("ftkit").joinpath("resources/general_prompts.jsonl").read_text(encoding="utf-8")
+    return [json.loads(line)["prompt"] for line in text.splitlines() if line.strip()]
+
+
+def from_file(path: str, encoding: str = "utf-8") -> list[dict]:
+    recs = [loc.record for loc in iter_records(path, encoding=encoding) if loc.record is not None]
+    det = detect_format(recs)
+    out = []
+    for r in recs:
+        try:
+            c = to_canonical(r, det)
+        except FormatError:
+            continue
+        if not validate(c):
+            out.append({**c, "meta": {**c.get("meta", {}), "source": "general_file"}})
+    return out
+
+
+def self_distilled(cfg, n: int, cache) -> list[dict]:
+    """The base model's answers to up to ``n`` shipped general prompts (cached per model)."""
+    from ftkit.core.generation import generate
+    from ftkit.core.modeling import load_model, load_tokenizer, resolve_model_path, stop_token_ids
+
+    if cache.exists():
+        cached = read_jsonl(cache)
+        if cached and cached[0]["meta"].get("model") == cfg.model.name and len(cached) >= min(n, len(general_prompts())):
+            return cached[:n]
+    path = resolve_model_path(cfg.model.name)
+    tok = load_tokenizer(path, cfg.model)
+    model = load_model(path, cfg.model)
+    prompts = general_prompts()[:n]
+    chats = [with_system_prompt([{"role": "user", "content": p}], cfg.convert.system_prompt) for p in prompts]
+    gens = generate(model, tok, chats, max_new_tokens=160, batch_size=16, stop_ids=stop_token_ids(tok))
+    out = [{"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": g["text"]}],
+            "meta": {"source": "replay", "model": cfg.model.name}}
+           for p, g in zip(prompts, gens, strict=True) if g["stopped"] and g["text"].strip()]
+    write_jsonl(cache, out)
+    return out
+
+
+def mix_general(cfg, paths: RunPaths, result) -> dict:
+    """Append ``data.general_mix`` × |train| general records to the train split; returns what was done."""
+    d = cfg.data
+    if d.general_mix <= 0:
+        return {"general_mix": 0.0, "added": 0}
+    train = read_jsonl(paths.split("train"))
+    want = max(1, round(d.general_mix * len(train)))
+    if d.general_path:
+        pool, source = from_file(d.general_path, d.encoding), f"file {d.general_path}"
+    else:
+        pool, source = self_distilled(cfg, want, paths.data_dir / "replay.jsonl"), "self-distillation (base model)"
+    random.Random(cfg.seed).shuffle(pool)
+    added = [{**r, "id": f"general-{i}", "sources": [r.get("meta", {}).get("source", "general")]}
+             for i, r in enumerate(pool[:want])]
+    if len(added) < want:
+        log.warning("general mix: wanted %d records, %d available from %s", want, len(added), source)
+    write_jsonl(paths.split("train"), train + added)
+    result.general = {"general_mix": d.general_mix, "source": source, "wanted": want, "added": len(added)}
+    return result.general

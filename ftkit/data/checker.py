@@ -1,0 +1,148 @@
+"""Validate and convert data files outside the notebooks (``ftkit validate``, ``ftkit convert``).
+
+Every problem is one line ``path:N: field: reason`` (N the line, or the data row of a table); a
+summary follows. ``convert`` writes only records that convert and validate cleanly, to a
+temporary file renamed at the end, so OUT is never half-written; the others are reported the
+same way.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ftkit.core.formats import (
+    Detection,
+    FormatError,
+    Problem,
+    detect_format,
+    to_canonical,
+    to_openai,
+    to_sharegpt,
+    validate,
+)
+from ftkit.core.readers import iter_records
+from ftkit.data.cleaning import map_contents, normalise_text
+
+TARGETS = ("openai", "sharegpt", "parquet", "datasets")
+
+
+@dataclass
+class CheckSummary:
+    records: int = 0
+    valid: int = 0
+    problems: Counter = field(default_factory=Counter)
+    detection: Detection | None = None
+
+    @property
+    def invalid(self) -> int:
+        return self.records - self.valid
+
+    def line(self) -> str:
+        codes = ", ".join(f"{k} {v}" for k, v in self.problems.most_common())
+        fmt = f" (format {self.detection.format}: {self.detection.reason})" if self.detection else ""
+        return (f"{self.records:,} records: {self.valid:,} valid, {self.invalid:,} with problems"
+                + (f" [{codes}]" if codes else "") + fmt)
+
+
+def parse_columns(spec: str | None) -> dict[str, str] | None:
+    """``user=instruction,assistant=response`` → ``{"user": "instruction", "assistant": "response"}``."""
+    if not spec:
+        return None
+    out = {}
+    for part in spec.split(","):
+        role, _, col = part.partition("=")
+        if role.strip() not in ("system", "user", "assistant") or not col.strip():
+            raise ValueError(f"--columns: {part!r} is not ROLE=COLUMN with ROLE one of system, user, assistant")
+        out[role.strip()] = col.strip()
+    return out
+
+
+def check(paths, fmt: str = "auto", columns: dict | None = None, alternate: bool = True,
+          summary: CheckSummary | None = None,
+          encoding: str = "utf-8") -> Iterator[tuple[str, dict | None, list[Problem]]]:
+    """(where, canonical record or None, problems) for every record of ``paths``, read in ``encoding``."""
+    summary = summary if summary is not None else CheckSummary()
+    if fmt == "auto":
+        try:
+            summary.detection = detect_format(
+                (loc.record for loc in iter_records(paths, encoding=encoding) if loc.record is not None), columns)
+        except FormatError as e:
+            summary.detection = None
+            for loc in iter_records(paths, encoding=encoding):
+                summary.records += 1
+                problems = [Problem("", loc.error, "unreadable")] if loc.error else e.problems
+                summary.problems[problems[0].code] += 1
+                yield loc.where, None, problems
+            return
+    else:
+        summary.detection = Detection(fmt, "set by --format", columns)
+    for loc in iter_records(paths, encoding=encoding):
+        summary.records += 1
+        if loc.error:
+            problems = [Problem("", loc.error, "unreadable")]
+            rec = None
+        else:
+            try:
+                rec = to_canonical(loc.record, summary.detection)
+                problems = validate(rec, alternate=alternate)
+            except FormatError as e:
+                rec, problems = None, e.problems
+        if problems:
+            summary.problems.update(p.code for p in problems)
+        else:
+            summary.valid += 1
+        yield loc.where, rec, problems
+
+
+def write_records(records: list[dict], target: str, out: Path) -> Path:
+    """Write canonical records as OpenAI JSONL, ShareGPT JSONL, Parquet or a datasets directory, atomically."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if target in ("openai", "sharegpt"):
+        conv = to_openai if target == "openai" else to_sharegpt
+        fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for r in records:
+                f.write(json.dumps(conv(r), ensure_ascii=False) + "\n")
+        os.replace(tmp, out)
+    elif target == "parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        rows = [_columnar(r) for r in records]
+        fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.")
+        os.close(fd)
+        pq.write_table(pa.Table.from_pylist(rows), tmp)
+        os.replace(tmp, out)
+    elif target == "datasets":
+        import shutil
+
+        from datasets import Dataset
+
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+        Dataset.from_list([_columnar(r) for r in records]).save_to_disk(str(tmp))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    else:
+        raise ValueError(f"--to: unknown target {target!r}; choose one of {', '.join(TARGETS)}")
+    return out
+
+
+def _columnar(record: dict) -> dict:
+    """A row for Parquet/datasets: messages as a list of {role, content} (or text), meta as JSON text."""
+    meta = json.dumps(record.get("meta", {}), ensure_ascii=False, default=str)
+    if "messages" in record:
+        return {"messages": [{"role": m["role"], "content": m.get("content") or ""} for m in record["messages"]],
+                "meta": meta}
+    return {"text": record["text"], "meta": meta}
+
+
+def clean_for_export(record: dict) -> dict:
+    return map_contents(record, normalise_text)

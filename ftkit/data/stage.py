@@ -1,0 +1,29 @@
+"""Stage 01 as one call: read, check, clean, de-duplicate and split your records (``run``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ftkit.core.config import ExperimentConfig
+from ftkit.core.paths import RunPaths
+from ftkit.data.dataset import PrepResult, prepare
+
+STAGE = "01_data_prep"
+
+
+@dataclass
+class DataResult:
+    prepared: PrepResult  # the splits' statistics, a sample, the quarantine
+    general: dict  # the forgetting guard: general records mixed into train (data.general_mix)
+    metrics: dict  # what metrics/01_data_prep.json holds
+
+
+def run(cfg: ExperimentConfig, paths: RunPaths) -> DataResult:
+    """Stage 01: the splits under ``data/`` (general replay records mixed in when configured) and the metrics."""
+    from ftkit.core import replay
+
+    prepared = prepare(cfg.data, paths, cfg.seed)
+    general = replay.mix_general(cfg, paths, prepared)
+    metrics = prepared.metrics()
+    paths.write_metrics(STAGE, metrics)
+    return DataResult(prepared, general, metrics)

@@ -1,0 +1,211 @@
+"""Stage 04: did fine-tuning help, and what did it cost? Base, prompted base and tuned, side by side.
+
+Three models answer the same held-out test prompts:
+
+- ``base``: the base model (for adapters: the same weights with the adapter disabled);
+- ``prompted``: the base model given ``evaluate.prompting.system_prompt`` and ``few_shot`` train
+  conversations (a seeded choice, the same for every prompt) before each test prompt;
+- ``tuned``: the fine-tuned model.
+
+Loss and perplexity are per trained (assistant) token over the test split, streamed: each batch's
+per-example losses are summed and its logits dropped, rows are read from disk in chunks, so memory
+does not grow with the test set. Generations (greedy unless ``do_sample``) for the first
+``num_generations`` test prompts are scored with ROUGE-L, chrF, BLEU, exact match, token F1, the
+house rules, the stop rate and length; label accuracy/F1 and JSON validity when the task calls
+for them. Every difference between two models comes with a paired bootstrap interval over the
+same examples. A general-ability check (forgetting) and an optional LLM judge complete it.
+
+``04_evaluate.json`` keys: ``base``/``prompted``/``tuned`` (each: ``loss``, ``perplexity``, ``tokens``,
+``rougeL``, ``chrF``, ``bleu``, ``exact_match``, ``token_f1``, ``rule_pass_rate``, ``stop_rate``,
+``mean_new_tokens``, ``length`` {tokens, words: mean/median/p90/max}, ``ci`` {metric: value, ci_low,
+ci_high}, and ``accuracy``/``macro_f1``/``confusion_matrix`` for labels or ``json_valid_rate`` for
+JSON); ``deltas`` {``tuned_vs_base``, ``tuned_vs_prompted``, ``prompted_vs_base``: {metric: delta,
+ci_low, ci_high}}; ``verdict`` (sentences); ``forgetting``; ``overfitting``; ``judge`` (when on);
+``reference`` (the references' own rule pass rate and length: the ceiling); ``task``, ``test_examples``, ``generations``, ``few_shot_ids``, ``stop_token_ids``, ``seconds``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Iterator
+
+from ftkit.core.formats import prompt_and_reference
+from ftkit.core.generation import generate
+from ftkit.core.masking import IGNORE_INDEX, TemplateError
+from ftkit.core.paths import iter_jsonl
+from ftkit.evaluate.forgetting import forgetting_check
+from ftkit.evaluate.loss import example_losses, summarise_loss
+from ftkit.evaluate.metrics import (
+    Sample,
+    infer_task,
+    length_stats,
+)
+from ftkit.evaluate.prompting import Prompting, choose_shots, prompted_row
+from ftkit.evaluate.rules import check_rules, has_rules
+from ftkit.evaluate.scoring import MODELS, compare_models, score_generations, verdict
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------- loss
+
+
+# ----------------------------------------------------------------------------- prompting
+
+
+# ----------------------------------------------------------------------------- generation
+
+
+# ----------------------------------------------------------------------------- house rules
+
+
+# ----------------------------------------------------------------------------- scoring
+
+
+def adapter_disabled(model):
+    """Context manager: the base model's behaviour (a no-op for a model without adapters)."""
+    return model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
+
+
+# ----------------------------------------------------------------------------- forgetting
+
+
+# ----------------------------------------------------------------------------- the stage
+
+def evaluate_run(cfg, paths) -> dict:
+    """Run stage 04; writes per-example generations; returns the metrics for ``04_evaluate.json``."""
+    from ftkit.core.modeling import load_model, resolve_model_path, stop_token_ids
+    from ftkit.core.paths import write_jsonl
+    from ftkit.core.trained import load_adapter_model, trained_info
+
+    started = time.perf_counter()
+    e = cfg.evaluate
+    model, tok = load_adapter_model(cfg, paths)
+    info = trained_info(paths)
+    full = info.get("method") == "full"
+    base_model = load_model(resolve_model_path(cfg.model.name), cfg.model) if full else model
+
+    def base_ctx():
+        return contextlib.nullcontext() if full else adapter_disabled(model)
+
+    stop_ids = stop_token_ids(tok)
+    chat_path = paths.require(paths.chat("test"), "02_format_conversion")
+    tokens_path = paths.require(paths.tokens("test"), "02_format_conversion")
+    completion = info.get("objective") == "completion"
+
+    def token_rows() -> Iterator[dict]:
+        for i, r in enumerate(iter_jsonl(tokens_path)):
+            if e.max_examples is not None and i >= e.max_examples:
+                return
+            labels = [IGNORE_INDEX] + r["input_ids"][1:] if completion else r["labels"]
+            yield {"input_ids": r["input_ids"], "labels": labels}
+
+    shots, shot_ids = choose_shots(paths.chat("train"), e.prompting.few_shot, cfg.seed) \
+        if paths.chat("train").exists() else ([], [])
+    prompting = Prompting(e.prompting.system_prompt, shots, shot_ids)
+    few_shot_note = None
+    first = next((r for r in iter_jsonl(chat_path) if "messages" in r), None)
+    if shots and first is not None:
+        try:
+            prompted_row(tok, first["messages"], prompting)
+        except (TemplateError, ValueError) as err:  # templates that rewrite earlier turns (Qwen3's reasoning)
+            few_shot_note = f"few-shot examples left out of the prompted baseline: {err}"
+            log.warning(few_shot_note)
+            shots, shot_ids = [], []
+            prompting = Prompting(e.prompting.system_prompt, shots, shot_ids)
+
+    def prompted_rows() -> Iterator[dict]:
+        for i, r in enumerate(iter_jsonl(chat_path)):
+            if e.max_examples is not None and i >= e.max_examples:
+                return
+            yield prompted_row(tok, r["messages"], prompting)
+
+    # the generation sample: the first num_generations test conversations that have a prompt
+    sample = []
+    for r in iter_jsonl(chat_path):
+        if len(sample) == e.num_generations:
+            break
+        if "messages" in r:
+            sample.append(r)
+    chat_data = bool(sample)
+    prompts = [prompt_and_reference(r["messages"])[0] for r in sample]
+    refs = [prompt_and_reference(r["messages"])[1] for r in sample]
+    prompt_texts = ["\n".join(m["content"] for m in p if m["role"] == "user") for p in prompts]
+    task = e.task if e.task != "auto" else infer_task(refs)
+    gen_kw = {"max_new_tokens": e.max_new_tokens, "batch_size": e.batch_size, "stop_ids": stop_ids,
+              "do_sample": e.do_sample, "temperature": e.temperature, "top_p": e.top_p, "seed": cfg.seed}
+
+    results, samples, per_rows, seconds = {}, {}, {}, {}
+    for name in MODELS if chat_data else ("base", "tuned"):
+        t0 = time.perf_counter()
+        m = model if name == "tuned" else base_model
+        with base_ctx() if name != "tuned" else contextlib.nullcontext():
+            rows = prompted_rows() if name == "prompted" else token_rows()
+            sums, counts = example_losses(m, rows, tok.pad_token_id, e.batch_size)
+            model_prompts = [prompting.apply(p) for p in prompts] if name == "prompted" else prompts
+            gens = generate(m, tok, model_prompts, **gen_kw) if chat_data else []
+        agg, per, per_rows[name] = score_generations(prompt_texts, refs, gens, e.rules, task)
+        results[name] = {**summarise_loss(sums, counts), **agg}
+        samples[name] = {"loss": Sample.of(sums, counts), **{k: Sample.of(v) for k, v in per.items()}}
+        seconds[name] = time.perf_counter() - t0
+
+    # the references through the same rules: the ceiling a model that writes like the data would reach
+    reference = {"rule_pass_rate": (sum(check_rules(r, q, e.rules).passed for r, q in zip(refs, prompt_texts, strict=True))
+                                    / max(len(refs), 1)) if has_rules(e.rules) else None,
+                 "length": {"words": length_stats([float(len(r.split())) for r in refs])}}
+    cis, deltas = compare_models(samples, e.bootstrap_samples, e.confidence, cfg.seed)
+    for name in results:
+        results[name]["ci"] = cis[name]
+
+    write_jsonl(paths.generations, [
+        {"prompt": p[-1]["content"], "reference": ref,
+         **{n: per_rows[n][i]["text"] for n in per_rows},
+         **{f"{n}_rules": per_rows[n][i]["rule_failures"] for n in per_rows},
+         **{f"{n}_stopped": per_rows[n][i]["stopped"] for n in per_rows}}
+        for i, (p, ref) in enumerate(zip(prompts, refs, strict=True))
+    ])
+
+    t0 = time.perf_counter()
+    forgetting = forgetting_check(cfg, tok, base_ctx, model, base_model, stop_ids)
+    seconds["forgetting"] = time.perf_counter() - t0
+
+    judge = None
+    if e.judge.enabled and chat_data:
+        from ftkit.evaluate.judge import build_judge, compare
+
+        t0 = time.perf_counter()
+        jdg = build_judge(cfg)
+        n = min(e.judge.max_pairs, len(sample))
+        judge = {}
+        for rival in ("base", "prompted"):
+            items = [{"prompt": prompt_texts[i], "reference": refs[i], "first": per_rows["tuned"][i]["text"],
+                      "second": per_rows[rival][i]["text"]} for i in range(n)]
+            judge[f"tuned_vs_{rival}"] = compare(jdg, items, resamples=e.bootstrap_samples,
+                                                 confidence=e.confidence, seed=cfg.seed)
+        seconds["judge"] = time.perf_counter() - t0
+
+    overfitting = None
+    if paths.metrics("03_train").exists():
+        overfitting = paths.read_metrics("03_train").get("overfitting")
+    seconds["total"] = time.perf_counter() - started
+    return {
+        **results,
+        "reference": reference,
+        "deltas": deltas,
+        "verdict": verdict(deltas, e.confidence),
+        "loss_reduction": 1 - results["tuned"]["loss"] / results["base"]["loss"],
+        "forgetting": forgetting,
+        "overfitting": overfitting,
+        "judge": judge,
+        "task": task,
+        "test_examples": len(samples["tuned"]["loss"].values),
+        "generations": len(sample),
+        "few_shot_ids": shot_ids, "few_shot_note": few_shot_note,
+        "prompted_system_prompt": e.prompting.system_prompt,
+        "confidence": e.confidence,
+        "bootstrap_samples": e.bootstrap_samples,
+        "stop_token_ids": stop_ids,
+        "seconds": seconds,
+    }

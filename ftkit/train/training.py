@@ -1,0 +1,143 @@
+"""Stage 03's training run: the model loaded, planned for its device, trained, saved and reported.
+
+The labels built in stage 02 already mask everything but the assistant replies and their
+end-of-turn token; the collator only pads (labels with -100, never by token id, so EOS stays
+trained even where pad == EOS). The Trainer normalises the loss by the number of trained tokens
+across the whole accumulated batch (``num_items_in_batch``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+import torch
+
+from ftkit.core.config import ExperimentConfig
+from ftkit.core.modeling import (
+    count_parameters,
+    load_tokenizer,
+    resolve_device,
+    resolve_model_path,
+)
+from ftkit.core.paths import RunPaths, write_json
+from ftkit.core.trained import TRAIN_INFO
+from ftkit.train.checkpoints import find_resume_checkpoint
+from ftkit.train.history import overfitting, write_log_csv
+from ftkit.train.loading import free_leftovers, load_for_training, peak_memory_mb
+from ftkit.train.packing import check_packing
+from ftkit.train.plan import device_plan, fold_for_model
+from ftkit.train.trainer import build_trainer, load_tokens, set_seed
+
+log = logging.getLogger("ftkit")
+
+
+def train(cfg: ExperimentConfig, paths: RunPaths) -> dict:
+    """Run stage 03: LoRA training, adapter saved to ``paths.adapter_dir``; returns metrics."""
+    return run_training(cfg, paths)[1]
+
+
+def run_training(cfg: ExperimentConfig, paths: RunPaths, recipe=None):
+    """Stage 03, returning ``(trainer, metrics)`` so callers can inspect the trained model. ``recipe``: a
+    :class:`ftkit.train.recipe.Recipe` whose pieces replace stage 03's (the benchmark's)."""
+    from ftkit.train.recipe import DEFAULT
+
+    recipe = recipe or DEFAULT
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
+    device = resolve_device(cfg.model)
+    held_before = free_leftovers(device)
+    set_seed(cfg.seed, cfg.train.deterministic)
+    base_path = resolve_model_path(cfg.model.name)
+    tokenizer = load_tokenizer(paths.require(paths.tokenizer_dir, "02_format_conversion"), cfg.model)
+    objective = cfg.train.objective
+    train_rows = load_tokens(paths.require(paths.tokens("train"), "02_format_conversion"), objective=objective)
+    val_rows = load_tokens(paths.require(paths.tokens("val"), "02_format_conversion"), cfg.train.max_eval_examples,
+                           objective=objective)
+    from ftkit.core.estimate import preflight
+
+    # before any weight is loaded: stops early if it clearly won't fit
+    lengths = [len(r["input_ids"]) for r in train_rows]
+    pre = preflight(cfg, paths, lengths=lengths, check=recipe.check_fits)
+    log.info("pre-flight: ~%.2f GB needed of %.1f GB free, ~%.0f s estimated", pre["total_gb"], pre["free_gb"],
+             pre["est_train_seconds"])
+    free = int(pre["free_gb"] * 1024**3)
+    planned = device_plan(cfg, pre["est_train_seconds"])
+    model, applied = load_for_training(cfg, base_path, planned, recipe)
+    choices = fold_for_model(cfg, planned, applied, lengths, free)
+    load_peak = peak_memory_mb(device)  # loading can peak above training (QLoRA quantises as it loads)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    log.info("device plan: %s", choices.to_dict())
+    packing_leak_max = check_packing(model) if cfg.train.packing else None
+    trainable, total = count_parameters(model)
+    log.info("trainable parameters: %s of %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
+
+    trainer = build_trainer(cfg, paths, model, tokenizer, train_rows, val_rows, choices, recipe)
+    start = time.perf_counter()
+    resume_from = find_resume_checkpoint(paths.checkpoints_dir, cfg.train.resume)
+    if resume_from:
+        log.info("resuming from %s", resume_from)
+    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    seconds = time.perf_counter() - start
+    final_eval = trainer.evaluate() if val_rows else {}
+
+    if trainer.is_world_process_zero() and paths.adapter_dir.exists():
+        import shutil
+
+        shutil.rmtree(paths.adapter_dir)  # no stale files from an earlier run with another method
+    trainer.save_model(str(paths.adapter_dir))  # the adapter, or the whole model for `full`; main process only
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(paths.adapter_dir)
+        write_json(paths.adapter_dir / TRAIN_INFO, {"base_model": cfg.model.name, "base_path": base_path,
+                                                    "method": cfg.train.method, "objective": cfg.train.objective})
+        write_json(paths.train_log, trainer.state.log_history)
+    if trainer.args.world_size > 1:  # every rank records what it ended with, so agreement can be checked
+        trained = [p.detach().float() for p in trainer.model.parameters() if p.requires_grad]
+        write_json(paths.root / "logs" / f"rank{trainer.args.process_index}.json", {
+            "rank": trainer.args.process_index, "world_size": trainer.args.world_size,
+            "trainable_sum": float(sum(p.sum() for p in trained)), "trainable_abs_sum": float(sum(p.abs().sum() for p in trained)),
+            "global_step": trainer.state.global_step})
+    history = trainer.state.log_history
+
+    steps = trainer.state.global_step
+    batch = cfg.train.batch_size * cfg.train.gradient_accumulation_steps
+    seen = min(steps * batch, len(train_rows) * math.ceil(max(cfg.train.epochs, 1)))
+    tokens = int(getattr(trainer.state, "num_input_tokens_seen", 0) or
+                 sum(len(r["input_ids"]) for r in train_rows) * seen / max(len(train_rows), 1))
+    losses = [h["loss"] for h in history if "loss" in h]
+    train_peak = peak_memory_mb(device)
+    if trainer.is_world_process_zero():
+        write_log_csv(history, paths.train_log.with_suffix(".csv"))
+    return trainer, {
+        "train_loss": result.training_loss,
+        "eval_loss": final_eval.get("eval_loss"),
+        "train_tokens": tokens,
+        "peak_memory_mb": max(load_peak, train_peak),
+        "load_peak_memory_mb": load_peak,
+        "memory_held_before_mb": held_before,
+        "train_peak_memory_mb": train_peak if device.type == "cuda" else None,
+        "trainable_params": trainable,
+        "total_params": total,
+        "runtime_s": seconds,
+        "overfitting": overfitting(history),
+        "checkpoints": sorted(str(p) for p in paths.checkpoints_dir.glob("checkpoint-*")),
+        "method": cfg.train.method,
+        "base_model": cfg.model.name,
+        "train_examples": len(train_rows),
+        "steps": steps,
+        "epochs_done": trainer.state.epoch,
+        "train_loss_first": losses[0] if losses else None,
+        "train_loss_last": losses[-1] if losses else None,
+        "train_loss_mean": result.training_loss,
+        "val_loss": final_eval.get("eval_loss"),
+        "tokens_per_second": tokens / seconds if seconds else None,
+        "device": str(resolve_device(cfg.model)),
+        "resumed_from": str(resume_from) if resume_from else None,
+        "steps_this_run": steps - (int(resume_from.name.split("-")[-1]) if resume_from else 0),
+        "preflight": pre,
+        "packing": cfg.train.packing,
+        "packing_leak_max_logit_diff": packing_leak_max,
+        "device_plan": choices.to_dict(),
+    }
