@@ -43,3 +43,32 @@ def run_make(*args, cwd=ROOT, timeout=900):
 @pytest.fixture(scope="session")
 def python() -> str:
     return sys.executable
+
+
+TINY_DEMO_SIZE = 150
+
+
+@pytest.fixture(scope="session")
+def tiny_converted(tmp_path_factory):
+    """Stages 01 and 02 once per session, as ftkit.data.run and ftkit.convert.run do them: the demo data
+    (TINY_DEMO_SIZE exchanges) for the tiny random model. Tests train on copies (:func:`copy_run`)."""
+    import ftkit
+    from ftkit.core.config import load_config
+
+    cfg = load_config(experiment="tiny", outputs_dir=str(tmp_path_factory.mktemp("shared")),
+                      model={"name": "tiny-random"}, data={"demo_size": TINY_DEMO_SIZE})
+    paths = ftkit.run_paths(cfg)
+    ftkit.data.run(cfg, paths)
+    ftkit.convert.run(cfg, paths)
+    return paths
+
+
+def copy_run(converted, outputs_dir, experiment: str):
+    """A fresh experiment ``experiment`` under ``outputs_dir`` holding the shared run's stage 01-02 outputs."""
+    import shutil
+
+    from ftkit.core.paths import RunPaths
+
+    paths = RunPaths(Path(outputs_dir), experiment)
+    shutil.copytree(converted.root, paths.root, dirs_exist_ok=True)
+    return paths

@@ -19,7 +19,7 @@ def test_demo_prepare_accounts_for_every_row(tmp_path):
     assert m["quarantine_reasons"]["duplicate"] >= 1 and m["quarantine_reasons"]["empty_content"] >= 1
     quarantined = read_jsonl(paths.quarantine)
     assert len(quarantined) == m["rows_quarantined"]
-    assert all(q["reason"] and re.fullmatch(r"[^:]+:\d+", q["source"]) for q in quarantined)
+    assert quarantined and all(q["reason"] and re.fullmatch(r"[^:]+:\d+", q["source"]) for q in quarantined)
     assert sum(m["rows"].values()) == m["rows_kept"]
     ids = {name: {c["id"] for c in read_jsonl(paths.split(name))} for name in ("train", "val", "test")}
     assert not (ids["train"] & ids["val"]) and not (ids["train"] & ids["test"]) and not (ids["val"] & ids["test"])
@@ -112,7 +112,20 @@ def test_near_duplicates_and_leakage(tmp_path):
     res = prepare(DataConfig(path=str(f), near_duplicate_threshold=0.8), RunPaths(tmp_path, "n"), seed=0)
     near = [q for q in res.quarantined if q["reason_code"] == "near_duplicate"]
     assert near and "near-duplicate (Jaccard ≈" in near[0]["reason"]
-    assert res.metrics()["leakage"]["threshold"] == 0.8
+    # near-duplicates removed before the split: nothing left to leak
+    leak = res.metrics()["leakage"]
+    assert leak["threshold"] == 0.8 and leak["val"]["near_duplicates_in_train"] == leak["test"]["near_duplicates_in_train"] == 0
+
+    # with the removal off, the copies land on both sides of the split and the report names each pair
+    res = prepare(DataConfig(path=str(f), near_duplicate_threshold=None, val_fraction=0.25, test_fraction=0.25),
+                  RunPaths(tmp_path, "leak"), seed=0)
+    leak = res.metrics()["leakage"]
+    copies = {c["id"] for c in read_jsonl(RunPaths(tmp_path, "leak").split("train"))
+              if "camping stove" in c["messages"][0]["content"]}
+    held = [e for name in ("val", "test") for e in leak[name]["examples"]]
+    found = sum(leak[name]["near_duplicates_in_train"] for name in ("val", "test"))
+    assert copies and found == 4 - len(copies) and len(held) == found
+    assert all(e["train"] in copies and e["jaccard"] >= 0.8 for e in held)
 
 
 def test_unsupported_input_is_a_clear_error(tmp_path):
@@ -154,3 +167,33 @@ def test_forgetting_guard_generates_with_base_model(tmp_path):
     out = self_distilled(cfg, 4, tmp_path / "replay.jsonl")
     assert (tmp_path / "replay.jsonl").exists()
     assert all(r["meta"]["source"] == "replay" and r["messages"][0]["role"] == "user" for r in out)
+
+
+def test_unusable_general_records_are_named_not_dropped(tmp_path):
+    from ftkit.core.replay import from_file
+
+    f = tmp_path / "general.jsonl"
+    good = {"messages": [{"role": "user", "content": "Name a prime."}, {"role": "assistant", "content": "7"}]}
+    bad = {"messages": [{"role": "user", "content": "No reply here."}]}
+    f.write_text("\n".join(json.dumps(r) for r in (good, bad, good)) + "\n")
+    skipped: list[str] = []
+    recs = from_file(str(f), skipped=skipped)
+    assert len(recs) == 2 and len(skipped) == 1 and skipped[0].startswith(f"{f}:2: ")
+
+
+def test_atomic_writes_leave_nothing_half_written(tmp_path):
+    from ftkit.core.paths import atomic, write_jsonl
+
+    target = tmp_path / "split.jsonl"
+    with pytest.raises(OSError):
+        write_jsonl(target, ({"i": i} if i < 3 else (_ for _ in ()).throw(OSError("No space left on device"))
+                             for i in range(5)))
+    assert not target.exists() and not list(tmp_path.iterdir())  # no partial file, no temp file left
+    write_jsonl(target, [{"i": 1}])
+    with pytest.raises(RuntimeError), atomic(target) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("killed mid-write")
+    assert target.read_text() == '{"i": 1}\n' and [p.name for p in tmp_path.iterdir()] == ["split.jsonl"]
+    with atomic(tmp_path / "model", directory=True) as d:
+        (d / "config.json").write_text("{}")
+    assert (tmp_path / "model" / "config.json").exists()

@@ -3,8 +3,8 @@ import torch
 
 from ftkit.core.config import RulesConfig
 from ftkit.core.generation import generate
-from ftkit.evaluate.evaluation import rouge_l
 from ftkit.evaluate.loss import heldout_loss
+from ftkit.evaluate.metrics import rouge_l
 from ftkit.evaluate.rules import check_rules, count_sentences
 
 
@@ -218,7 +218,8 @@ def test_local_judge_answers_a_or_b(tiny_path, tokenizer):
 
     judge = LocalJudge(AutoModelForCausalLM.from_pretrained(tiny_path).eval(), tokenizer)
     got = compare(judge, [{"prompt": "Hi", "reference": "Hello!", "first": "Hello!", "second": "Go away."}] * 2)
-    assert all(v["forward"] in "AB" and v["swapped"] in "AB" for v in got["verdicts"])
+    assert len(got["verdicts"]) == 2 and all(v["forward"] in ("A", "B") and v["swapped"] in ("A", "B")
+                                             for v in got["verdicts"])
 
 
 def test_endpoint_judge_through_openai_client():
@@ -310,24 +311,21 @@ def test_prompted_rows_train_only_the_conversations_own_reply(tokenizer):
 # ----------------------------------------------------------------------------- the stage
 
 @pytest.fixture(scope="module")
-def evaluated(tmp_path_factory):
-    from ftkit.convert import conversion
+def evaluated(tmp_path_factory, tiny_converted):
+    from conftest import TINY_DEMO_SIZE, copy_run
+
     from ftkit.core.config import load_config
-    from ftkit.core.paths import RunPaths
-    from ftkit.data import dataset as data
     from ftkit.evaluate.evaluation import evaluate_run
     from ftkit.train.training import run_training
 
     out = tmp_path_factory.mktemp("eval")
-    cfg = load_config(experiment="e", outputs_dir=str(out), model={"name": "tiny-random"}, data={"demo_size": 150},
+    cfg = load_config(experiment="e", outputs_dir=str(out), model={"name": "tiny-random"}, data={"demo_size": TINY_DEMO_SIZE},
                       train={"max_steps": 6, "batch_size": 4, "learning_rate": 5e-3, "eval_steps": 0},
                       evaluate={"num_generations": 6, "max_new_tokens": 12, "bootstrap_samples": 200,
                                 "forgetting": {"num_generations": 4, "max_new_tokens": 8},
                                 "prompting": {"system_prompt": "Be brief.", "few_shot": 2},
                                 "rules": {"required_phrases": ["— AcmeCorp Support"]}})
-    paths = RunPaths(cfg.outputs_dir, cfg.experiment)
-    data.prepare(cfg.data, paths, cfg.seed)
-    conversion.convert(cfg, paths, conversion.run_tokenizer(cfg, paths))
+    paths = copy_run(tiny_converted, out, cfg.experiment)
     run_training(cfg, paths)
     return cfg, paths, evaluate_run(cfg, paths)
 

@@ -34,8 +34,12 @@ def test_input_ids_equal_serving_rendering(tokenizer):
     ex = build_example(tokenizer, CONV)
     prompt_ids = encode_prompt(tokenizer, CONV[:-1])
     assert ex.input_ids[: len(prompt_ids)] == prompt_ids
-    first_trained = next(i for i, lab in enumerate(ex.labels[len(prompt_ids) - 5:]) if lab != IGNORE_INDEX)
-    assert ex.labels[len(prompt_ids) - 5 + first_trained:][0] != IGNORE_INDEX
+    # the last reply is trained from the first token after the generation prompt, none of the prompt's
+    # own last tokens (the assistant header) is
+    last_reply = [i for i, lab in enumerate(ex.labels) if lab != IGNORE_INDEX and i >= len(prompt_ids)]
+    assert last_reply and last_reply[0] == len(prompt_ids)
+    assert all(lab == IGNORE_INDEX for lab in ex.labels[len(prompt_ids) - 3: len(prompt_ids)])
+    assert tokenizer.decode([ex.input_ids[i] for i in last_reply]) == CONV[-1]["content"] + "<|im_end|>"
 
 
 def test_weight_zero_turn_not_trained(tokenizer):

@@ -5,19 +5,16 @@ import json
 import pytest
 import torch
 
-from ftkit.convert import conversion
 from ftkit.core.config import load_config
 from ftkit.core.paths import RunPaths
-from ftkit.data import dataset as data
 
 
 @pytest.fixture(scope="module")
-def base_dir(tmp_path_factory):
+def base_dir(tmp_path_factory, tiny_converted):
+    from conftest import copy_run
+
     root = tmp_path_factory.mktemp("methods")
-    cfg = load_config(experiment="m", outputs_dir=str(root), model={"name": "tiny-random"}, data={"demo_size": 80})
-    paths = RunPaths(root, "m")
-    data.prepare(cfg.data, paths, cfg.seed)
-    conversion.convert(cfg, paths, conversion.run_tokenizer(cfg, paths))
+    copy_run(tiny_converted, root, "m")
     return root
 
 

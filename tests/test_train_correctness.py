@@ -3,23 +3,22 @@
 import pytest
 import torch
 
-from ftkit.convert import conversion
 from ftkit.core.config import load_config
-from ftkit.core.paths import RunPaths
-from ftkit.data import dataset as data
 from ftkit.train.loading import add_lora
 from ftkit.train.trainer import build_trainer, load_tokens, set_seed
 
 
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
+def prepared(tmp_path_factory, tiny_converted):
+    from conftest import TINY_DEMO_SIZE, copy_run
+
+    from ftkit.core.modeling import load_tokenizer
+
     out = tmp_path_factory.mktemp("tc")
-    cfg = load_config(experiment="tc", outputs_dir=str(out), model={"name": "tiny-random"}, data={"demo_size": 120})
-    paths = RunPaths(cfg.outputs_dir, cfg.experiment)
-    data.prepare(cfg.data, paths, cfg.seed)
-    tok = conversion.run_tokenizer(cfg, paths)
-    conversion.convert(cfg, paths, tok)
-    return cfg, paths, tok
+    cfg = load_config(experiment="tc", outputs_dir=str(out), model={"name": "tiny-random"},
+                      data={"demo_size": TINY_DEMO_SIZE})
+    paths = copy_run(tiny_converted, out, cfg.experiment)
+    return cfg, paths, load_tokenizer(str(paths.tokenizer_dir))
 
 
 def _one_step(prepared, batch: int, accum: int, rows: list[dict], tmp: str):

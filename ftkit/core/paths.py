@@ -6,6 +6,7 @@ tell what is up to date. No other module builds paths under ``outputs/<experimen
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -119,6 +120,25 @@ class RunPaths:
         return self.root / "metrics" / f"{stage}.json"
 
     @property
+    def work_dir(self) -> Path:
+        """Stage 01's spool of rows and conversations (removed when the stage ends)."""
+        return self.data_dir / ".work"
+
+    @property
+    def replay_cache(self) -> Path:
+        """The base model's own answers to the general prompts (the forgetting guard's self-distillation)."""
+        return self.data_dir / "replay.jsonl"
+
+    @property
+    def launch_config(self) -> Path:
+        """The accelerate config stage 03 wrote for ``accelerate launch``."""
+        return self.root / "logs" / "train_config.yaml"
+
+    def rank_log(self, rank: int) -> Path:
+        """What each rank of a several-process run ended with (checked for agreement)."""
+        return self.root / "logs" / f"rank{rank}.json"
+
+    @property
     def reports_dir(self) -> Path:
         return self.root / "reports"
 
@@ -151,24 +171,46 @@ def read_json(path: Path, produced_by: str | None = None) -> Any:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def atomic_write_text(path: Path, text: str) -> None:
+@contextlib.contextmanager
+def atomic(path: Path, directory: bool = False):
+    """Write ``path`` (a file, or a directory with ``directory``) under a temporary name beside it, renamed
+    into place only when the block finishes: a crash or a full disk never leaves half a file where a
+    later stage, a rerun or a server would take it for complete. An existing directory is replaced."""
+    import shutil
+
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    if directory:
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    else:
+        fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        tmp = Path(name)
+    try:
+        yield tmp
+        if directory and path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    with atomic(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 def write_jsonl(path: Path, rows) -> int:
     """Write an iterable of dicts as JSONL atomically; returns the row count."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     n = 0
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
+    with atomic(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False, default=_jsonable) + "\n")
             n += 1
-    os.replace(tmp, path)
     return n
 
 

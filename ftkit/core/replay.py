@@ -14,9 +14,8 @@ import logging
 import random
 from importlib import resources
 
-from ftkit.core.formats import FormatError, detect_format, to_canonical, validate, with_system_prompt
+from ftkit.core.formats import validate, with_system_prompt
 from ftkit.core.paths import RunPaths, read_jsonl, write_jsonl
-from ftkit.core.readers import iter_records
 
 log = logging.getLogger("ftkit")
 
@@ -26,17 +25,22 @@ def general_prompts() -> list[str]:
     return [json.loads(line)["prompt"] for line in text.splitlines() if line.strip()]
 
 
-def from_file(path: str, encoding: str = "utf-8") -> list[dict]:
-    recs = [loc.record for loc in iter_records(path, encoding=encoding) if loc.record is not None]
-    det = detect_format(recs)
-    out = []
-    for r in recs:
-        try:
-            c = to_canonical(r, det)
-        except FormatError:
-            continue
-        if not validate(c):
-            out.append({**c, "meta": {**c.get("meta", {}), "source": "general_file"}})
+def from_file(path: str, encoding: str = "utf-8", skipped: list[str] | None = None) -> list[dict]:
+    """The usable chat records of a general-data file; each unusable one is named (``path:LINE: reason``)
+    in ``skipped`` and counted in a warning, never dropped unsaid."""
+    from ftkit.core import records
+
+    out, bad = [], []
+    for item in records.canonical(path, records.detect(path, encoding=encoding, set_by="detection"), encoding):
+        problems = item.problems or validate(item.record)
+        if problems:
+            bad.append(f"{item.where}: {'; '.join(map(str, problems))}")
+        else:
+            out.append({**item.record, "meta": {**item.record.get("meta", {}), "source": "general_file"}})
+    if bad:
+        log.warning("%s: %d general record(s) not used, e.g. %s", path, len(bad), bad[0])
+    if skipped is not None:
+        skipped.extend(bad)
     return out
 
 
@@ -69,15 +73,17 @@ def mix_general(cfg, paths: RunPaths, result) -> dict:
         return {"general_mix": 0.0, "added": 0}
     train = read_jsonl(paths.split("train"))
     want = max(1, round(d.general_mix * len(train)))
+    skipped: list[str] = []
     if d.general_path:
-        pool, source = from_file(d.general_path, d.encoding), f"file {d.general_path}"
+        pool, source = from_file(d.general_path, d.encoding, skipped), f"file {d.general_path}"
     else:
-        pool, source = self_distilled(cfg, want, paths.data_dir / "replay.jsonl"), "self-distillation (base model)"
+        pool, source = self_distilled(cfg, want, paths.replay_cache), "self-distillation (base model)"
     random.Random(cfg.seed).shuffle(pool)
     added = [{**r, "id": f"general-{i}", "sources": [r.get("meta", {}).get("source", "general")]}
              for i, r in enumerate(pool[:want])]
     if len(added) < want:
         log.warning("general mix: wanted %d records, %d available from %s", want, len(added), source)
     write_jsonl(paths.split("train"), train + added)
-    result.general = {"general_mix": d.general_mix, "source": source, "wanted": want, "added": len(added)}
+    result.general = {"general_mix": d.general_mix, "source": source, "wanted": want, "added": len(added),
+                      "skipped": len(skipped), "skipped_examples": skipped[:5]}
     return result.general

@@ -9,23 +9,21 @@ same way.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ftkit.core import records
 from ftkit.core.formats import (
     Detection,
     FormatError,
     Problem,
-    detect_format,
-    to_canonical,
     to_openai,
     to_sharegpt,
     validate,
 )
+from ftkit.core.paths import atomic, write_jsonl
 from ftkit.core.readers import iter_records
 from ftkit.data.cleaning import map_contents, normalise_text
 
@@ -68,36 +66,24 @@ def check(paths, fmt: str = "auto", columns: dict | None = None, alternate: bool
           encoding: str = "utf-8") -> Iterator[tuple[str, dict | None, list[Problem]]]:
     """(where, canonical record or None, problems) for every record of ``paths``, read in ``encoding``."""
     summary = summary if summary is not None else CheckSummary()
-    if fmt == "auto":
-        try:
-            summary.detection = detect_format(
-                (loc.record for loc in iter_records(paths, encoding=encoding) if loc.record is not None), columns)
-        except FormatError as e:
-            summary.detection = None
-            for loc in iter_records(paths, encoding=encoding):
-                summary.records += 1
-                problems = [Problem("", loc.error, "unreadable")] if loc.error else e.problems
-                summary.problems[problems[0].code] += 1
-                yield loc.where, None, problems
-            return
-    else:
-        summary.detection = Detection(fmt, "set by --format", columns)
-    for loc in iter_records(paths, encoding=encoding):
+    try:
+        summary.detection = records.detect(paths, fmt, columns, encoding, set_by="--format")
+    except FormatError as e:
+        summary.detection = None
+        for loc in iter_records(paths, encoding=encoding):
+            summary.records += 1
+            problems = [Problem("", loc.error, "unreadable")] if loc.error else e.problems
+            summary.problems[problems[0].code] += 1
+            yield loc.where, None, problems
+        return
+    for item in records.canonical(paths, summary.detection, encoding):
         summary.records += 1
-        if loc.error:
-            problems = [Problem("", loc.error, "unreadable")]
-            rec = None
-        else:
-            try:
-                rec = to_canonical(loc.record, summary.detection)
-                problems = validate(rec, alternate=alternate)
-            except FormatError as e:
-                rec, problems = None, e.problems
+        problems = item.problems or validate(item.record, alternate=alternate)
         if problems:
             summary.problems.update(p.code for p in problems)
         else:
             summary.valid += 1
-        yield loc.where, rec, problems
+        yield item.where, item.record, problems
 
 
 def write_records(records: list[dict], target: str, out: Path) -> Path:
@@ -106,30 +92,18 @@ def write_records(records: list[dict], target: str, out: Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     if target in ("openai", "sharegpt"):
         conv = to_openai if target == "openai" else to_sharegpt
-        fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for r in records:
-                f.write(json.dumps(conv(r), ensure_ascii=False) + "\n")
-        os.replace(tmp, out)
+        write_jsonl(out, (conv(r) for r in records))
     elif target == "parquet":
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        rows = [_columnar(r) for r in records]
-        fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.")
-        os.close(fd)
-        pq.write_table(pa.Table.from_pylist(rows), tmp)
-        os.replace(tmp, out)
+        with atomic(out) as tmp:
+            pq.write_table(pa.Table.from_pylist([_columnar(r) for r in records]), str(tmp))
     elif target == "datasets":
-        import shutil
-
         from datasets import Dataset
 
-        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-        Dataset.from_list([_columnar(r) for r in records]).save_to_disk(str(tmp))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        with atomic(out, directory=True) as tmp:
+            Dataset.from_list([_columnar(r) for r in records]).save_to_disk(str(tmp))
     else:
         raise ValueError(f"--to: unknown target {target!r}; choose one of {', '.join(TARGETS)}")
     return out

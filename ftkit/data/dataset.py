@@ -25,10 +25,10 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ftkit.core import records
 from ftkit.core.config import DEMO_DATA, DataConfig
-from ftkit.core.formats import Detection, FormatError, Problem, canonical_text, detect_format, to_canonical, validate
+from ftkit.core.formats import Detection, Problem, canonical_text, validate
 from ftkit.core.paths import RunPaths, write_jsonl
-from ftkit.core.readers import iter_records
 from ftkit.data import cleaning, demo_data
 
 log = logging.getLogger("ftkit")
@@ -162,24 +162,7 @@ def resolve_sources(cfg: DataConfig, paths: RunPaths, seed: int) -> list[Path]:
 
 
 def detect(cfg: DataConfig, sources) -> Detection:
-    if cfg.format != "auto":
-        return Detection(cfg.format, "set by data.format", cfg.columns or None)
-    unreadable: list[str] = []
-
-    def readable():
-        for loc in iter_records(sources, encoding=cfg.encoding):
-            if loc.record is not None:
-                yield loc.record
-            elif not unreadable:
-                unreadable.append(f"{loc.where}: {loc.error}")
-
-    try:
-        return detect_format(readable(), cfg.columns or None)
-    except FormatError as e:
-        if not unreadable:
-            raise
-        # say why nothing was readable (often the encoding), not only that nothing was
-        raise FormatError([*e.problems, Problem("", f"the first unreadable record: {unreadable[0]}", "unreadable")]) from None
+    return records.detect(sources, cfg.format, cfg.columns, cfg.encoding)
 
 
 def prepare(cfg: DataConfig, paths: RunPaths, seed: int) -> PrepResult:
@@ -190,8 +173,8 @@ def prepare(cfg: DataConfig, paths: RunPaths, seed: int) -> PrepResult:
     log.info("format: %s (%s)", detection.format, detection.reason)
     res = PrepResult(sources=[str(s) for s in sources], detection=detection, quarantine_path=paths.quarantine)
     quarantine = _Quarantine(paths.quarantine, res)
-    rows = _Spool(paths.data_dir / ".work" / "rows.jsonl")
-    convs = _Spool(paths.data_dir / ".work" / "conversations.jsonl")
+    rows = _Spool(paths.work_dir / "rows.jsonl")
+    convs = _Spool(paths.work_dir / "conversations.jsonl")
     try:
         row_index = _read_rows(cfg, sources, detection, res, rows, quarantine)
         index = _build_conversations(cfg, row_index, rows, convs, quarantine)
@@ -227,31 +210,27 @@ def _read_rows(cfg, sources, detection, res, rows: _Spool, quarantine) -> list[t
     index = []
     seen: set[bytes] = set()
     first_seen: dict[bytes, str] = {}
-    for loc in iter_records(sources, encoding=cfg.encoding):
+    for item in records.canonical(sources, detection, cfg.encoding):
         res.rows_in += 1
-        if loc.error:
-            quarantine(loc.where, None, "unreadable", loc.error)
+        if item.record is None:
+            quarantine(item.where, item.raw, item.code, item.reason)
             continue
-        try:
-            rec = to_canonical(loc.record, detection)
-        except FormatError as e:
-            quarantine(loc.where, loc.record, e.problems[0].code, "; ".join(map(str, e.problems)))
-            continue
+        where, raw, rec = item.where, item.raw, item.record
         rec = _clean(rec, cfg, res)
         if cfg.placeholders == "drop" and any(cleaning.PLACEHOLDER.search(t) for t in cleaning.contents(rec)):
-            quarantine(loc.where, loc.record, "placeholder", "contains {{placeholders}} and data.placeholders is 'drop'")
+            quarantine(where, raw, "placeholder", "contains {{placeholders}} and data.placeholders is 'drop'")
             continue
         group = _meta_value(rec, cfg.conversation_column)
         turn = _meta_value(rec, cfg.turn_column)
         key = hashlib.blake2b(json.dumps([group, turn, canonical_text(rec)], default=str).encode(),
                               digest_size=12).digest()
         if key in seen:
-            quarantine(loc.where, loc.record, "duplicate", f"exact duplicate of {first_seen.get(key, 'an earlier row')}")
+            quarantine(where, raw, "duplicate", f"exact duplicate of {first_seen.get(key, 'an earlier row')}")
             continue
         seen.add(key)
         if len(first_seen) < 100_000:  # names for the report; the digest set alone decides
-            first_seen[key] = loc.where
-        index.append((rows.add(rec), group, turn, loc.where))
+            first_seen[key] = where
+        index.append((rows.add(rec), group, turn, where))
     return index
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from ftkit.core.paths import atomic
 from ftkit.host import llama_cpp
 
 log = logging.getLogger("ftkit")
@@ -52,23 +53,20 @@ def auto_types() -> list[str]:
 def write_gguf(model_dir: str | Path, out: str | Path, qtype: str = "q8_0") -> dict:
     """Write ``model_dir`` (a merged Hugging Face model) as one GGUF file of ``qtype``, atomically."""
     model_dir, out = Path(model_dir), Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
     try:
-        if qtype in _CONVERTER_TYPES:
-            llama_cpp.convert(model_dir, tmp, qtype)
-        else:
-            if llama_cpp.bindings() is None:
-                raise llama_cpp.ToolError(f"{qtype} needs llama.cpp's quantiser; run: {llama_cpp.FETCH_HINT}")
-            f16 = out.with_name(f".{out.name}.f16.tmp")
-            llama_cpp.convert(model_dir, f16, "f16")
-            try:
-                llama_cpp.quantize(f16, tmp, qtype)
-            finally:
-                f16.unlink(missing_ok=True)
-        tmp.replace(out)
+        with atomic(out) as tmp:
+            if qtype in _CONVERTER_TYPES:
+                llama_cpp.convert(model_dir, tmp, qtype)
+            else:
+                if llama_cpp.bindings() is None:
+                    raise llama_cpp.ToolError(f"{qtype} needs llama.cpp's quantiser; run: {llama_cpp.FETCH_HINT}")
+                f16 = out.with_name(f".{out.name}.f16.tmp")  # scratch: the quantiser's input, never kept
+                try:
+                    llama_cpp.convert(model_dir, f16, "f16")
+                    llama_cpp.quantize(f16, tmp, qtype)
+                finally:
+                    f16.unlink(missing_ok=True)
     except llama_cpp.ToolError as e:
-        tmp.unlink(missing_ok=True)
         raise GGUFExportError(str(e)) from None
     return {"path": str(out), "type": qtype, "bytes": out.stat().st_size}
 

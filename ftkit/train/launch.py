@@ -49,7 +49,7 @@ def train(cfg, paths: RunPaths) -> dict:
         from ftkit.train.training import train as train_here
 
         return train_here(cfg, paths)
-    config_file = paths.root / "logs" / "train_config.yaml"
+    config_file = paths.launch_config
     config_file.parent.mkdir(parents=True, exist_ok=True)
     config_file.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True))
     cmd = launch_command(cfg, config_file)

@@ -95,7 +95,7 @@ def run_training(cfg: ExperimentConfig, paths: RunPaths, recipe=None):
         write_json(paths.train_log, trainer.state.log_history)
     if trainer.args.world_size > 1:  # every rank records what it ended with, so agreement can be checked
         trained = [p.detach().float() for p in trainer.model.parameters() if p.requires_grad]
-        write_json(paths.root / "logs" / f"rank{trainer.args.process_index}.json", {
+        write_json(paths.rank_log(trainer.args.process_index), {
             "rank": trainer.args.process_index, "world_size": trainer.args.world_size,
             "trainable_sum": float(sum(p.sum() for p in trained)), "trainable_abs_sum": float(sum(p.abs().sum() for p in trained)),
             "global_step": trainer.state.global_step})
