@@ -72,3 +72,17 @@ def copy_run(converted, outputs_dir, experiment: str):
     paths = RunPaths(Path(outputs_dir), experiment)
     shutil.copytree(converted.root, paths.root, dirs_exist_ok=True)
     return paths
+
+
+@pytest.fixture(scope="session")
+def real_converted(tmp_path_factory):
+    """Stages 01 and 02 once per session for the embedded SmolLM2-135M-Instruct on 240 demo exchanges."""
+    import ftkit
+    from ftkit.core.config import load_config
+
+    cfg = load_config(experiment="real", outputs_dir=str(tmp_path_factory.mktemp("shared-real")),
+                      data={"demo_size": 240})
+    paths = ftkit.run_paths(cfg)
+    ftkit.data.run(cfg, paths)
+    ftkit.convert.run(cfg, paths)
+    return paths

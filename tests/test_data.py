@@ -197,3 +197,18 @@ def test_atomic_writes_leave_nothing_half_written(tmp_path):
     with atomic(tmp_path / "model", directory=True) as d:
         (d / "config.json").write_text("{}")
     assert (tmp_path / "model" / "config.json").exists()
+
+
+def test_duplicate_reports_do_not_depend_on_the_hash_seed():
+    """Which earlier/train record a duplicate is reported against is the same in every process (ties among
+    identical copies used to follow the order of a set, which changes with PYTHONHASHSEED)."""
+    import subprocess
+    import sys
+
+    code = ("from ftkit.data.cleaning import cross_split_near_duplicates, near_duplicates\n"
+            "t = ['the blue camping stove never arrived and the tracking page is stuck ' * 3] * 6 + ['other text'] * 2\n"
+            "print(cross_split_near_duplicates(t, t[:1], 0.8), sorted(near_duplicates(t, 0.8).items()))\n")
+    outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           env={"PYTHONHASHSEED": str(seed), "PATH": "/usr/bin"}).stdout for seed in (1, 2, 3, 4)}
+    assert len(outs) == 1, outs
+    assert "[(0, 0, 1.0)]" in outs.pop()

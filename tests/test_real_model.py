@@ -3,26 +3,22 @@
 import json
 
 import pytest
-from conftest import run_make
+from conftest import copy_run, run_make
 
-from ftkit.convert import conversion
 from ftkit.core.config import load_config
-from ftkit.core.paths import RunPaths
-from ftkit.data import dataset as data
+from ftkit.core.modeling import load_tokenizer
 from ftkit.evaluate.evaluation import adapter_disabled
 from ftkit.evaluate.loss import heldout_loss
 from ftkit.train.trainer import load_tokens
 from ftkit.train.training import run_training
 
 
-def test_real_model_held_out_loss_falls(tmp_path):
-    cfg = load_config(experiment="real", outputs_dir=str(tmp_path), data={"demo_size": 300},
+def test_real_model_held_out_loss_falls(tmp_path, real_converted):
+    cfg = load_config(experiment="real", outputs_dir=str(tmp_path), data={"demo_size": 240},
                       train={"max_steps": 10, "batch_size": 4, "learning_rate": 1e-3, "eval_steps": 0,
                              "logging_steps": 5})
-    paths = RunPaths(cfg.outputs_dir, cfg.experiment)
-    data.prepare(cfg.data, paths, cfg.seed)
-    tok = conversion.run_tokenizer(cfg, paths)
-    conversion.convert(cfg, paths, tok)
+    paths = copy_run(real_converted, tmp_path, cfg.experiment)
+    tok = load_tokenizer(str(paths.tokenizer_dir))
     trainer, _ = run_training(cfg, paths)
     model = trainer.model.eval()
     rows = load_tokens(paths.tokens("test"), 24)
@@ -49,23 +45,21 @@ def test_demo_acceptance(tmp_path):
 
 
 @pytest.mark.parametrize("method", ["dora", "qlora", "full"])
-def test_real_model_methods(tmp_path, method):
+def test_real_model_methods(tmp_path, method, real_converted):
     """SmolLM2-135M: a few steps of each method lower the loss; the saved result reloads and matches."""
     import torch
 
     from ftkit.core.trained import load_adapter_model
 
-    cfg = load_config(experiment="rm", outputs_dir=str(tmp_path), data={"demo_size": 120},
+    cfg = load_config(experiment="rm", outputs_dir=str(tmp_path), data={"demo_size": 240},
                       train={"method": method, "max_steps": 4, "batch_size": 4, "eval_steps": 0, "logging_steps": 1,
                              "learning_rate": 5e-5 if method == "full" else 1e-3, "lora": {"dropout": 0.0}})
-    paths = RunPaths(cfg.outputs_dir, cfg.experiment)
-    data.prepare(cfg.data, paths, cfg.seed)
-    conversion.convert(cfg, paths, conversion.run_tokenizer(cfg, paths))
+    paths = copy_run(real_converted, tmp_path, cfg.experiment)
     trainer, metrics = run_training(cfg, paths)
     ids = torch.tensor([load_tokens(paths.tokens("test"), 1)[0]["input_ids"][:64]])
     with torch.no_grad():
         after = trainer.model.eval()(input_ids=ids).logits
-    tok = conversion.run_tokenizer(cfg, paths)
+    tok = load_tokenizer(str(paths.tokenizer_dir))
     seen = load_tokens(paths.tokens("train"))[:8]  # loss on the same examples before and after training
     model = trainer.model.eval()
     if method == "full":

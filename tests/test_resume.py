@@ -15,8 +15,10 @@ from ftkit.core.config import load_config
 from ftkit.core.paths import RunPaths
 from ftkit.data import dataset as data
 
+STEPS = 24  # checkpoints every 4; the run is killed after the one at step 8
 
-def _params(root, steps=40):
+
+def _params(root, steps=STEPS):
     return {"experiment": "r", "outputs_dir": str(root), "model": {"name": "tiny-random"},
             "data": {"demo_size": 120},
             "train": {"max_steps": steps, "batch_size": 8, "learning_rate": 5e-3, "save_steps": 4,
@@ -62,8 +64,8 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"skipping torn checkpoint {torn}" in resumed.stderr
     metrics = json.loads(RunPaths(b, "r").metrics("03_train").read_text())
-    assert metrics["resumed_from"].endswith(f"checkpoint-{done}") and metrics["steps"] == 40
+    assert metrics["resumed_from"].endswith(f"checkpoint-{done}") and metrics["steps"] == STEPS
     assert f"resuming from {ckpts / f'checkpoint-{done}'}" in resumed.stderr
-    assert metrics["steps_this_run"] == 40 - done  # continued, not silently restarted
+    assert metrics["steps_this_run"] == STEPS - done  # continued, not silently restarted
     full_losses, resumed_losses = _losses(a), _losses(b)
-    assert abs(resumed_losses[40] - full_losses[40]) < 1e-4, (resumed_losses[40], full_losses[40])
+    assert abs(resumed_losses[STEPS] - full_losses[STEPS]) < 1e-4, (resumed_losses[STEPS], full_losses[STEPS])

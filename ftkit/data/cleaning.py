@@ -145,7 +145,8 @@ def near_duplicates(texts: list[str], threshold: float) -> dict[int, tuple[int, 
         for key in lsh.query(h):
             j = int(key)
             sim = h.jaccard(hashes[j])
-            if sim >= threshold and (best is None or sim > best[1]):
+            # ties go to the earliest record: the set LSH returns is ordered by the hash seed
+            if sim >= threshold and (best is None or (sim, -j) > (best[1], -best[0])):
                 best = (j, sim)
         if best:
             dups[i] = best
@@ -167,6 +168,6 @@ def cross_split_near_duplicates(train: list[str], others: list[str], threshold: 
         cands = [(int(k), h.jaccard(th[int(k)])) for k in lsh.query(h)]
         cands = [c for c in cands if c[1] >= threshold]
         if cands:
-            j, sim = max(cands, key=lambda c: c[1])
+            j, sim = max(cands, key=lambda c: (c[1], -c[0]))  # ties: the earliest train record, whatever the hash seed
             hits.append((i, j, sim))
     return hits
