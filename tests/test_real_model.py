@@ -44,7 +44,10 @@ def test_demo_acceptance(tmp_path):
             assert (d["ci_high"] < 0) if k == "loss" else (d["ci_low"] > 0), (pair, k, d)
 
 
-@pytest.mark.parametrize("method", ["dora", "qlora", "full"])
+# QLoRA in the fast suite (its 4-bit training and full-precision use are where real weights matter);
+# DoRA and full fine-tuning on real weights in make test-slow, on the tiny model in tests/test_methods.py
+@pytest.mark.parametrize("method", [pytest.param("dora", marks=pytest.mark.slow), "qlora",
+                                    pytest.param("full", marks=pytest.mark.slow)])
 def test_real_model_methods(tmp_path, method, real_converted):
     """SmolLM2-135M: a few steps of each method lower the loss; the saved result reloads and matches."""
     import torch
