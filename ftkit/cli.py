@@ -125,7 +125,6 @@ def main(argv: list[str] | None = None) -> int:
             print(config_reference.markdown(), end="")
         return 0
     if args.command == "train":
-        import yaml
 
         from ftkit import run_paths
         from ftkit.core.config import ConfigError, load_config
@@ -133,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         from ftkit.train.training import train
 
         try:
-            overrides = {k: yaml.safe_load(v) for k, _, v in (o.partition("=") for o in args.override)}
+            overrides = _overrides(args.override)
             cfg = load_config(args.params, overrides=overrides)
         except ConfigError as e:
             print(e, file=sys.stderr)
@@ -219,8 +218,6 @@ def _run(args) -> int:
     """``ftkit run``: the stages as the notebooks run them, headless, ending with where the reports are."""
     from pathlib import Path
 
-    import yaml
-
     from ftkit import pipeline, run_paths
     from ftkit.core.config import ConfigError, check_top_level, load_config, read_yaml
 
@@ -233,7 +230,7 @@ def _run(args) -> int:
         if args.outputs_dir:
             params["outputs_dir"] = args.outputs_dir
         overrides = {**params.pop("overrides", {}),
-                     **{k: yaml.safe_load(v) for k, _, v in (o.partition("=") for o in args.override)}}
+                     **_overrides(args.override)}
         cfg = load_config(params, overrides=overrides, source=args.params)
     except (ConfigError, pipeline.StageSpecError) as e:
         print(e, file=sys.stderr)
@@ -242,3 +239,10 @@ def _run(args) -> int:
     pipeline.run(cfg, paths, stages)
     print(f"{cfg.experiment}: stages {', '.join(stages)} done; metrics under {paths.root / 'metrics'}")
     return 0
+
+
+def _overrides(pairs: list[str]) -> dict:
+    """``--override KEY=VALUE`` options as dotted overrides, each value read as YAML."""
+    import yaml
+
+    return {k: yaml.safe_load(v) for k, _, v in (o.partition("=") for o in pairs)}

@@ -18,7 +18,6 @@ class ConvertResult:
     conversion: ConversionResult  # examples, lengths, quarantine per split
     estimate: Any  # ftkit.core.estimate.Estimate: memory and time to plan stage 03 with
     metrics: dict  # what metrics/02_format_conversion.json holds
-    conversion_max_seq_len: int  # convert.max_seq_len, the length the policy applied
 
 
 def run(cfg: ExperimentConfig, paths: RunPaths) -> ConvertResult:
@@ -34,4 +33,4 @@ def run(cfg: ExperimentConfig, paths: RunPaths) -> ConvertResult:
     est = estimate.for_run(cfg, result)
     metrics["estimate"] = est.to_dict()
     paths.write_metrics(STAGE, metrics)
-    return ConvertResult(tokenizer, result, est, metrics, cfg.convert.max_seq_len)
+    return ConvertResult(tokenizer, result, est, metrics)

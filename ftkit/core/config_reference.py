@@ -59,37 +59,30 @@ def _type(hint) -> str:
     return text.replace("|", "\\|")
 
 
-def _rows(cls, prefix: str, out: list[str], nested: list) -> None:
-    hints = typing.get_type_hints(cls)
-    docs = _attribute_docs(cls)
+def _section(cls, prefix: str) -> tuple[list[str], list]:
+    """The table rows of ``cls``'s plain fields, and its nested sections (name, class) to document next."""
+    hints, docs = typing.get_type_hints(cls), _attribute_docs(cls)
+    rows, nested = [], []
     for f in dataclasses.fields(cls):
         hint = hints[f.name]
         if dataclasses.is_dataclass(hint):
             nested.append((f"{prefix}{f.name}", hint))
             continue
         doc = " ".join(docs.get(f.name, "").split()).replace("|", "\\|")
-        out.append(f"| `{prefix}{f.name}` | {_type(hint)} | {_fmt(_default(f))} | {doc} |")
+        rows.append(f"| `{prefix}{f.name}` | {_type(hint)} | {_fmt(_default(f))} | {doc} |")
+    return rows, nested
+
+
+TABLE = "| key | type | default | meaning |\n|---|---|---|---|\n"
 
 
 def markdown() -> str:
-    parts = [HEADER]
-    top = _config.ExperimentConfig
-    hints = typing.get_type_hints(top)
-    plain = [f for f in dataclasses.fields(top) if not dataclasses.is_dataclass(hints[f.name])]
-    rows: list[str] = []
-    docs = _attribute_docs(top)
-    for f in plain:
-        rows.append(f"| `{f.name}` | {_type(hints[f.name])} | {_fmt(_default(f))} | "
-                    f"{' '.join(docs.get(f.name, '').split())} |")
-    parts.append("## Top level\n\n| key | type | default | meaning |\n|---|---|---|---|\n" + "\n".join(rows))
-    queue = [(f.name, hints[f.name]) for f in dataclasses.fields(top) if dataclasses.is_dataclass(hints[f.name])]
+    rows, queue = _section(_config.ExperimentConfig, "")
+    parts = [HEADER, "## Top level\n\n" + TABLE + "\n".join(rows)]
     while queue:
         name, cls = queue.pop(0)
-        rows, nested = [], []
-        _rows(cls, f"{name}.", rows, nested)
-        summary = inspect.cleandoc(cls.__doc__ or "")
-        parts.append(f"## `{name}`\n\n{summary}\n\n| key | type | default | meaning |\n|---|---|---|---|\n"
-                     + "\n".join(rows))
+        rows, nested = _section(cls, f"{name}.")
+        parts.append(f"## `{name}`\n\n{inspect.cleandoc(cls.__doc__ or '')}\n\n" + TABLE + "\n".join(rows))
         queue[0:0] = nested
     return "\n\n".join(parts) + "\n"
 

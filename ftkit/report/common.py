@@ -92,8 +92,7 @@ def plot_conversion_lengths(stage):
     dropped = m["quarantine_reasons"].get("over_length", 0)
     truncated = sum(s["truncated"] for s in m["token_stats"].values())
     split = sum(s["split_records"] for s in m["token_stats"].values())
-    max_len = stage.conversion_max_seq_len
-    return plot_lengths(stage.conversion.lengths, max_len,
+    return plot_lengths(stage.conversion.lengths, m["max_seq_len"],
                         f"Tokens per example: {dropped} dropped, {truncated} truncated at a turn boundary, "
                         f"{split} texts split into max_seq_len pieces")
 
