@@ -25,12 +25,31 @@ def run_paths(cfg: ExperimentConfig) -> RunPaths:
 def start(experiment: str = "demo", seed: int = 42, outputs_dir: str = "outputs", model=None, data=None,
           convert=None, train=None, evaluate=None, host=None, overrides=None):
     """A notebook's first step: its parameters validated into one config (every problem reported at once),
-    the run's paths, and the plotting style. Returns ``(cfg, paths)``."""
+    the run's paths, and the plotting style. Returns ``(cfg, paths)``.
+
+    In an interactive session ``parameters/<experiment>.yaml``, when it exists, is read first and the
+    cell's values go on top, so a notebook run by hand runs what ``make run EXP=<experiment>`` runs
+    (papermill has already put the file's values into the cell in a headless run)."""
+    from ftkit.core.session import in_colab, interactive, project_root
     from ftkit.report.common import setup_notebook
 
-    cfg = load_config(experiment=experiment, seed=seed, outputs_dir=outputs_dir, model=model or {}, data=data or {},
-                      convert=convert or {}, train=train or {}, evaluate=evaluate or {}, host=host or {},
-                      overrides=overrides or {})
+    base, source = {}, None
+    params_file = project_root() / "parameters" / f"{experiment}.yaml"
+    if interactive() and params_file.is_file():
+        from ftkit.core.config import read_yaml
+
+        base, source = read_yaml(params_file), str(params_file.relative_to(project_root()))
+        print(f"{source} read first (interactive session); the parameters cell's values go on top")
+    if in_colab():  # data.path: upload, or a file on Google Drive
+        from ftkit.core.paths import resolve_outputs_dir
+        from ftkit.ui.colab import resolve_data_path
+
+        data = resolve_data_path(data or {}, resolve_outputs_dir(outputs_dir) / experiment / "upload")
+    defaults = ExperimentConfig()
+    top = {k: v for k, v in (("seed", seed), ("outputs_dir", outputs_dir)) if not base or v != getattr(defaults, k)}
+    cfg = load_config(base, experiment=experiment, **top, model=model or {}, data=data or {}, convert=convert or {},
+                      train=train or {}, evaluate=evaluate or {}, host=host or {}, overrides=overrides or {},
+                      source=source)
     setup_notebook()
     return cfg, run_paths(cfg)
 

@@ -131,7 +131,8 @@ def test_notebooks_committed_without_outputs(root):
 
 
 def test_notebook_parameter_defaults_match_code(root):
-    src = "".join(next(c for c in _cells(root, "01_data_prep") if c["cell_type"] == "code")["source"])
+    src = "".join(next(c for c in _cells(root, "01_data_prep")
+                       if "parameters" in c.get("metadata", {}).get("tags", []))["source"])
     ns: dict = {}
     exec(src, ns)  # plain literals only
     cfg = ExperimentConfig()

@@ -32,6 +32,11 @@ DEMO_DATA = "demo"
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_k_m")
 
 
+# A field's ``metadata`` may carry a hint for the notebook form (ftkit.ui.parameter_form), never a check:
+# "slider": (low, high, step) for a bounded number, "log_slider": (low, high) as powers of ten.
+# load_config's checks below are what decide validity; a value outside a slider widens it.
+
+
 class ConfigError(ValueError):
     """Raised when a configuration is not well-formed; lists every problem found."""
 
@@ -90,17 +95,17 @@ class DataConfig:
     near_duplicate_max_records: int = 200_000
     """Above this many conversations the near-duplicate and leakage checks are skipped (said in the
     report): they keep a MinHash per record in memory. Exact duplicates are always removed."""
-    leakage_threshold: float = 0.8
+    leakage_threshold: float = field(default=0.8, metadata={"slider": (0.5, 1.0, 0.01)})
     """Report held-out records with a train record at least this similar."""
-    general_mix: float = 0.0
+    general_mix: float = field(default=0.0, metadata={"slider": (0.0, 1.0, 0.05)})
     """Forgetting guard: add this share of |train| of general instruction data to train (0: off)."""
     general_path: str | None = None
     """General data to mix in (any supported format); null: the base model's own answers to the
     general prompts shipped with ftkit (self-distillation)."""
     min_chars: int = 1
     max_chars: int | None = None
-    val_fraction: float = 0.1
-    test_fraction: float = 0.1
+    val_fraction: float = field(default=0.1, metadata={"slider": (0.0, 0.5, 0.01)})
+    test_fraction: float = field(default=0.1, metadata={"slider": (0.0, 0.5, 0.01)})
     max_records: int | None = None
     """Keep only the first N conversations after cleaning (quick experiments)."""
     demo_size: int = 1000
@@ -132,7 +137,7 @@ class ConvertConfig:
 class LoraConfig:
     r: int = 16
     alpha: int = 32
-    dropout: float = 0.05
+    dropout: float = field(default=0.05, metadata={"slider": (0.0, 0.5, 0.01)})
     target_modules: Any = "all-linear"
     """`all-linear` or a list of module names such as [q_proj, v_proj]."""
     rslora: bool = False
@@ -156,15 +161,15 @@ class TrainConfig:
     accelerate_config: str | None = None
     """`ddp`, `fsdp`, `deepspeed-zero2`, `deepspeed-zero3` (shipped templates) or a path to an
     accelerate config file; null: plain DDP."""
-    learning_rate: float = 2e-4
+    learning_rate: float = field(default=2e-4, metadata={"log_slider": (-6.0, -2.0)})
     epochs: float = 1.0
     max_steps: int = -1
     """Stop after this many optimiser steps (-1: run `epochs`)."""
     batch_size: int = 4
     gradient_accumulation_steps: int = 1
-    warmup_ratio: float = 0.05
+    warmup_ratio: float = field(default=0.05, metadata={"slider": (0.0, 0.5, 0.01)})
     lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
-    weight_decay: float = 0.0
+    weight_decay: float = field(default=0.0, metadata={"slider": (0.0, 0.3, 0.01)})
     max_grad_norm: float = 1.0
     logging_steps: int = 5
     eval_steps: int = 20
@@ -289,13 +294,13 @@ class EvaluateConfig:
     max_new_tokens: int = 96
     do_sample: bool = False
     """Greedy by default; with sampling, `temperature` and `top_p` apply and `seed` makes it repeatable."""
-    temperature: float = 0.7
-    top_p: float = 0.95
+    temperature: float = field(default=0.7, metadata={"slider": (0.0, 2.0, 0.05)})
+    top_p: float = field(default=0.95, metadata={"slider": (0.05, 1.0, 0.01)})
     task: Literal["auto", "free_text", "label", "json"] = "auto"
     """`label`: replies are class labels (accuracy, macro F1, confusion matrix); `json`: replies are JSON
     (validity rate); `auto` decides from the references."""
     bootstrap_samples: int = 1000
-    confidence: float = 0.95
+    confidence: float = field(default=0.95, metadata={"slider": (0.5, 0.99, 0.01)})
     rules: RulesConfig = field(default_factory=RulesConfig)
     prompting: PromptingConfig = field(default_factory=PromptingConfig)
     forgetting: ForgettingConfig = field(default_factory=ForgettingConfig)
@@ -324,7 +329,7 @@ class HostConfig:
     consistency_examples: int = 8
     """Test conversations for the train/serve check (prompt tokens equal training tokens; replies stop)."""
     consistency_max_tokens: int = 128
-    min_stop_rate: float = 1.0
+    min_stop_rate: float = field(default=1.0, metadata={"slider": (0.0, 1.0, 0.05)})
     """Share of check replies that must end with the end-of-turn token within consistency_max_tokens."""
     gguf_types: Literal["auto"] | list[str] = "auto"
     """GGUF exports for llama.cpp and Ollama: `auto` writes q8_0 (and q4_k_m where llama.cpp's

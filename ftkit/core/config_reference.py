@@ -23,7 +23,7 @@ defaults below are what a file that names nothing runs with. How parameters file
 """
 
 
-def _attribute_docs(cls) -> dict[str, str]:
+def attribute_docs(cls) -> dict[str, str]:
     """The string literal written right under each field of ``cls`` (the attribute-docstring convention)."""
     tree = ast.parse(inspect.getsource(cls))
     body = tree.body[0].body
@@ -61,7 +61,7 @@ def _type(hint) -> str:
 
 def _section(cls, prefix: str) -> tuple[list[str], list]:
     """The table rows of ``cls``'s plain fields, and its nested sections (name, class) to document next."""
-    hints, docs = typing.get_type_hints(cls), _attribute_docs(cls)
+    hints, docs = typing.get_type_hints(cls), attribute_docs(cls)
     rows, nested = [], []
     for f in dataclasses.fields(cls):
         hint = hints[f.name]

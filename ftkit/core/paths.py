@@ -83,6 +83,11 @@ class RunPaths:
         return self.root / "checkpoints"
 
     @property
+    def stop_request(self) -> Path:
+        """Created to stop training cleanly at the next step (the live view's Stop button, or `touch`)."""
+        return self.root / "STOP"
+
+    @property
     def train_log(self) -> Path:
         return self.root / "logs" / "train_log.json"
 
@@ -141,6 +146,11 @@ class RunPaths:
     @property
     def reports_dir(self) -> Path:
         return self.root / "reports"
+
+    @property
+    def config_record(self) -> Path:
+        """The resolved config the run used, written by stage 01 (``ftkit compare`` reads it)."""
+        return self.root / "config.json"
 
     def write_metrics(self, stage: str, metrics: dict[str, Any]) -> Path:
         path = self.metrics(stage)
@@ -243,11 +253,7 @@ def _jsonable(obj: Any) -> Any:
 def resolve_outputs_dir(outputs_dir: str | Path) -> Path:
     """A relative outputs_dir is taken from the project root (the folder holding notebooks/ and
     parameters/), so a notebook run from notebooks/ in JupyterLab writes where `make` does."""
+    from ftkit.core.session import project_root
+
     p = Path(outputs_dir)
-    if p.is_absolute():
-        return p
-    here = Path.cwd().resolve()
-    for d in (here, *here.parents):
-        if (d / "notebooks").is_dir() and (d / "parameters").is_dir():
-            return d / p
-    return here / p
+    return p if p.is_absolute() else project_root() / p

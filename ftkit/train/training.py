@@ -79,7 +79,11 @@ def run_training(cfg: ExperimentConfig, paths: RunPaths, recipe=None):
     resume_from = find_resume_checkpoint(paths.checkpoints_dir, cfg.train.resume)
     if resume_from:
         log.info("resuming from %s", resume_from)
-    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    from ftkit.core.session import interactive
+    from ftkit.train.live import watched
+
+    with watched(trainer, paths.stop_request, interactive() and trainer.is_world_process_zero()) as stop:
+        result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     seconds = time.perf_counter() - start
     final_eval = trainer.evaluate() if val_rows else {}
 
@@ -135,6 +139,8 @@ def run_training(cfg: ExperimentConfig, paths: RunPaths, recipe=None):
         "tokens_per_second": tokens / seconds if seconds else None,
         "device": str(resolve_device(cfg.model)),
         "resumed_from": str(resume_from) if resume_from else None,
+        "stopped_at_step": stop.stopped_at,  # a stop request ended the run there (the next run resumes)
+        "planned_steps": trainer.state.max_steps,
         "steps_this_run": steps - (int(resume_from.name.split("-")[-1]) if resume_from else 0),
         "preflight": pre,
         "packing": cfg.train.packing,

@@ -1,0 +1,207 @@
+"""Stopping a training run cleanly, and the live view a person sees while it trains.
+
+A stop is requested by creating ``outputs/<exp>/STOP`` (``touch`` from a terminal, or the live
+view's Stop button). At the end of the next optimiser step the Trainer saves a complete checkpoint
+and stops; stage 03 then saves the adapter as trained so far and records the stop, and the next run
+(``train.resume: auto``) continues from that checkpoint.
+
+The live view (interactive sessions only) plots train and validation loss and the learning rate as
+they are logged, with tokens/s and the ETA. A button click reaches the kernel only between cells, so
+while the training cell runs the view polls the kernel's pending widget messages at each step
+(jupyter-ui-poll); without it the STOP file still works.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import time
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+log = logging.getLogger("ftkit")
+
+
+class StopOnRequest(TrainerCallback):
+    """Ends training at the next step end with a checkpoint when ``stop_file`` exists."""
+
+    def __init__(self, stop_file: Path):
+        self.stop_file = Path(stop_file)
+        self.stopped_at: int | None = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            self.stop_file.unlink(missing_ok=True)  # a request left from an earlier run is not this run's
+
+    def _requested(self, args, state) -> bool:
+        wanted = self.stop_file.exists()
+        if args.world_size <= 1:
+            return wanted
+        # every process must stop at the same step (or the others wait for it forever): they agree on
+        # it at logging steps, where the Trainer synchronises anyway, not at every step
+        if state.global_step % max(args.logging_steps, 1):
+            return False
+        import torch
+        import torch.distributed as dist
+
+        flag = torch.tensor([int(wanted)], device=args.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step < state.max_steps and self._requested(args, state):
+            if state.is_world_process_zero:
+                self.stop_file.unlink(missing_ok=True)
+            self.stopped_at = state.global_step
+            control.should_save = True  # a complete checkpoint the next run resumes from
+            control.should_training_stop = True
+            log.info("stop requested: checkpoint at step %d of %d, then stopping", state.global_step, state.max_steps)
+        return control
+
+
+class LiveView(TrainerCallback):
+    """Loss and learning-rate curves, tokens/s, ETA and a Stop button, updated as training runs.
+
+    ``display``: how the widget is shown (IPython's display by default; tests pass a no-op)."""
+
+    def __init__(self, stop_file: Path, display=None, redraw_seconds: float = 2.0):
+        import ipywidgets as w
+
+        self.stop_file = Path(stop_file)
+        self._display = display
+        self.redraw_seconds = redraw_seconds
+        self.train: list[tuple[int, float]] = []
+        self.val: list[tuple[int, float]] = []
+        self.lr: list[tuple[int, float]] = []
+        self.stats = w.HTML("training starts...")
+        self.stats.add_class("ftkit-live-stats")
+        self.plot = w.Image(format="png")
+        self.stop_button = w.Button(description="Stop", button_style="warning", icon="stop",
+                                    tooltip="finish the current step, save a checkpoint, stop; the next run resumes")
+        self.stop_button.add_class("ftkit-stop")
+        self.stop_button.on_click(self.request_stop)
+        self.widget = w.VBox([w.HBox([self.stop_button, self.stats]), self.plot])
+        self.widget.add_class("ftkit-live")
+        self._poll = None
+        self._last_draw = 0.0
+        self._start = None
+
+    # the button and the kernel ---------------------------------------------------------------
+    def request_stop(self, _button=None) -> None:
+        self.stop_file.parent.mkdir(parents=True, exist_ok=True)
+        self.stop_file.touch()
+        self.stop_button.disabled = True
+        self.stop_button.description = "Stopping..."
+
+    @contextlib.contextmanager
+    def polling(self):
+        """While the training cell runs, let widget clicks through (no-op outside a kernel)."""
+        with contextlib.ExitStack() as stack:
+            try:
+                from jupyter_ui_poll import ui_events
+
+                self._poll = stack.enter_context(ui_events())
+            except (ImportError, AttributeError, RuntimeError):  # no kernel or no jupyter-ui-poll: STOP file only
+                self._poll = None
+            try:
+                yield self
+            finally:
+                self._poll = None
+
+    # Trainer events ----------------------------------------------------------------------------
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._start = time.perf_counter()
+        self._first_step = state.global_step
+        if self._display is None:
+            from IPython.display import display
+
+            display(self.widget)
+        else:
+            self._display(self.widget)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._poll is not None:
+            self._poll(10)
+        self._stats(state)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = logs or {}
+        if "loss" in logs:
+            self.train.append((state.global_step, float(logs["loss"])))
+        if "eval_loss" in logs:
+            self.val.append((state.global_step, float(logs["eval_loss"])))
+        if "learning_rate" in logs:
+            self.lr.append((state.global_step, float(logs["learning_rate"])))
+        if time.perf_counter() - self._last_draw >= self.redraw_seconds:
+            self.draw()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.draw()
+        self._stats(state, done=True)
+        self.stop_button.disabled = True
+
+    # drawing -----------------------------------------------------------------------------------
+    def _stats(self, state, done: bool = False) -> None:
+        elapsed = time.perf_counter() - (self._start or time.perf_counter())
+        steps = state.global_step - self._first_step
+        left = max(state.max_steps - state.global_step, 0)
+        eta = elapsed / steps * left if steps else float("nan")
+        tokens = getattr(state, "num_input_tokens_seen", 0) or 0
+        loss = f" · loss {self.train[-1][1]:.4f}" if self.train else ""
+        val = f" · val {self.val[-1][1]:.4f}" if self.val else ""
+        head = "finished" if done else "step"
+        self.stats.value = (f"{head} {state.global_step}/{state.max_steps}{loss}{val} · "
+                            f"{tokens / elapsed if elapsed else 0:,.0f} tokens/s · {_clock(elapsed)} elapsed"
+                            + ("" if done else f" · ETA {_clock(eta)}"))
+
+    def draw(self) -> None:
+        """Redraw the curves into the image widget (one PNG: no flicker, no growing output)."""
+        import matplotlib
+
+        matplotlib.use("Agg", force=False)
+        from matplotlib.figure import Figure
+
+        self._last_draw = time.perf_counter()
+        fig = Figure(figsize=(8, 2.6), dpi=90)
+        ax, ax_lr = fig.subplots(1, 2, gridspec_kw={"width_ratios": [2, 1]})
+        for series, label in ((self.train, "train loss"), (self.val, "validation loss")):
+            if series:
+                ax.plot(*zip(*series, strict=True), marker="o" if len(series) < 20 else None, label=label)
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        if self.train or self.val:
+            ax.legend(loc="upper right")
+        if self.lr:
+            ax_lr.plot(*zip(*self.lr, strict=True), color="tab:green")
+        ax_lr.set_xlabel("step")
+        ax_lr.set_ylabel("learning rate")
+        ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
+        fig.tight_layout()
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png")
+        self.plot.value = buf.getvalue()
+
+
+def _clock(seconds: float) -> str:
+    if seconds != seconds or seconds == float("inf"):
+        return "-"
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+@contextlib.contextmanager
+def watched(trainer, stop_file: Path, interactive: bool):
+    """Training with a stop request honoured, and the live view when a person is looking. Yields the
+    :class:`StopOnRequest` callback (its ``stopped_at`` says whether a stop ended the run)."""
+    stop = StopOnRequest(stop_file)
+    if not interactive:
+        trainer.add_callback(stop)
+        yield stop
+        return
+    view = LiveView(stop_file)
+    trainer.add_callback(view)  # before the stop check: a click polled at a step end stops that step
+    trainer.add_callback(stop)
+    with view.polling():
+        yield stop
