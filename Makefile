@@ -14,11 +14,25 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.ftkit-installed
 THIRDPARTY := .cache/thirdparty/.fetched
 REPORTS := $(OUTPUTS)/$(EXP)/reports
+INDEX := $(OUTPUTS)/$(EXP)/index.html
+MAILABLE := ftkit/report/mailable.html.j2
+EXPS ?=
 STAGES := 01_data_prep 02_format_conversion 03_train 04_evaluate 05_host
 
-.PHONY: run install test test-floor test-slow test-export export-tools thirdparty lint docs clean lab 01 02 03 04 05 $(STAGES)
+.PHONY: run compare install test test-browser test-floor test-slow test-export export-tools thirdparty lint docs clean lab 01 02 03 04 05 $(STAGES)
 
-run: $(REPORTS)/05_host.html  ## all five stages for EXP (default demo)
+# make run ends with the run's summary every time, even when nothing had to be rebuilt (ftkit index
+# rewrites index.html from the metrics files in a moment, so stages re-run outside make show too)
+run: $(INDEX)  ## all five stages for EXP (default demo), then outputs/<exp>/index.html and a short summary
+	@$(BIN)/ftkit index $(EXP) --outputs-dir $(OUTPUTS)
+
+# one page linking the five reports with their headline figures (stages not run say so)
+$(INDEX): $(REPORTS)/05_host.html
+	$(BIN)/ftkit index $(EXP) --outputs-dir $(OUTPUTS) --quiet
+
+compare: $(STAMP)  ## configs (differing keys only) and metrics of runs side by side: make compare EXPS="a b"
+	@test -n "$(EXPS)" || { echo 'make compare EXPS="a b [c...]": name two runs or more' >&2; exit 2; }
+	$(BIN)/ftkit compare $(EXPS) --outputs-dir $(OUTPUTS)
 
 install: $(STAMP)  ## create .venv and install everything (idempotent)
 
@@ -33,7 +47,8 @@ $(STAMP): pyproject.toml
 	touch $@
 
 # One rule per stage: papermill writes NN.partial.ipynb, renamed only when every cell ran, so a
-# failed stage never looks done; then an HTML copy without code cells.
+# failed stage never looks done; then an HTML copy without code cells, one file to mail: images embedded,
+# and none of the scripts nbconvert's template loads from CDNs ($(MAILABLE) says why nothing is lost).
 $(REPORTS)/%.ipynb: notebooks/%.ipynb $(PARAMS) $(STAMP)
 	@mkdir -p $(REPORTS)
 	$(BIN)/ftkit check-params $(PARAMS) --top-level-only
@@ -41,8 +56,10 @@ $(REPORTS)/%.ipynb: notebooks/%.ipynb $(PARAMS) $(STAMP)
 		--cwd . --log-output --no-progress-bar
 	mv $(REPORTS)/$*.partial.ipynb $@
 
+# (not a prerequisite: a new template re-rendering the HTML would make make re-run every later stage)
 $(REPORTS)/%.html: $(REPORTS)/%.ipynb
-	$(BIN)/jupyter nbconvert --to html --no-input --log-level WARN $< --output $*.html
+	$(BIN)/jupyter nbconvert --to html --no-input --embed-images --template-file $(MAILABLE) --log-level WARN $< \
+		--output $*.html
 
 $(REPORTS)/02_format_conversion.ipynb: $(REPORTS)/01_data_prep.html
 $(REPORTS)/03_train.ipynb: $(REPORTS)/02_format_conversion.html
@@ -70,6 +87,11 @@ $(THIRDPARTY): tests/thirdparty.py $(STAMP)
 test-floor:  ## the fast suite on the oldest transformers, peft, accelerate and bitsandbytes pyproject.toml accepts (own .venv-floor)
 	$(MAKE) test VENV=.venv-floor CONSTRAINTS=tests/floors.txt
 
+CHROMIUM ?= /usr/bin/chromium
+test-browser: $(STAMP)  ## JupyterLab from make lab and the reports in a real browser (Debian's chromium, apt-get install chromium)
+	@test -x $(CHROMIUM) || { echo "test-browser needs $(CHROMIUM): apt-get install chromium (or CHROMIUM=/path/to/chromium)"; exit 1; }
+	FTKIT_CHROMIUM=$(CHROMIUM) $(BIN)/python -m pytest -q -m browser
+
 test-slow: $(STAMP)  ## heavier checks on the real embedded model
 	$(BIN)/python -m pytest -q -m slow
 
@@ -86,8 +108,9 @@ lint: $(STAMP)  ## ruff, and the import-linter contracts in pyproject.toml (stag
 docs: $(STAMP)  ## regenerate docs/configuration.md from the config dataclasses (a test fails when it is stale)
 	$(BIN)/ftkit config-reference -o docs/configuration.md
 
-lab: $(STAMP)  ## JupyterLab on the notebooks
-	$(BIN)/jupyter lab --notebook-dir=.
+LAB_PORT ?= 8888
+lab: $(STAMP)  ## JupyterLab on the notebooks at http://127.0.0.1:$(LAB_PORT)/lab (no browser opened; open the printed URL)
+	$(BIN)/jupyter lab --no-browser --ip=127.0.0.1 --port=$(LAB_PORT) --notebook-dir=. $(if $(filter 0,$(shell id -u)),--allow-root)
 
 clean:  ## remove generated outputs (keeps outputs/.gitkeep)
 	find $(OUTPUTS) -mindepth 1 -maxdepth 1 ! -name .gitkeep -exec rm -rf {} +

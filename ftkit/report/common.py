@@ -10,6 +10,7 @@ from importlib import metadata
 from pathlib import Path
 
 from ftkit.core.masking import IGNORE_INDEX
+from ftkit.report.mailable import headless, log_stream, quiet_progress_bars, shown, shown_path, shown_tree
 
 PACKAGES = ("ftkit", "torch", "transformers", "peft", "accelerate", "datasets", "papermill")
 
@@ -37,15 +38,16 @@ def git_commit() -> str | None:
 
 
 def provenance(cfg, data_file: str | Path | None = None) -> dict:
-    """Everything a reader needs to reproduce the run: config, seed, versions, commit, data hash."""
+    """Everything a reader needs to reproduce the run: config, seed, versions, commit, data hash (the
+    program by name and the data file by :func:`shown_path`: the report names no folder of the machine)."""
     from ftkit.data.dataset import file_sha256
 
     out = {
         "experiment": cfg.experiment, "seed": cfg.seed, "git_commit": git_commit(), "versions": versions(),
-        "platform": f"{platform.system()} {platform.machine()}", "argv": " ".join(sys.argv[:1]),
+        "platform": f"{platform.system()} {platform.machine()}", "argv": Path(sys.argv[0]).name if sys.argv else "",
     }
     if data_file and Path(data_file).exists():
-        out["data_file"] = str(data_file)
+        out["data_file"] = shown_path(data_file, cfg.outputs_dir)
         out["data_sha256"] = file_sha256(data_file)
     return out
 
@@ -55,20 +57,21 @@ def show_provenance(cfg, data_file=None) -> None:
     from IPython.display import Markdown, display
 
     prov = provenance(cfg, data_file)
+    config = shown_tree(cfg.to_dict(), cfg.outputs_dir)
     display(Markdown("**Provenance**\n\n```yaml\n" + yaml.safe_dump(prov, sort_keys=False)
                      + "```\n\n<details><summary>Resolved config</summary>\n\n```yaml\n"
-                     + yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True) + "```\n</details>"))
+                     + yaml.safe_dump(config, sort_keys=False, allow_unicode=True) + "```\n</details>"))
 
 
 def mask_html(tokenizer, input_ids: list[int], labels: list[int]) -> str:
     """HTML of a tokenised example: trained tokens on green, masked tokens grey."""
     spans = []
     for t, lab in zip(input_ids, labels, strict=True):
-        text = html.escape(tokenizer.decode([t])).replace("\n", "↵<br>")
+        text = html.escape(tokenizer.decode([t])).replace("\n", "¶<br>")  # a newline token, in a glyph every font has
         style = "background:#c8f7c5;color:#000" if lab != IGNORE_INDEX else "color:#888"
         spans.append(f'<span style="{style}" title="id {t}">{text}</span>')
     legend = ('<p><span style="background:#c8f7c5">trained (loss)</span> · '
-              '<span style="color:#888">masked (context only)</span></p>')
+              '<span style="color:#888">masked (context only)</span> · ¶ a newline</p>')
     return legend + '<div style="font-family:monospace;line-height:1.6">' + "".join(spans) + "</div>"
 
 
@@ -105,8 +108,8 @@ def quarantine_table(rows: list[dict], limit: int = 20):
 
         return Markdown("No record was quarantined.")
     # source is path:LINE or path:ROW; stage 02's rows also carry the record's id (its stage 01 input)
-    return pd.DataFrame([{"source": r["source"], **({"id": r["id"]} if "id" in r else {}), "reason": r["reason"]}
-                         for r in rows[:limit]])
+    return pd.DataFrame([{"source": shown(r["source"]), **({"id": r["id"]} if "id" in r else {}),
+                          "reason": shown(r["reason"])} for r in rows[:limit]])
 
 
 def setup_notebook() -> None:
@@ -116,11 +119,14 @@ def setup_notebook() -> None:
 
     import seaborn as sns
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", force=True)
-    for noisy in ("httpx", "httpx2", "httpcore", "urllib3", "absl"):
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", force=True,
+                        stream=log_stream())
+    for noisy in ("httpx", "httpx2", "httpcore", "urllib3", "absl", "matplotlib"):  # matplotlib: categorical-axis notes
         logging.getLogger(noisy).setLevel(logging.WARNING)
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # optional-kernel notice on import
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    if headless():
+        quiet_progress_bars()
     sns.set_theme(style="whitegrid")
 
 
@@ -154,7 +160,9 @@ def detection_note(result) -> None:
 
     d = result.detection
     cols = f" Columns: {d.columns}." if d.columns else ""
-    display(Markdown(f"Read **{len(result.sources)}** input(s): `{'`, `'.join(result.sources)}`.\n\n"
+    outputs_dir = Path(result.quarantine_path).parent.parent.parent  # <outputs>/<exp>/data/quarantine.jsonl
+    sources = [shown(s, outputs_dir) for s in result.sources]
+    display(Markdown(f"Read **{len(sources)}** input(s): `{'`, `'.join(sources)}`.\n\n"
                      f"Format **{d.format}**: {d.reason}.{cols}"))
 
 
@@ -249,7 +257,7 @@ def show_mask(tokenizer, examples) -> None:
 
 
 def metrics_table(metrics: dict):
-    flat = {k: v for k, v in metrics.items() if not isinstance(v, (dict, list))}
+    flat = {k: shown(v) if isinstance(v, str) else v for k, v in metrics.items() if not isinstance(v, (dict, list))}
     return _frame([{"metric": k, "value": v} for k, v in flat.items()]).set_index("metric")
 
 
@@ -324,7 +332,7 @@ def plot_training(history: list[dict], overfit: dict | None = None):
         sns.lineplot(pd.DataFrame(rows), x="step", y="loss", hue="split", marker="o", ax=axes[0])
     title = "Loss per trained token"
     if overfit and overfit.get("flag"):
-        title += "  ⚠ overfitting"
+        title += " (overfitting flagged)"
         axes[0].axvline(overfit["best_step"], color="red", linestyle="--", label="best val")
     axes[0].set_title(title)
     for ax, key, label in ((axes[1], "learning_rate", "Learning rate"), (axes[2], "grad_norm", "Gradient norm")):
