@@ -224,3 +224,44 @@ def test_stop_file_stops_a_headless_run(tmp_path, tiny_converted, monkeypatch):
     result, paths = _train(tmp_path, tiny_converted, "filestop")
     assert result.metrics["stopped_at_step"] == 2 and "ipywidgets" not in result.metrics.get("device_plan", {})
     assert (paths.checkpoints_dir / "checkpoint-2" / "ftkit_checkpoint_complete.json").exists()
+
+
+@pytest.fixture
+def fake_colab(monkeypatch):
+    """Colab's own modules (google.colab.files, .drive) as Colab defines them; ftkit cannot reach Colab here."""
+    import types
+
+    calls = {"mounted": [], "uploads": 0}
+    google, colab = types.ModuleType("google"), types.ModuleType("google.colab")
+    files, drive = types.ModuleType("google.colab.files"), types.ModuleType("google.colab.drive")
+
+    def upload():
+        calls["uploads"] += 1
+        return {"tickets.csv": b"question,answer\nhi,hello\n"}
+
+    files.upload = upload
+    drive.mount = lambda where: calls["mounted"].append(where)
+    colab.files, colab.drive, google.colab = files, drive, colab
+    for name, mod in (("google", google), ("google.colab", colab), ("google.colab.files", files),
+                      ("google.colab.drive", drive)):
+        monkeypatch.setitem(sys.modules, name, mod)
+    return calls
+
+
+def test_colab_upload_is_asked_once_per_experiment_and_drive_is_mounted(tmp_path, fake_colab):
+    from ftkit.ui.colab import resolve_data_path
+
+    first = resolve_data_path({"path": "upload", "columns": {"user": "question"}}, tmp_path / "upload")
+    assert first == {"path": str(tmp_path / "upload" / "tickets.csv"), "columns": {"user": "question"}}
+    assert (tmp_path / "upload" / "tickets.csv").read_bytes().startswith(b"question")
+    again = resolve_data_path({"path": "upload"}, tmp_path / "upload")  # the next notebook: no new dialog
+    assert again["path"] == first["path"] and fake_colab["uploads"] == 1
+    on_drive = resolve_data_path({"path": "/content/drive/MyDrive/t.jsonl"}, tmp_path / "u2")
+    assert on_drive["path"] == "/content/drive/MyDrive/t.jsonl" and fake_colab["mounted"] == ["/content/drive"]
+
+
+def test_outside_colab_the_data_path_is_left_alone(tmp_path):
+    from ftkit.ui.colab import resolve_data_path
+
+    assert "google.colab" not in sys.modules
+    assert resolve_data_path({"path": "upload"}, tmp_path) == {"path": "upload"}

@@ -127,7 +127,9 @@ class ParameterForm:
         self.general = w.HTML()
         self.estimate_line = w.HTML()
         titles = ["run", "model", "data", "convert", "train", "evaluate", "host"]
-        self.sections = w.Accordion(children=[w.VBox(groups[t]) for t in titles], titles=tuple(titles))
+        # each section scrolls within itself, so Save and the estimate stay in sight
+        boxed = w.Layout(max_height="460px", overflow="auto")
+        self.sections = w.Accordion(children=[w.VBox(groups[t], layout=boxed) for t in titles], titles=tuple(titles))
         open_section = STAGE_SECTIONS.get(stage or "", None)
         self.sections.selected_index = titles.index(open_section) if open_section else None
         self.name = w.Text(value=cfg.experiment, description="name", layout=w.Layout(width="280px"))
