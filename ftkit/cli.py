@@ -1,5 +1,5 @@
 """Command line: ``ftkit serve MODEL_DIR``, ``ftkit check-params FILE``, ``ftkit import-openai-job JOB -o FILE``,
-``ftkit demo-data PATH``."""
+``ftkit demo-data PATH``, ``ftkit index EXP``, ``ftkit compare A B``."""
 
 from __future__ import annotations
 
@@ -87,6 +87,18 @@ def main(argv: list[str] | None = None) -> int:
                                             "builds llama-cpp-python once (quantiser, GGUF loading checks)")
     x.add_argument("--build", action="store_true", help="also build and install llama-cpp-python (minutes)")
 
+    ix = sub.add_parser("index", help="write outputs/<experiment>/index.html (the five reports and their headline "
+                                      "figures) and print a short summary")
+    ix.add_argument("experiment")
+    ix.add_argument("--outputs-dir", default="outputs", help="where runs are (default outputs)")
+    ix.add_argument("--quiet", action="store_true", help="print only the index's path, not the summary")
+
+    cm = sub.add_parser("compare", help="one HTML page with the config keys that differ between runs and their "
+                                        "metrics side by side (with stage 04's intervals)")
+    cm.add_argument("experiments", nargs="+", metavar="EXPERIMENT")
+    cm.add_argument("-o", "--output", default=None, help="the page to write (default <outputs-dir>/compare-A-B.html)")
+    cm.add_argument("--outputs-dir", default="outputs", help="where runs are (default outputs)")
+
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     if args.command == "serve":
@@ -116,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "run":
         return _run(args)
+    if args.command in ("index", "compare"):
+        return _report_pages(args)
     if args.command == "config-reference":
         from ftkit.core import config_reference
 
@@ -238,6 +252,31 @@ def _run(args) -> int:
     paths = run_paths(cfg)
     pipeline.run(cfg, paths, stages)
     print(f"{cfg.experiment}: stages {', '.join(stages)} done; metrics under {paths.root / 'metrics'}")
+    return 0
+
+
+def _report_pages(args) -> int:
+    """``ftkit index`` and ``ftkit compare``: pages built from the runs' metrics files, nothing re-run."""
+    from ftkit.core.paths import RunPaths
+    from ftkit.report import compare, overview
+
+    if args.command == "index":
+        paths = RunPaths(args.outputs_dir, args.experiment)
+        if not paths.root.is_dir():
+            print(f"error: no run {args.experiment!r} under {args.outputs_dir}", file=sys.stderr)
+            return 2
+        index = overview.write_index(paths)
+        print(f"wrote {overview.terminal_path(index)}" if args.quiet else "\n".join(overview.summary_lines(paths, index)))
+        return 0
+    if len(args.experiments) < 2:
+        print("error: name at least two experiments to compare", file=sys.stderr)
+        return 2
+    try:
+        out = compare.write_comparison(args.outputs_dir, args.experiments, args.output)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {overview.terminal_path(out)}")
     return 0
 
 

@@ -41,6 +41,21 @@ def run_make(*args, cwd=ROOT, timeout=900):
 
 
 @pytest.fixture(scope="session")
+def smoke_make(tmp_path_factory):
+    """``make run EXP=smoke`` once per session into a temporary outputs folder: (the run's folder, make's
+    stdout). tests/test_notebooks.py and tests/test_reports.py both read it."""
+    out = tmp_path_factory.mktemp("outputs")
+    proc = run_make("run", "EXP=smoke", f"OUTPUTS={out}")
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return out / "smoke", proc.stdout
+
+
+@pytest.fixture(scope="session")
+def smoke(smoke_make) -> Path:
+    return smoke_make[0]
+
+
+@pytest.fixture(scope="session")
 def python() -> str:
     return sys.executable
 

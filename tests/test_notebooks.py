@@ -1,4 +1,5 @@
-"""The five notebooks through papermill, as `make run` runs them, on the smoke experiment."""
+"""The five notebooks through papermill, as `make run` runs them, on the smoke experiment (the ``smoke``
+fixture, in conftest.py: one run per session, shared with tests/test_reports.py)."""
 
 import json
 import math
@@ -10,14 +11,6 @@ import pytest
 from conftest import ROOT, run_make
 
 STAGES = ["01_data_prep", "02_format_conversion", "03_train", "04_evaluate", "05_host"]
-
-
-@pytest.fixture(scope="module")
-def smoke(tmp_path_factory):
-    out = tmp_path_factory.mktemp("outputs")
-    proc = run_make("run", "EXP=smoke", f"OUTPUTS={out}")
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    return out / "smoke"
 
 
 def _metrics(root, stage):

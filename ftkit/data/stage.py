@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ftkit.core.config import ExperimentConfig
-from ftkit.core.paths import RunPaths
+from ftkit.core.paths import RunPaths, write_json
 from ftkit.data.dataset import PrepResult, prepare
 
 STAGE = "01_data_prep"
@@ -26,4 +26,5 @@ def run(cfg: ExperimentConfig, paths: RunPaths) -> DataResult:
     general = replay.mix_general(cfg, paths, prepared)
     metrics = prepared.metrics()
     paths.write_metrics(STAGE, metrics)
+    write_json(paths.config_record, cfg.to_dict())  # what later runs are compared on
     return DataResult(prepared, general, metrics)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+from ftkit.report.mailable import shown
+
 
 def _frame(rows):
     import pandas as pd
@@ -18,7 +20,7 @@ def _md(text: str) -> None:
 
 
 def _mark(ok: bool) -> str:
-    return "✅ PASS" if ok else "❌ FAIL"
+    return "PASS" if ok else "FAIL"  # words, not emoji: the report must read the same in any font
 
 
 def merge_summary(m: dict) -> None:
@@ -138,14 +140,14 @@ def gguf_table(exports: dict):
     if not rows:
         _md(exports.get("gguf_note") or "No GGUF export (host.gguf_types is empty).")
         return None
-    note = f"Ollama Modelfile: `{exports['modelfile']}`." if exports.get("modelfile") else exports.get("modelfile_note", "")
+    note = f"Ollama Modelfile: `{shown(exports['modelfile'])}`." if exports.get("modelfile") else exports.get("modelfile_note", "")
     _md("GGUF files written by llama.cpp's converter, read back and compared with the merged model on held-out "
         f"prompts. {note}")
     return _frame(rows).set_index("file")
 
 
 def commands(cmds: dict[str, str]) -> None:
-    _md("\n\n".join(f"**{k}**\n```bash\n{v}\n```" for k, v in cmds.items()))
+    _md("\n\n".join(f"**{k}**\n```bash\n{shown(v)}\n```" for k, v in cmds.items()))
 
 
 def try_it(answers: list[dict]) -> None:
