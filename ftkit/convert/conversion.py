@@ -8,6 +8,7 @@ Over-long examples are dropped, truncated at a turn boundary, split (plain text)
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 from dataclasses import dataclass, field
@@ -233,13 +234,18 @@ def per_reply(tokenizer, rec: dict, messages: list[dict], error: Exception, **kw
 PARALLEL_FROM = 5000  # below this, worker start-up costs more than it saves
 
 
-def process_many(tokenizer, records: list[dict], num_proc: int | None = None, **kw) -> list[dict]:
-    """:func:`process_record` over many records; with many records, ``datasets.map`` over the cores."""
+def process_many(tokenizer, records: list[dict], num_proc: int | None = None, label: str | None = None,
+                 **kw) -> list[dict]:
+    """:func:`process_record` over many records; with many records, ``datasets.map`` over the cores.
+    ``label``: print progress lines under that name (:mod:`ftkit.core.progress`)."""
     import os
+
+    from ftkit.core.progress import timed, track
 
     num_proc = num_proc or min(os.cpu_count() or 1, 8)
     if len(records) < PARALLEL_FROM or num_proc < 2:
-        return [process_record(tokenizer, r, **kw) for r in records]
+        return [process_record(tokenizer, r, **kw)
+                for r in (track(records, label, unit="records") if label else records)]
     import json as _json
 
     from datasets import Dataset, disable_progress_bars
@@ -251,7 +257,8 @@ def process_many(tokenizer, records: list[dict], num_proc: int | None = None, **
         return {"out": [_json.dumps(process_record(tokenizer, _json.loads(x), **kw), ensure_ascii=False)
                         for x in batch["rec"]]}
 
-    done = ds.map(fn, batched=True, batch_size=500, num_proc=num_proc, remove_columns=["rec"])
+    with timed(f"{label} ({len(records):,} records on {num_proc} processes)") if label else contextlib.nullcontext():
+        done = ds.map(fn, batched=True, batch_size=500, num_proc=num_proc, remove_columns=["rec"])
     return [_json.loads(x) for x in done["out"]]
 
 
@@ -268,7 +275,8 @@ def convert(cfg: ExperimentConfig, paths: RunPaths, tokenizer) -> ConversionResu
         chat_rows, token_rows, lens, shares, turns = [], [], [], [], []
         out.trained_tokens[name] = out.total_tokens[name] = out.truncated[name] = out.split[name] = 0
         out.per_reply[name] = 0
-        for i, (rec, res) in enumerate(zip(records, process_many(tokenizer, records, **kw), strict=True), 1):
+        results = process_many(tokenizer, records, label=f"02_format_conversion: {name}", **kw)
+        for i, (rec, res) in enumerate(zip(records, results, strict=True), 1):
             where = f"{paths.split(name)}:{i}"  # the split file's line; the record's id names its input
             if not res["ok"]:
                 if res["code"] == "over_length_error":

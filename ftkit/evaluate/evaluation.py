@@ -32,9 +32,9 @@ import time
 from collections.abc import Iterator
 
 from ftkit.core.formats import prompt_and_reference
-from ftkit.core.generation import generate
 from ftkit.core.masking import IGNORE_INDEX, TemplateError
 from ftkit.core.paths import iter_jsonl
+from ftkit.core.progress import Progress
 from ftkit.evaluate.forgetting import forgetting_check
 from ftkit.evaluate.loss import example_losses, summarise_loss
 from ftkit.evaluate.metrics import (
@@ -43,6 +43,7 @@ from ftkit.evaluate.metrics import (
     length_stats,
 )
 from ftkit.evaluate.prompting import Prompting, choose_shots, prompted_row
+from ftkit.evaluate.replies import generate_with_progress
 from ftkit.evaluate.rules import check_rules, has_rules
 from ftkit.evaluate.scoring import MODELS, compare_models, score_generations, verdict
 
@@ -137,15 +138,19 @@ def evaluate_run(cfg, paths) -> dict:
     gen_kw = {"max_new_tokens": e.max_new_tokens, "batch_size": e.batch_size, "stop_ids": stop_ids,
               "do_sample": e.do_sample, "temperature": e.temperature, "top_p": e.top_p, "seed": cfg.seed}
 
+    test_rows = sum(1 for _ in iter_jsonl(tokens_path))  # the progress lines' total
+    test_rows = min(test_rows, e.max_examples) if e.max_examples is not None else test_rows
     results, samples, per_rows, seconds = {}, {}, {}, {}
     for name in MODELS if chat_data else ("base", "tuned"):
         t0 = time.perf_counter()
         m = model if name == "tuned" else base_model
         with base_ctx() if name != "tuned" else contextlib.nullcontext():
             rows = prompted_rows() if name == "prompted" else token_rows()
-            sums, counts = example_losses(m, rows, tok.pad_token_id, e.batch_size)
+            with Progress(f"04_evaluate: {name} loss", test_rows, unit="rows") as progress:
+                sums, counts = example_losses(m, rows, tok.pad_token_id, e.batch_size, progress=progress)
             model_prompts = [prompting.apply(p) for p in prompts] if name == "prompted" else prompts
-            gens = generate(m, tok, model_prompts, **gen_kw) if chat_data else []
+            gens = generate_with_progress(f"04_evaluate: {name}", m, tok, model_prompts, **gen_kw) \
+                if chat_data else []
         agg, per, per_rows[name] = score_generations(prompt_texts, refs, gens, e.rules, task)
         results[name] = {**summarise_loss(sums, counts), **agg}
         samples[name] = {"loss": Sample.of(sums, counts), **{k: Sample.of(v) for k, v in per.items()}}

@@ -7,14 +7,15 @@ import json
 from importlib import resources
 
 from ftkit.core.formats import prompt_and_reference, with_system_prompt
-from ftkit.core.generation import generate
 from ftkit.core.masking import build_example
+from ftkit.core.progress import Progress
 from ftkit.evaluate.loss import example_losses, summarise_loss
 from ftkit.evaluate.metrics import (
     Sample,
     paired_bootstrap,
     token_f1,
 )
+from ftkit.evaluate.replies import generate_with_progress
 
 
 def general_records(path: str | None) -> list[dict]:
@@ -42,9 +43,11 @@ def forgetting_check(cfg, tok, base_ctx, tuned_model, base_model, stop_ids: list
     out, samples = {}, {}
     for name, model in (("base", base_model), ("tuned", tuned_model)):
         with base_ctx() if name == "base" else contextlib.nullcontext():
-            sums, counts = example_losses(model, rows, tok.pad_token_id, e.batch_size)
-            gens = generate(model, tok, prompts, max_new_tokens=f.max_new_tokens, batch_size=e.batch_size,
-                            stop_ids=stop_ids, seed=cfg.seed)
+            with Progress(f"04_evaluate: forgetting, {name} loss", len(rows), unit="rows") as progress:
+                sums, counts = example_losses(model, rows, tok.pad_token_id, e.batch_size, progress=progress)
+            gens = generate_with_progress(f"04_evaluate: forgetting, {name}", model, tok, prompts,
+                                          max_new_tokens=f.max_new_tokens, batch_size=e.batch_size,
+                                          stop_ids=stop_ids, seed=cfg.seed)
         out[name] = {**summarise_loss(sums, counts),
                      "stop_rate": sum(g["stopped"] for g in gens) / max(len(gens), 1),
                      "token_f1": sum(token_f1(g["text"], r) for g, r in zip(gens, refs, strict=True)) / max(len(gens), 1)}

@@ -22,7 +22,7 @@ CHUNK = 256  # rows read (and length-sorted) at a time for the loss pass
 
 @torch.no_grad()
 def example_losses(model, rows: Iterable[dict], pad_token_id: int, batch_size: int = 8,
-                   max_batch_tokens: int | None = None) -> tuple[list, list]:
+                   max_batch_tokens: int | None = None, progress=None) -> tuple[list, list]:
     """Summed token loss and trained-token count of each row (``input_ids``/``labels``), in input order.
 
     Rows are consumed lazily, CHUNK at a time, sorted by length inside a chunk so that batches
@@ -36,6 +36,8 @@ def example_losses(model, rows: Iterable[dict], pad_token_id: int, batch_size: i
     other rows (the prompted model's system prompt and few-shot turns). Rows sharing a prefix are
     then run on one cached forward of it (:func:`_prefix_groups`, :func:`_prefix_cache`) instead of each
     re-reading it.
+
+    ``progress``: a :class:`ftkit.core.progress.Progress` counting the rows scored, batch by batch.
     """
     max_batch_tokens = max_batch_tokens or batch_size * 512
     device = next(model.parameters()).device
@@ -77,6 +79,8 @@ def example_losses(model, rows: Iterable[dict], pad_token_id: int, batch_size: i
             for j, ls, n in zip(idx, loss.sum(1).tolist(), (labels != IGNORE_INDEX).sum(1).tolist(), strict=True):
                 s[j], c[j] = ls, n
             del logits, loss, kw
+            if progress is not None:
+                progress.update(len(idx))
 
     def flush():
         s, c = [0.0] * len(chunk), [0] * len(chunk)

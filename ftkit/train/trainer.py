@@ -4,6 +4,7 @@ tokens across the whole accumulated batch (``num_items_in_batch``); warm-up is a
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -105,7 +106,9 @@ def build_trainer(cfg: ExperimentConfig, paths: RunPaths, model, tokenizer, trai
         # host wait for the previous step's kernels, and the GPU then waits for the host to launch more
         dataloader_pin_memory=device.type == "cuda",
         accelerator_config={"non_blocking": device.type == "cuda"},
-        disable_tqdm=False,
+        # headless (make run, ftkit run) the progress lines of ftkit.train.progress say how training goes:
+        # tqdm's bar would add carriage-return lines to a terminal log (ftkit run); interactive, it stays
+        disable_tqdm=os.environ.get("FTKIT_HEADLESS", "") not in ("", "0"),
     )
     # an int, worked out here: transformers 5 reads a float < 1 in warmup_steps as a ratio, 4.x as a
     # number of steps (0), and neither has a ratio field it reads the same way
@@ -113,11 +116,13 @@ def build_trainer(cfg: ExperimentConfig, paths: RunPaths, model, tokenizer, trai
         len(train_rows), plan.micro_batch, plan.accumulation, args.world_size, t.epochs, t.max_steps))
     from transformers import EarlyStoppingCallback
 
-    callbacks = [CompleteCheckpointMarker()]
+    from ftkit.train.progress import TrainingProgress
+
+    callbacks = [CompleteCheckpointMarker(), TrainingProgress()]
     if t.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=t.early_stopping_patience))
     trainer_class = LeanTrainer if plan.device == "cuda" and recipe.lean_trainer else Trainer
-    return recipe.trainer(trainer_class(
+    trainer = trainer_class(
         model=model,
         callbacks=callbacks,
         args=args,
@@ -126,7 +131,12 @@ def build_trainer(cfg: ExperimentConfig, paths: RunPaths, model, tokenizer, trai
         data_collator=recipe.collator(tokenizer.pad_token_id, cfg.train.packing,
                                       boundaries=plan.attention == "varlen",
                                       trained_logits_only=bool(plan.applied and plan.applied.trained_logits_only)),
-    ))
+    )
+    if args.disable_tqdm:  # the Trainer then prints every log as a dict; the progress lines say it once per interval
+        from transformers import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)
+    return recipe.trainer(trainer)
 
 
 def optimizer_steps(examples: int, micro_batch: int, accumulation: int, processes: int, epochs: float,
