@@ -155,11 +155,12 @@ class ParameterForm:
         control.observe(lambda _change: self.refresh(), names="value")
         label = w.HTML(layout=w.Layout(width="260px"))
         label.add_class("ftkit-label")
-        message = w.HTML()
+        message = w.HTML(layout=w.Layout(min_width="280px", flex="1 1 auto"))
         message.add_class("ftkit-error")
         self.inputs[f.key], self.labels[f.key], self.messages[f.key] = control, label, message
         help_text = w.HTML(f"<span style='color:#666;font-size:85%'>{_escape(f.doc)}</span>") if f.doc else w.HTML()
-        return w.VBox([w.HBox([label, control, message]), help_text])
+        fixed = w.Layout(flex="0 0 auto")  # rows keep their height inside a section that scrolls
+        return w.VBox([w.HBox([label, control, message], layout=w.Layout(flex="0 0 auto")), help_text], layout=fixed)
 
     def _control(self, f: Field, value: Any):
         w = self._w
