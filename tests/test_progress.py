@@ -186,35 +186,53 @@ def test_training_prints_progress_lines(tmp_path, tiny_converted, monkeypatch, c
 NOTEBOOK_CELL = """\
 import time
 from ftkit.core.progress import Progress
-with Progress("demo", 3, unit="items", every=0) as p:
+with Progress("term", 3, unit="items", every=0) as t, \\
+        Progress("cell", 3, unit="items", every=0, write=print) as c:
     for _ in range(3):
         time.sleep(1.5)
-        p.update()
+        t.update()
+        c.update()
 """
 
 
-def test_papermill_log_output_streams_lines_while_the_cell_runs(tmp_path):
-    """papermill --log-output logs each stream message as the kernel sends it (its client's
-    process_message), so the lines reach the terminal 1.5 s apart, not all at the cell's end."""
+def test_lines_reach_the_terminal_while_the_cell_runs(tmp_path):
+    """A notebook under papermill --log-output, headless as make runs it. The default lines ("term") go to
+    the kernel's own stdout, papermill's stdout, and stay out of the notebook; lines printed into the
+    cell ("cell") reach the terminal through --log-output, which logs each stream message as the kernel
+    sends it (papermill's process_message). Both arrive 1.5 s apart, as printed, not at the cell's end."""
+    import os
+    import threading
+
     import nbformat
 
     nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(NOTEBOOK_CELL)])
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    src = tmp_path / "progress.ipynb"
+    src, out = tmp_path / "progress.ipynb", tmp_path / "out.ipynb"
     nbformat.write(nb, src)
     papermill = Path(sys.executable).parent / "papermill"
-    proc = subprocess.Popen([str(papermill), str(src), str(tmp_path / "out.ipynb"), "--log-output",
-                             "--no-progress-bar", "--cwd", str(Path(__file__).resolve().parents[1])],
-                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
-    arrivals = []
-    for line in proc.stderr:  # papermill logs to stderr, flushed per message
-        arrivals.append((time.monotonic(), line.rstrip("\n")))
+    # as make runs it; without pytest's variables, whose presence stops ipykernel redirecting its stdout
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}, "FTKIT_HEADLESS": "1"}
+    proc = subprocess.Popen([str(papermill), str(src), str(out), "--log-output", "--no-progress-bar", "--cwd",
+                             str(Path(__file__).resolve().parents[1])], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    arrivals: list[tuple[float, str]] = []
+
+    def read(pipe):
+        for line in pipe:
+            arrivals.append((time.monotonic(), line.rstrip("\n")))
+
+    readers = [threading.Thread(target=read, args=(p,)) for p in (proc.stdout, proc.stderr)]
+    for r in readers:
+        r.start()
     assert proc.wait(timeout=120) == 0
-    shown = [(t, ln) for t, ln in arrivals if ln.startswith("demo: items")]
+    for r in readers:
+        r.join()
     ended = next(t for t, ln in arrivals if ln.startswith("Ending Cell 1"))
-    assert [ln.split(" (")[0] for _, ln in shown] == ["demo: items 1/3", "demo: items 2/3", "demo: items 3/3",
-                                                       "demo: items 3/3"], arrivals
-    gaps = [b - a for (a, _), (b, _) in zip(shown[:2], shown[1:3], strict=True)]
-    assert all(g > 1.0 for g in gaps), gaps  # each line arrived when it was printed
-    assert ended - shown[0][0] > 2.5  # the first line reached the terminal 3 s before the cell ended
-    assert json.loads((tmp_path / "out.ipynb").read_text())["cells"][0]["outputs"]
+    for name in ("term", "cell"):
+        shown = [(t, ln) for t, ln in arrivals if ln.startswith(f"{name}: items")]
+        assert [ln.split(" (")[0] for _, ln in shown] == [f"{name}: items {k}/3" for k in (1, 2, 3, 3)], arrivals
+        gaps = [b - a for (a, _), (b, _) in zip(shown[:2], shown[1:3], strict=True)]
+        assert all(g > 1.0 for g in gaps), (name, gaps)  # each line arrived when it was printed
+        assert ended - shown[0][0] > 2.5, name  # the first line was in the terminal 3 s before the cell ended
+    kept = "".join("".join(o.get("text", "")) for o in json.loads(out.read_text())["cells"][0]["outputs"])
+    assert "cell: items 1/3" in kept and "term:" not in kept  # the headless lines stay out of the report

@@ -1,8 +1,10 @@
 """Progress lines for long loops: one plain-text line at a steady interval, and one at the end.
 
-A line goes to stdout, which a notebook run by papermill ``--log-output`` (``make run``) streams to
-the terminal as the cell runs, and which ``ftkit run`` writes to the terminal or its log. It is plain
-text (no carriage return, no bar glyphs), so a log file or the HTML report shows it as it is::
+A line goes to stdout: ``ftkit run``'s terminal or log, or the cell in JupyterLab. In a headless
+notebook (papermill under ``make run``, ``FTKIT_HEADLESS=1``) it goes to the terminal running ``make``
+instead, through the kernel's own stdout, as the report's log lines do (``ftkit.report.mailable``):
+the mailed report keeps no progress lines. It is plain text (no carriage return, no bar glyphs), so a
+log file shows it as it is::
 
     04_evaluate: tuned replies 12/48 (25%) · 0.8 replies/s · 15s elapsed · ETA 45s
 
@@ -13,6 +15,7 @@ update always prints, so a user sees at once that a loop started and how fast it
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -70,9 +73,29 @@ def eta(elapsed: float, done: float, total: float) -> float | None:
     return max(total - done, 0) * elapsed / done
 
 
+_terminals: dict[int, object] = {}
+
+
+def terminal():
+    """Where progress lines go: ``sys.stdout``, except in a headless notebook kernel, where it is the
+    kernel's own stdout (ipykernel's ``fileno()`` is a copy of it, the pipe papermill's process passed
+    on), so a line reaches the terminal at once and stays out of the report."""
+    out = sys.stdout
+    if os.environ.get("FTKIT_HEADLESS", "") in ("", "0") or not type(out).__module__.startswith("ipykernel"):
+        return out
+    try:
+        fd = out.fileno()
+        if fd not in _terminals:
+            _terminals[fd] = open(os.dup(fd), "w", buffering=1, encoding="utf-8", errors="replace")
+        return _terminals[fd]
+    except (OSError, ValueError, AttributeError):  # no descriptor behind it: the cell's stdout, then
+        return out
+
+
 def _print(line: str) -> None:
-    # flushed at once: the kernel sends stdout to papermill only when its stream flushes
-    print(line, flush=True)
+    stream = terminal()
+    stream.write(line + "\n")
+    stream.flush()  # at once: a kernel's stdout reaches papermill only when it flushes
 
 
 class Progress:

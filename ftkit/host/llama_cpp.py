@@ -132,11 +132,15 @@ def convert(model_dir: str | Path, out: str | Path, outtype: str) -> None:
            "NO_LOCAL_GGUF": ""}
     cmd = [sys.executable, str(home() / "convert_hf_to_gguf.py"), str(model_dir), "--outfile", str(out),
            "--outtype", outtype]
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if res.returncode:
-        lines = [ln for ln in (res.stderr + res.stdout).splitlines() if ln.strip()]
-        last = next((ln for ln in reversed(lines) if "Error" in ln or "error" in ln), lines[-1] if lines else "")
-        raise ToolError(f"llama.cpp's converter failed on {model_dir}: {last.strip()}")
+    from ftkit.core.progress import timed
+
+    # the converter's output is kept for the error message: a line when it starts, ends, and while it runs
+    with timed(f"05_host: GGUF {outtype} by llama.cpp's converter"):
+        res = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if res.returncode:
+            lines = [ln for ln in (res.stderr + res.stdout).splitlines() if ln.strip()]
+            last = next((ln for ln in reversed(lines) if "Error" in ln or "error" in ln), lines[-1] if lines else "")
+            raise ToolError(f"llama.cpp's converter failed on {model_dir}: {last.strip()}")
 
 
 def quantize(src: str | Path, dst: str | Path, qtype: str) -> None:

@@ -12,6 +12,8 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+from ftkit.core.progress import Progress
+
 
 def _one(client, model_id: str, messages: list[dict], max_tokens: int) -> dict:
     t0 = time.perf_counter()
@@ -30,8 +32,9 @@ def _one(client, model_id: str, messages: list[dict], max_tokens: int) -> dict:
 
 
 def run_level(client, model_id: str, prompts: list[list[dict]], concurrency: int, requests_per_client: int,
-              max_tokens: int) -> dict:
-    """``concurrency`` clients, each sending ``requests_per_client`` requests in turn."""
+              max_tokens: int, progress=None) -> dict:
+    """``concurrency`` clients, each sending ``requests_per_client`` requests in turn; ``progress``
+    (a :class:`ftkit.core.progress.Progress`) counts the requests answered."""
     rows: list[dict] = []
     lock = threading.Lock()
 
@@ -40,6 +43,8 @@ def run_level(client, model_id: str, prompts: list[list[dict]], concurrency: int
             row = _one(client, model_id, prompts[(c * requests_per_client + r) % len(prompts)], max_tokens)
             with lock:
                 rows.append(row)
+            if progress is not None:
+                progress.update(concurrency=concurrency)
 
     t0 = time.perf_counter()
     with ThreadPoolExecutor(max_workers=concurrency) as pool:
@@ -65,5 +70,8 @@ def measure(server, cfg, prompts: list[list[dict]]) -> list[dict]:
     client = client_for(server, cfg.host.api_key)
     model_id = client.models.list().data[0].id
     _one(client, model_id, prompts[0], 4)  # warm-up: first-request costs are not part of the figures
-    return [run_level(client, model_id, prompts, c, cfg.host.load_requests_per_client, cfg.host.load_max_tokens)
-            for c in cfg.host.load_concurrency]
+    h = cfg.host
+    with Progress("05_host: load test", sum(h.load_concurrency) * h.load_requests_per_client,
+                  unit="requests") as progress:
+        return [run_level(client, model_id, prompts, c, h.load_requests_per_client, h.load_max_tokens, progress)
+                for c in h.load_concurrency]

@@ -31,9 +31,11 @@ class HostResult:
 
 def run(cfg: ExperimentConfig, paths: RunPaths, *, keep_server: bool = False) -> HostResult:
     """Stage 05: ``merged/``, ``exports/``, ``logs/server.log`` and the metrics."""
+    from ftkit.core.progress import timed
     from ftkit.host import client, consistency, cost, gguf, loadtest, merge
 
-    merged = merge.merge_adapter(cfg, paths, client.check_prompts(paths))
+    with timed("05_host: merge"):
+        merged = merge.merge_adapter(cfg, paths, client.check_prompts(paths))
     server = client.start_server(cfg, paths)
     kept = False
     try:
