@@ -361,6 +361,9 @@ def training_summary(metrics: dict):
             v = metrics.get(key)
             value = f"{v:,.4g}" if isinstance(v, float) else (f"{v:,}" if isinstance(v, int) and not isinstance(v, bool) else v)
         rows.append({"what": label, "value": value})
+    if metrics.get("stopped_at_step"):
+        rows.append({"what": "stopped", "value": f"by request at step {metrics['stopped_at_step']} of "
+                     f"{metrics.get('planned_steps')}: the next run resumes from its checkpoint"})
     rows.append({"what": "overfitting", "value": metrics["overfitting"]["reason"]})
     rows.append({"what": "checkpoints", "value": "\n".join(metrics.get("checkpoints") or []) or "none (train.save_steps: 0)"})
     return _frame(rows).set_index("what").style.set_properties(**{"white-space": "pre-wrap", "text-align": "left"})
