@@ -54,10 +54,22 @@ def test_prints_first_update_then_at_most_once_per_interval():
 
 def test_every_zero_prints_every_update():
     lines, make = recorder()
-    p = make("x", 3, every=0)
+    p = make("x", 4, every=0)
     for _ in range(3):
         p.update()
     assert len(lines) == 3
+
+
+def test_the_last_item_leaves_its_line_to_the_final_one():
+    lines, make = recorder()
+    with make("loop", 4, every=0) as p:
+        p.update(2)
+        p.update(2)  # all done: the final line follows, one line not two alike
+    assert [ln.split(" · ")[0] for ln in lines] == ["loop: 2/4 (50%)", "loop: 4/4 (100%)"] and "done in" in lines[-1]
+    lines.clear()
+    with make("one batch", 4, every=0) as p:
+        p.update(4)
+    assert len(lines) == 1 and lines[0].startswith("one batch: 4/4 (100%)") and "done in" in lines[0]
 
 
 def test_eta_and_rate_from_the_pace_so_far():
@@ -230,7 +242,7 @@ def test_lines_reach_the_terminal_while_the_cell_runs(tmp_path):
     ended = next(t for t, ln in arrivals if ln.startswith("Ending Cell 1"))
     for name in ("term", "cell"):
         shown = [(t, ln) for t, ln in arrivals if ln.startswith(f"{name}: items")]
-        assert [ln.split(" (")[0] for _, ln in shown] == [f"{name}: items {k}/3" for k in (1, 2, 3, 3)], arrivals
+        assert [ln.split(" (")[0] for _, ln in shown] == [f"{name}: items {k}/3" for k in (1, 2, 3)], arrivals
         gaps = [b - a for (a, _), (b, _) in zip(shown[:2], shown[1:3], strict=True)]
         assert all(g > 1.0 for g in gaps), (name, gaps)  # each line arrived when it was printed
         assert ended - shown[0][0] > 2.5, name  # the first line was in the terminal 3 s before the cell ended

@@ -9,7 +9,8 @@ log file shows it as it is::
     04_evaluate: tuned replies 12/48 (25%) · 0.8 replies/s · 15s elapsed · ETA 45s
 
 The interval is 30 s, or ``FTKIT_PROGRESS_SECONDS`` (0: every update, as the tests use). The first
-update always prints, so a user sees at once that a loop started and how fast it goes.
+update prints at once, so a user sees that a loop started and how fast it goes; an update that
+completes the total leaves its line to the final one.
 """
 
 from __future__ import annotations
@@ -135,6 +136,8 @@ class Progress:
             now = self.clock()
             if self.finished or (self._last is not None and now - self._last < self.every):
                 return
+            if self.total and count >= self.total:
+                return  # all done: the final line (done()) says it, with the duration
             self._last = now
             self._emit(self.line(now))
 
