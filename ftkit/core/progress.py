@@ -106,13 +106,14 @@ class Progress:
     loop starts from (a resumed training run), so the pace and the ETA cover this run's work only;
     ``rate=False`` leaves out the count's own rate (training shows tokens/s instead). Figures given
     to :meth:`update` (``loss=1.84``, ``tokens_per_s=412``; None is left out) are shown after the
-    count. Thread-safe: the load test's clients update one Progress. Used as a context manager it
-    prints the final line on the way out.
+    count. ``first_line=False``: no line at the first update, only after an interval (a loop that is
+    often short and says enough in its final line). Thread-safe: the load test's clients update one
+    Progress. Used as a context manager it prints the final line on the way out.
     """
 
     def __init__(self, label: str, total: int | None = None, *, unit: str = "", initial: int = 0,
-                 rate: bool = True, every: float | None = None, clock: Callable[[], float] = time.monotonic,
-                 write: Callable[[str], None] = _print):
+                 rate: bool = True, every: float | None = None, first_line: bool = True,
+                 clock: Callable[[], float] = time.monotonic, write: Callable[[str], None] = _print):
         self.label, self.total, self.unit, self.rate = label, total, unit, rate
         self.count = self.initial = initial
         self.every = interval() if every is None else every
@@ -121,7 +122,7 @@ class Progress:
         self.figures: dict[str, object] = {}
         self.lines = 0
         self.finished = False
-        self._last: float | None = None
+        self._last: float | None = None if first_line else self.started
         self._lock = threading.Lock()
 
     def update(self, n: int = 1, **figures) -> None:

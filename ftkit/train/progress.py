@@ -5,7 +5,10 @@
 A Trainer callback: one line at the first logged step, so a user sees training started, then at
 most one per interval (:mod:`ftkit.core.progress`, 30 s or ``FTKIT_PROGRESS_SECONDS``) and one when
 training ends. The main process only. The interval is checked at every optimiser step, so it holds
-however far apart ``train.logging_steps`` puts the logged losses.
+however far apart ``train.logging_steps`` puts the logged losses. Each validation pass (during
+training, and the final one after it) ends with its own line, and prints at the interval while it runs::
+
+    03_train: validation: batches 11/11 (100%) · val 0.881 · 1.25 batches/s · done in 8s
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import time
 
 from transformers import TrainerCallback
+from transformers.trainer_utils import has_length
 
 from ftkit.core.progress import Progress
 
@@ -21,18 +25,19 @@ class TrainingProgress(TrainerCallback):
     """Step/total, the latest train (and val) loss, learning rate, tokens/s, elapsed and ETA."""
 
     def __init__(self, label: str = "03_train", *, every: float | None = None, clock=time.monotonic, write=None):
-        self.label, self.every, self.clock, self.write = label, every, clock, write
+        self.label, self.every, self.clock = label, every, clock
         self.progress: Progress | None = None
+        self.validation: Progress | None = None
+        self._write = {"write": write} if write else {}
         self.figures: dict[str, float | None] = {}
         self.tokens_before = 0
 
     def on_train_begin(self, args, state, control, **kwargs):
         if not state.is_world_process_zero:
             return
-        kw = {"write": self.write} if self.write else {}
         # a resumed run starts at its checkpoint's step and tokens: pace and ETA count this run's work only
         self.progress = Progress(self.label, state.max_steps, unit="step", initial=state.global_step, rate=False,
-                                 every=self.every, clock=self.clock, **kw)
+                                 every=self.every, clock=self.clock, **self._write)
         self.tokens_before = state.num_input_tokens_seen or 0
         self.figures = {"loss": None, "val": None, "lr": None}
 
@@ -55,6 +60,23 @@ class TrainingProgress(TrainerCallback):
         # where the Trainer is about to log: on_log reports that step with its new loss
         if self.progress is not None and self.figures.get("loss") is not None and not control.should_log:
             self._report(state)
+
+    def on_prediction_step(self, args, state, control, eval_dataloader=None, **kwargs):
+        # validation, during training and the final one after it: a line when it ends (with its loss),
+        # and at the interval while a long one runs
+        if not state.is_world_process_zero:
+            return
+        if self.validation is None:  # called after the first batch: the pace is taken from the second on
+            total = len(eval_dataloader) if has_length(eval_dataloader) else None
+            self.validation = Progress(f"{self.label}: validation", total, unit="batches", initial=1,
+                                       first_line=False, every=self.every, clock=self.clock, **self._write)
+        else:
+            self.validation.update()
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if self.validation is not None:
+            self.validation.done(val=(metrics or {}).get("eval_loss"))
+            self.validation = None
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.progress is not None:
