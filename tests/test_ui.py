@@ -145,21 +145,25 @@ def test_headless_notebook_run_has_no_widget(tmp_path):
 
 
 @pytest.fixture
-def stop_at_step_3(monkeypatch):
-    """The live view shown (as in an interactive session) and its Stop button clicked at step 3."""
+def interrupt_at_step_3(monkeypatch):
+    """The live view shown (as in an interactive session) and the kernel interrupted (SIGINT, what the
+    notebook's Interrupt button sends) at step 3."""
+    import os
+    import signal
+
     from ftkit.core import session
     from ftkit.train import live
 
     shown = []
     original = live.LiveView.on_step_end
 
-    def click_at_3(self, args, state, control, **kw):
+    def interrupt_at_3(self, args, state, control, **kw):
         if state.global_step == 3:
-            self.stop_button.click()
+            os.kill(os.getpid(), signal.SIGINT)
         return original(self, args, state, control, **kw)
 
     monkeypatch.setattr(session, "interactive", lambda: True)
-    monkeypatch.setattr(live.LiveView, "on_step_end", click_at_3)
+    monkeypatch.setattr(live.LiveView, "on_step_end", interrupt_at_3)
     monkeypatch.setattr(live.LiveView, "__init__", _with_display(live.LiveView.__init__, shown))
     return shown
 
@@ -182,16 +186,20 @@ def _losses(history):
     return {h["step"]: h["loss"] for h in history if "loss" in h}
 
 
-def test_stop_button_checkpoints_and_the_next_run_resumes(tmp_path, tiny_converted, stop_at_step_3, monkeypatch):
+def test_interrupt_checkpoints_and_the_next_run_resumes(tmp_path, tiny_converted, interrupt_at_step_3, monkeypatch):
+    import signal
+
+    before = signal.getsignal(signal.SIGINT)
     stopped, paths = _train(tmp_path, tiny_converted, "stopped")
-    view = stop_at_step_3[0]
+    assert signal.getsignal(signal.SIGINT) is before  # the handler is put back
+    view = interrupt_at_step_3[0]
     assert stopped.metrics["stopped_at_step"] == 3 and stopped.metrics["steps"] == 3
     assert stopped.metrics["planned_steps"] == 8
     assert (paths.checkpoints_dir / "checkpoint-3" / "ftkit_checkpoint_complete.json").exists()
     assert not paths.stop_request.exists() and paths.adapter_dir.exists()
     # the view drew the curves and ended with the final figures
     widgets = {w.__class__.__name__ for w in _walk(view)}
-    assert {"Button", "HTML", "Image"} <= widgets
+    assert {"HTML", "Image"} <= widgets
     image = next(w for w in _walk(view) if w.__class__.__name__ == "Image")
     assert image.value[:4] == b"\x89PNG"
     stats = next(w for w in _walk(view) if "ftkit-live-stats" in w._dom_classes)
@@ -265,3 +273,21 @@ def test_outside_colab_the_data_path_is_left_alone(tmp_path):
 
     assert "google.colab" not in sys.modules
     assert resolve_data_path({"path": "upload"}, tmp_path) == {"path": "upload"}
+
+
+def test_a_second_interrupt_stops_at_once(tmp_path):
+    import os
+    import signal
+    import time
+
+    from ftkit.train.live import StopOnRequest
+
+    stop = StopOnRequest(tmp_path / "STOP")
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt), stop.catching_interrupts():
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.2)
+        assert stop.interrupted  # the first one only asked for a clean stop
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.2)
+    assert signal.getsignal(signal.SIGINT) is before

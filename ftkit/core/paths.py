@@ -84,7 +84,7 @@ class RunPaths:
 
     @property
     def stop_request(self) -> Path:
-        """Created to stop training cleanly at the next step (the live view's Stop button, or `touch`)."""
+        """Created (`touch`) to stop training cleanly at the next step, like a kernel interrupt in a notebook."""
         return self.root / "STOP"
 
     @property

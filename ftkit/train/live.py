@@ -1,14 +1,19 @@
 """Stopping a training run cleanly, and the live view a person sees while it trains.
 
-A stop is requested by creating ``outputs/<exp>/STOP`` (``touch`` from a terminal, or the live
-view's Stop button). At the end of the next optimiser step the Trainer saves a complete checkpoint
-and stops; stage 03 then saves the adapter as trained so far and records the stop, and the next run
-(``train.resume: auto``) continues from that checkpoint.
+A stop is requested by interrupting the kernel in an interactive session (the notebook's Interrupt
+button, or I, I), or by creating ``outputs/<exp>/STOP`` (``touch`` from a terminal, also during
+``make run``). At the end of the next optimiser step the Trainer saves a complete checkpoint and
+stops; stage 03 then saves the adapter as trained so far and records the stop, and the next run
+(``train.resume: auto``) continues from that checkpoint. A second interrupt stops at once.
+
+Why the kernel's interrupt and not a widget button: a click on a widget reaches the kernel as a
+message it reads only between cells, and the training cell is still running. jupyter-ui-poll lets
+such messages through during a cell, but on ipykernel 7 they stay queued (measured here with
+ipykernel 7.4 in JupyterLab 4.6; its issue #54); an interrupt is a signal, which every front end
+(JupyterLab, VS Code, Colab) sends and the kernel receives at once.
 
 The live view (interactive sessions only) plots train and validation loss and the learning rate as
-they are logged, with tokens/s and the ETA. A button click reaches the kernel only between cells, so
-while the training cell runs the view polls the kernel's pending widget messages at each step
-(jupyter-ui-poll); without it the STOP file still works.
+they are logged, with tokens/s and the ETA.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -30,13 +37,37 @@ class StopOnRequest(TrainerCallback):
     def __init__(self, stop_file: Path):
         self.stop_file = Path(stop_file)
         self.stopped_at: int | None = None
+        self.interrupted = False
+
+    @contextlib.contextmanager
+    def catching_interrupts(self):
+        """While training: the first SIGINT (a kernel interrupt) requests a clean stop, a second one
+        raises KeyboardInterrupt as usual. Only the main thread can own a signal handler."""
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        previous = signal.getsignal(signal.SIGINT)
+
+        def interrupted(signum, frame):
+            if self.interrupted:  # the second interrupt: stop now
+                signal.signal(signal.SIGINT, previous)
+                raise KeyboardInterrupt
+            self.interrupted = True
+            print("interrupt: training stops at the end of this step, with a checkpoint "
+                  "(interrupt again to stop at once, without one)", flush=True)
+
+        signal.signal(signal.SIGINT, interrupted)
+        try:
+            yield self
+        finally:
+            signal.signal(signal.SIGINT, previous)
 
     def on_train_begin(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
             self.stop_file.unlink(missing_ok=True)  # a request left from an earlier run is not this run's
 
     def _requested(self, args, state) -> bool:
-        wanted = self.stop_file.exists()
+        wanted = self.interrupted or self.stop_file.exists()
         if args.world_size <= 1:
             return wanted
         # every process must stop at the same step (or the others wait for it forever): they agree on
@@ -62,7 +93,7 @@ class StopOnRequest(TrainerCallback):
 
 
 class LiveView(TrainerCallback):
-    """Loss and learning-rate curves, tokens/s, ETA and a Stop button, updated as training runs.
+    """Loss and learning-rate curves, tokens/s and the ETA, updated as training runs, and how to stop.
 
     ``display``: how the widget is shown (IPython's display by default; tests pass a no-op)."""
 
@@ -78,37 +109,12 @@ class LiveView(TrainerCallback):
         self.stats = w.HTML("training starts...")
         self.stats.add_class("ftkit-live-stats")
         self.plot = w.Image(format="png")
-        self.stop_button = w.Button(description="Stop", button_style="warning", icon="stop",
-                                    tooltip="finish the current step, save a checkpoint, stop; the next run resumes")
-        self.stop_button.add_class("ftkit-stop")
-        self.stop_button.on_click(self.request_stop)
-        self.widget = w.VBox([w.HBox([self.stop_button, self.stats]), self.plot])
+        self.hint = w.HTML("<b>Stop</b>: interrupt the kernel (the notebook's Interrupt button, or I, I): training "
+                           "ends at the next step with a checkpoint the next run resumes from")
+        self.widget = w.VBox([self.stats, self.plot, self.hint])
         self.widget.add_class("ftkit-live")
-        self._poll = None
         self._last_draw = 0.0
         self._start = None
-
-    # the button and the kernel ---------------------------------------------------------------
-    def request_stop(self, _button=None) -> None:
-        self.stop_file.parent.mkdir(parents=True, exist_ok=True)
-        self.stop_file.touch()
-        self.stop_button.disabled = True
-        self.stop_button.description = "Stopping..."
-
-    @contextlib.contextmanager
-    def polling(self):
-        """While the training cell runs, let widget clicks through (no-op outside a kernel)."""
-        with contextlib.ExitStack() as stack:
-            try:
-                from jupyter_ui_poll import ui_events
-
-                self._poll = stack.enter_context(ui_events())
-            except (ImportError, AttributeError, RuntimeError):  # no kernel or no jupyter-ui-poll: STOP file only
-                self._poll = None
-            try:
-                yield self
-            finally:
-                self._poll = None
 
     # Trainer events ----------------------------------------------------------------------------
     def on_train_begin(self, args, state, control, **kwargs):
@@ -122,8 +128,6 @@ class LiveView(TrainerCallback):
             self._display(self.widget)
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self._poll is not None:
-            self._poll(10)
         self._stats(state)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
@@ -140,7 +144,7 @@ class LiveView(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         self.draw()
         self._stats(state, done=True)
-        self.stop_button.disabled = True
+        self.hint.value = ""
 
     # drawing -----------------------------------------------------------------------------------
     def _stats(self, state, done: bool = False) -> None:
@@ -193,15 +197,18 @@ def _clock(seconds: float) -> str:
 
 @contextlib.contextmanager
 def watched(trainer, stop_file: Path, interactive: bool):
-    """Training with a stop request honoured, and the live view when a person is looking. Yields the
-    :class:`StopOnRequest` callback (its ``stopped_at`` says whether a stop ended the run)."""
+    """Training with a stop request honoured (the STOP file; in an interactive session a kernel
+    interrupt too), and the live view when a person is looking. Yields the :class:`StopOnRequest`
+    callback (its ``stopped_at`` says whether a stop ended the run)."""
     stop = StopOnRequest(stop_file)
+    if interactive:
+        from transformers.utils.notebook import NotebookProgressCallback
+
+        trainer.remove_callback(NotebookProgressCallback)  # the live view shows the same, and more
+        trainer.add_callback(LiveView(stop_file))
+    trainer.add_callback(stop)
     if not interactive:
-        trainer.add_callback(stop)
         yield stop
         return
-    view = LiveView(stop_file)
-    trainer.add_callback(view)  # before the stop check: a click polled at a step end stops that step
-    trainer.add_callback(stop)
-    with view.polling():
+    with stop.catching_interrupts():
         yield stop
