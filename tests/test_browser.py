@@ -87,6 +87,16 @@ def browser():
         b.close()
 
 
+def _new_cell_after_parameters(page):
+    """Select the parameters cell (the third) from the keyboard and open a new cell below it."""
+    cells = page.locator(".jp-NotebookPanel:not(.lm-mod-hidden) .jp-Notebook .jp-Cell")
+    cells.first.click()
+    for key in ("Escape", "ArrowDown", "ArrowDown", "b", "Enter"):
+        page.keyboard.press(key)
+    assert cells.nth(2).locator(".cm-content").text_content().startswith(
+        "# Parameters"), "the cell above the new one is not the parameters cell"
+
+
 def _no_error_output(page):
     assert page.locator("[data-mime-type='application/vnd.jupyter.error']").count() == 0
     assert page.locator(".jp-OutputArea-output:has-text('Traceback')").count() == 0
@@ -97,15 +107,17 @@ def test_notebook_form_save_run_and_reports(lab, browser, artifacts, tmp_path):
     notebook = ROOT / "notebooks" / "01_data_prep.ipynb"
     committed = notebook.read_bytes()
     saved = ROOT / "parameters" / f"{SAVED}.yaml"
-    assert not saved.exists(), f"{saved} is left from an earlier run: remove it"
+    if saved.exists():  # an interrupted earlier run of this test left it; never someone else's file
+        from ftkit.ui.parameter_form import SAVED_HEADER
+
+        assert saved.read_text().startswith(SAVED_HEADER), f"{saved} exists and is not the form's: move it"
+        saved.unlink()
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
     try:
-        page.goto(f"{url}/lab/tree/notebooks/01_data_prep.ipynb?token={token}")
+        page.goto(f"{url}/lab/workspaces/form/tree/notebooks/01_data_prep.ipynb?reset&token={token}")
         page.wait_for_selector(".jp-StatusBar-TextItem:has-text('| Idle')", timeout=120_000)
         # what papermill does with -p: a cell after the parameters cell that sets the experiment
-        page.locator(".jp-Notebook .jp-Cell").nth(2).locator(".cm-content").click()
-        for key in ("Escape", "b", "Enter"):
-            page.keyboard.press(key)
+        _new_cell_after_parameters(page)
         page.keyboard.insert_text(f'experiment = "smoke"\noutputs_dir = "{tmp_path / "lab-outputs"}"')
         page.keyboard.press("Escape")
         page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
@@ -151,10 +163,11 @@ def test_notebook_form_save_run_and_reports(lab, browser, artifacts, tmp_path):
         page.close()
         assert notebook.read_bytes() == committed, "JupyterLab wrote into the committed notebook"
 
+    out = tmp_path / "make-outputs"
     try:
-        out = tmp_path / "make-outputs"
         proc = run_make("run", f"EXP={SAVED}", f"OUTPUTS={out}")
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        _stop_training_from_the_live_view(browser, url, token, out, artifacts)
     finally:
         saved.unlink(missing_ok=True)
     run = out / SAVED
@@ -178,3 +191,45 @@ def test_notebook_form_save_run_and_reports(lab, browser, artifacts, tmp_path):
     assert page.locator("table").count() >= 1
     page.screenshot(path=str(artifacts / "index.png"), full_page=True)
     page.close()
+
+
+def _stop_training_from_the_live_view(browser, url, token, out, artifacts):
+    """03_train on the saved experiment, made long enough to stop while it trains: the notebook's
+    Interrupt button ends training with a checkpoint, the later cells run, and the report says where."""
+    notebook = ROOT / "notebooks" / "03_train.ipynb"
+    committed = notebook.read_bytes()
+    lab_out = out / "lab"
+    import shutil as _shutil
+
+    _shutil.copytree(out / SAVED, lab_out / SAVED)
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    try:
+        page.goto(f"{url}/lab/workspaces/stop/tree/notebooks/03_train.ipynb?reset&token={token}")
+        page.wait_for_selector(".jp-StatusBar-TextItem:has-text('| Idle')", timeout=120_000)
+        _new_cell_after_parameters(page)
+        page.keyboard.insert_text(f'experiment = "{SAVED}"\noutputs_dir = "{lab_out}"\n'
+                                  'overrides = {"train.max_steps": 2000, "train.eval_steps": 0}')
+        page.keyboard.press("Escape")
+        page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
+        page.locator(".lm-Menu-itemLabel", has_text="Run All Cells").first.click()
+        stats = page.locator(".ftkit-live-stats")
+        stats.wait_for(timeout=180_000)
+        page.wait_for_function("() => { const e = document.querySelector('.ftkit-live-stats');"
+                               " const m = e && e.textContent.match(/step (\\d+)\\//); return m && +m[1] >= 5; }",
+                               timeout=180_000, polling=250)
+        stats.scroll_into_view_if_needed()
+        page.screenshot(path=str(artifacts / "03-live-view.png"))
+        # Stop: the notebook's own Interrupt button, which ftkit turns into a clean stop at the next step
+        page.locator(".jp-NotebookPanel:not(.lm-mod-hidden) [data-jp-item-name='interrupt']").first.click()
+        page.wait_for_function(ALL_RAN, timeout=300_000, polling=500)
+        _no_error_output(page)
+        stopped = page.locator(".jp-OutputArea-output:has-text('by request at step')")
+        assert stopped.count() >= 1
+        page.screenshot(path=str(artifacts / "03-stopped.png"))
+        metrics = json.loads((lab_out / SAVED / "metrics" / "03_train.json").read_text())
+        assert metrics["planned_steps"] == 2000 and 5 <= metrics["stopped_at_step"] < 2000
+        step = metrics["stopped_at_step"]
+        assert (lab_out / SAVED / "checkpoints" / f"checkpoint-{step}" / "ftkit_checkpoint_complete.json").exists()
+    finally:
+        page.close()
+        assert notebook.read_bytes() == committed, "JupyterLab wrote into the committed notebook"
