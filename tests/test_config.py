@@ -130,6 +130,17 @@ def test_notebooks_committed_without_outputs(root):
                 assert not c.get("outputs") and c.get("execution_count") is None, f"{name} has outputs"
 
 
+def test_notebooks_are_valid_nbformat(root):
+    """Every cell has its id (nbformat 4.5): without one nbformat warns on every run and will refuse."""
+    import nbformat
+
+    for name in NOTEBOOKS:
+        nb = nbformat.read(root / "notebooks" / f"{name}.ipynb", as_version=4)
+        nbformat.validate(nb)
+        ids = [c.get("id") for c in nb.cells]
+        assert all(ids) and len(set(ids)) == len(ids), f"{name}: missing or repeated cell ids"
+
+
 def test_notebook_parameter_defaults_match_code(root):
     src = "".join(next(c for c in _cells(root, "01_data_prep")
                        if "parameters" in c.get("metadata", {}).get("tags", []))["source"])
