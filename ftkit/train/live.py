@@ -28,6 +28,8 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+from ftkit.core.progress import duration
+
 log = logging.getLogger("ftkit")
 
 
@@ -157,8 +159,8 @@ class LiveView(TrainerCallback):
         val = f" · val {self.val[-1][1]:.4f}" if self.val else ""
         head = "finished" if done else "step"
         self.stats.value = (f"{head} {state.global_step}/{state.max_steps}{loss}{val} · "
-                            f"{tokens / elapsed if elapsed else 0:,.0f} tokens/s · {_clock(elapsed)} elapsed"
-                            + ("" if done else f" · ETA {_clock(eta)}"))
+                            f"{tokens / elapsed if elapsed else 0:,.0f} tokens/s · {duration(elapsed)} elapsed"
+                            + ("" if done or eta != eta else f" · ETA {duration(eta)}"))
 
     def draw(self) -> None:
         """Redraw the curves into the image widget (one PNG: no flicker, no growing output)."""
@@ -188,13 +190,6 @@ class LiveView(TrainerCallback):
         self.plot.value = buf.getvalue()
 
 
-def _clock(seconds: float) -> str:
-    if seconds != seconds or seconds == float("inf"):
-        return "-"
-    seconds = int(seconds)
-    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
-
-
 @contextlib.contextmanager
 def watched(trainer, stop_file: Path, interactive: bool):
     """Training with a stop request honoured (the STOP file; in an interactive session a kernel
@@ -204,7 +199,11 @@ def watched(trainer, stop_file: Path, interactive: bool):
     if interactive:
         from transformers.utils.notebook import NotebookProgressCallback
 
-        trainer.remove_callback(NotebookProgressCallback)  # the live view shows the same, and more
+        from ftkit.train.progress import TrainingProgress
+
+        # the live view shows what the Trainer's notebook bar and the terminal progress lines show
+        trainer.remove_callback(NotebookProgressCallback)
+        trainer.remove_callback(TrainingProgress)
         trainer.add_callback(LiveView(stop_file))
     trainer.add_callback(stop)
     if not interactive:
