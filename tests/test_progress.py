@@ -165,6 +165,32 @@ def test_timed_step_shows_it_is_alive_while_it_blocks():
 LINE = re.compile(r"^03_train: step (\d+)/(\d+) \((\d+)%\) · (.*)$")
 
 
+def test_a_validation_pass_keeps_the_interval_of_the_training_lines():
+    """The demo's worst gap was 62 s with a 30 s interval: a step ending 29 s after the last line, then a
+    31 s validation pass printing only at its end. Counted from the last training line, the pass
+    prints once the interval is up."""
+    from types import SimpleNamespace
+
+    from ftkit.train.progress import TrainingProgress
+
+    clock, lines = Clock(), []
+    cb = TrainingProgress(every=30, clock=clock, write=lines.append)
+    state = SimpleNamespace(is_world_process_zero=True, max_steps=100, global_step=0, num_input_tokens_seen=0)
+    control = SimpleNamespace(should_log=False)
+    cb.on_train_begin(None, state, control)
+    state.global_step = 1
+    cb.on_log(None, state, control, logs={"loss": 2.0, "learning_rate": 1e-4})
+    assert len(lines) == 1
+    clock.now += 29  # the next step ends just inside the interval, then validation starts
+    state.global_step = 2
+    cb.on_step_end(None, state, control)
+    batches = [None] * 8
+    for _ in batches:
+        clock.now += 4
+        cb.on_prediction_step(None, state, control, eval_dataloader=batches)
+    assert len(lines) == 2 and "validation: batches" in lines[1]  # at 33 s, not at the pass's end (61 s)
+
+
 def test_training_prints_progress_lines(tmp_path, tiny_converted, monkeypatch, capsys):
     """A short run on the tiny model, headless, FTKIT_PROGRESS_SECONDS=0: a line per step from the first
     logged one, steps rising, loss, learning rate and tokens/s parsable; no tqdm bar or log dicts."""

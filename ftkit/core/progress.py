@@ -107,13 +107,15 @@ class Progress:
     ``rate=False`` leaves out the count's own rate (training shows tokens/s instead). Figures given
     to :meth:`update` (``loss=1.84``, ``tokens_per_s=412``; None is left out) are shown after the
     count. ``first_line=False``: no line at the first update, only after an interval (a loop that is
-    often short and says enough in its final line). Thread-safe: the load test's clients update one
+    often short and says enough in its final line); ``since``: the clock's time of the last line of
+    the task this loop is part of, the interval counted from there. Thread-safe: the load test's clients update one
     Progress. Used as a context manager it prints the final line on the way out.
     """
 
     def __init__(self, label: str, total: int | None = None, *, unit: str = "", initial: int = 0,
                  rate: bool = True, every: float | None = None, first_line: bool = True,
-                 clock: Callable[[], float] = time.monotonic, write: Callable[[str], None] = _print):
+                 since: float | None = None, clock: Callable[[], float] = time.monotonic,
+                 write: Callable[[str], None] = _print):
         self.label, self.total, self.unit, self.rate = label, total, unit, rate
         self.count = self.initial = initial
         self.every = interval() if every is None else every
@@ -122,8 +124,15 @@ class Progress:
         self.figures: dict[str, object] = {}
         self.lines = 0
         self.finished = False
-        self._last: float | None = None if first_line else self.started
+        # since: when the task this loop belongs to last printed (training, for its validation pass), so
+        # the terminal is never silent for longer than the interval across the two
+        self._last: float | None = since if since is not None else (None if first_line else self.started)
         self._lock = threading.Lock()
+
+    @property
+    def last_line_at(self) -> float | None:
+        """The clock's time of the latest line printed (None: none yet)."""
+        return self._last
 
     def update(self, n: int = 1, **figures) -> None:
         """``n`` more done; prints when the interval has passed since the last line (or none was printed)."""

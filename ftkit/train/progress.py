@@ -6,7 +6,9 @@ A Trainer callback: one line at the first logged step, so a user sees training s
 most one per interval (:mod:`ftkit.core.progress`, 30 s or ``FTKIT_PROGRESS_SECONDS``) and one when
 training ends. The main process only. The interval is checked at every optimiser step, so it holds
 however far apart ``train.logging_steps`` puts the logged losses. Each validation pass (during
-training, and the final one after it) ends with its own line, and prints at the interval while it runs::
+training, and the final one after it) ends with its own line, and prints while it runs at the interval
+counted from the last training line (a step plus a validation pass never leaves the terminal silent
+for longer than the interval and one batch)::
 
     03_train: validation: batches 11/11 (100%) · val 0.881 · 1.25 batches/s · done in 8s
 """
@@ -68,8 +70,10 @@ class TrainingProgress(TrainerCallback):
             return
         if self.validation is None:  # called after the first batch: the pace is taken from the second on
             total = len(eval_dataloader) if has_length(eval_dataloader) else None
+            since = self.progress.last_line_at if self.progress is not None else None
             self.validation = Progress(f"{self.label}: validation", total, unit="batches", initial=1,
-                                       first_line=False, every=self.every, clock=self.clock, **self._write)
+                                       first_line=False, since=since, every=self.every, clock=self.clock,
+                                       **self._write)
         else:
             self.validation.update()
 
