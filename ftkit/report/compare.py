@@ -11,7 +11,9 @@ from pathlib import Path
 from ftkit.core.paths import RunPaths, read_json
 from ftkit.report.overview import Figure, cell_class, esc, fmt_figure, page, stage_views, write_page
 
-SAME_BY_NAME = {"experiment"}  # differs in every comparison and already heads each column
+# experiment differs in every comparison and already heads each column; outputs_dir is where a
+# machine keeps its runs, not a setting of the experiment (and an absolute path of that machine)
+SAME_BY_NAME = {"experiment", "outputs_dir"}
 
 
 def default_output(outputs_dir: str | Path, experiments: list[str]) -> Path:
