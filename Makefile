@@ -49,11 +49,10 @@ $(STAMP): pyproject.toml
 # One rule per stage: papermill writes NN.partial.ipynb, renamed only when every cell ran, so a
 # failed stage never looks done; then an HTML copy without code cells, one file to mail: images embedded,
 # and none of the scripts nbconvert's template loads from CDNs ($(MAILABLE) says why nothing is lost).
-# TQDM_DISABLE: bars that libraries draw with tqdm itself (transformers' GGUF reader) stay out of it.
 $(REPORTS)/%.ipynb: notebooks/%.ipynb $(PARAMS) $(STAMP)
 	@mkdir -p $(REPORTS)
 	$(BIN)/ftkit check-params $(PARAMS) --top-level-only
-	FTKIT_HEADLESS=1 TQDM_DISABLE=1 $(BIN)/papermill $< $(REPORTS)/$*.partial.ipynb -f $(PARAMS) -p experiment $(EXP) -p outputs_dir $(OUTPUTS) \
+	FTKIT_HEADLESS=1 $(BIN)/papermill $< $(REPORTS)/$*.partial.ipynb -f $(PARAMS) -p experiment $(EXP) -p outputs_dir $(OUTPUTS) \
 		--cwd . --log-output --no-progress-bar
 	mv $(REPORTS)/$*.partial.ipynb $@
 

@@ -16,6 +16,7 @@ skipped with the reason, never fails the stage; an explicit type that fails its 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 
@@ -106,15 +107,31 @@ def _compare(ref_logits, got_logits, qtype: str, tolerance: dict = TOLERANCE) ->
             "max_mean_kl_divergence": max_kl, "logits_passed": rel <= max_rel and top1 >= min_top1 and mkl <= max_kl}
 
 
+@contextlib.contextmanager
+def _no_tensor_bar():
+    """transformers' GGUF reader draws a tqdm bar per file with tqdm itself (no setting of transformers
+    turns it off): in a notebook it is a widget that would sit in the mailed report."""
+    import transformers.modeling_gguf_pytorch_utils as reader
+
+    bar = getattr(reader, "tqdm", None)
+    reader.tqdm = lambda iterable, *args, **kwargs: iterable
+    try:
+        yield
+    finally:
+        if bar is not None:
+            reader.tqdm = bar
+
+
 @torch.no_grad()
 def verify_transformers(tok, texts, ids, ref_logits, gguf_file: Path, qtype: str) -> dict:
     """Read the file back with transformers' GGUF loader (de-quantised) and compare."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
-        back = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name,
-                                                    dtype=torch.float32).eval()
-        gtok = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
+        with _no_tensor_bar():
+            back = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name,
+                                                        dtype=torch.float32).eval()
+            gtok = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
     except Exception as e:  # an architecture or quantisation transformers' reader does not know
         return {"checked": False, "reason": f"transformers cannot read it: {type(e).__name__}: {str(e)[:200]}"}
     got = [back(input_ids=torch.tensor([x])).logits[0] for x in ids]
