@@ -12,6 +12,8 @@ EXP=<name>`` runs it unchanged.
 from __future__ import annotations
 
 import dataclasses
+import html
+import math
 import re
 import types
 import typing
@@ -175,8 +177,6 @@ class ParameterForm:
             return w.Checkbox(value=value, indent=False)
         if "log_slider" in f.metadata and f.hint is float:
             low, high = f.metadata["log_slider"]
-            import math
-
             exponent = math.log10(value) if value > 0 else low
             return w.FloatLogSlider(value=value, base=10, min=min(low, exponent), max=max(high, exponent), step=0.05,
                                     readout_format=".1e", continuous_update=False, layout=layout)
@@ -241,9 +241,8 @@ class ParameterForm:
                         self.errors.setdefault(key, message.split(":", 1)[1].strip() if ":" in message else message)
                     else:
                         general.append(message)
-        defaults = ExperimentConfig().to_dict()
         for f in self.fields:
-            changed = _get(tree, f.key) != _get(defaults, f.key)
+            changed = _get(tree, f.key) != f.default
             self.labels[f.key].value = f"<b>{f.key}</b>" if changed else f.key
             self.messages[f.key].value = (f"<span style='color:#b00020'>{_escape(self.errors[f.key])}</span>"
                                           if f.key in self.errors else self._path_note(f, _get(tree, f.key)))
@@ -304,6 +303,4 @@ def _yaml_inline(value: Any) -> str:
 
 
 def _escape(text: str) -> str:
-    import html
-
     return html.escape(str(text), quote=True)
