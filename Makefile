@@ -19,7 +19,7 @@ MAILABLE := ftkit/report/mailable.html.j2
 EXPS ?=
 STAGES := 01_data_prep 02_format_conversion 03_train 04_evaluate 05_host
 
-.PHONY: run compare install test test-browser test-floor test-slow test-export export-tools thirdparty lint docs clean lab 01 02 03 04 05 $(STAGES)
+.PHONY: run compare install test test-browser reliability test-floor test-slow test-export export-tools thirdparty lint docs clean lab 01 02 03 04 05 $(STAGES)
 
 # make run ends with the run's summary every time, even when nothing had to be rebuilt (ftkit index
 # rewrites index.html from the metrics files in a moment, so stages re-run outside make show too)
@@ -91,6 +91,15 @@ CHROMIUM ?= /usr/bin/chromium
 test-browser: $(STAMP)  ## JupyterLab from make lab and the reports in a real browser (Debian's chromium, apt-get install chromium)
 	@test -x $(CHROMIUM) || { echo "test-browser needs $(CHROMIUM): apt-get install chromium (or CHROMIUM=/path/to/chromium)"; exit 1; }
 	FTKIT_CHROMIUM=$(CHROMIUM) $(BIN)/python -m pytest -q -m browser
+
+# every reliability test, the slow ones (papermill runs killed and resumed, the server under load) too,
+# then one table of what was tried and what broke (tests/reliability.py); non-zero when any test fails
+# or a lost record, a crash or a 5xx was counted
+RELIABILITY_LEDGER := $(OUTPUTS)/test-artifacts/reliability.jsonl
+reliability: $(STAMP) $(THIRDPARTY)  ## bad input, fuzzing, faults, load and abuse, secrets: one table, zeros required
+	@mkdir -p $(dir $(RELIABILITY_LEDGER)) && rm -f $(RELIABILITY_LEDGER)
+	FTKIT_RELIABILITY_LEDGER=$(abspath $(RELIABILITY_LEDGER)) FTKIT_REQUIRE_THIRDPARTY=1 $(BIN)/python -m pytest -q -m reliability
+	FTKIT_RELIABILITY_LEDGER=$(abspath $(RELIABILITY_LEDGER)) $(BIN)/python tests/reliability.py
 
 test-slow: $(STAMP)  ## heavier checks on the real embedded model
 	$(BIN)/python -m pytest -q -m slow

@@ -221,7 +221,7 @@ def _check_command(args) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(summary.line(), file=sys.stderr)
-    return 1 if summary.invalid else 0
+    return 1 if summary.failed else 0
 
 
 if __name__ == "__main__":
@@ -249,8 +249,14 @@ def _run(args) -> int:
     except (ConfigError, pipeline.StageSpecError) as e:
         print(e, file=sys.stderr)
         return 2
+    from ftkit.core.paths import DiskFullError, StageNotDone
+
     paths = run_paths(cfg)
-    pipeline.run(cfg, paths, stages)
+    try:
+        pipeline.run(cfg, paths, stages)
+    except (StageNotDone, DiskFullError) as e:  # what to rerun or where space is short: no traceback needed
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(f"{cfg.experiment}: stages {', '.join(stages)} done; metrics under {paths.root / 'metrics'}")
     return 0
 

@@ -155,7 +155,10 @@ def run_tokenizer(cfg: ExperimentConfig, paths: RunPaths):
 
     tok = load_tokenizer(resolve_model_path(cfg.model.name), cfg.model,
                          chat_template=cfg.convert.chat_template)
-    tok.save_pretrained(paths.tokenizer_dir)
+    from ftkit.core.paths import atomic
+
+    with atomic(paths.tokenizer_dir, directory=True) as tmp:  # stages 03-05 never load half a tokenizer
+        tok.save_pretrained(tmp)
     return tok
 
 

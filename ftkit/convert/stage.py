@@ -25,12 +25,16 @@ def run(cfg: ExperimentConfig, paths: RunPaths) -> ConvertResult:
     from ftkit.core import estimate
     from ftkit.core.masking import end_of_turn_token_id
 
-    tokenizer = run_tokenizer(cfg, paths)
-    result = convert(cfg, paths, tokenizer)
-    metrics = result.metrics(cfg.convert.max_seq_len)
-    metrics["end_of_turn_token"] = tokenizer.decode(end_of_turn_token_id(tokenizer))
-    metrics["pad_token"] = tokenizer.pad_token
-    est = estimate.for_run(cfg, result)
-    metrics["estimate"] = est.to_dict()
-    paths.write_metrics(STAGE, metrics)
+    with paths.stage(STAGE, after="01_data_prep"):  # never the splits of a stage 01 that was killed midway
+        tokenizer = run_tokenizer(cfg, paths)
+        result = convert(cfg, paths, tokenizer)
+        metrics = result.metrics(cfg.convert.max_seq_len)
+        metrics["end_of_turn_token"] = tokenizer.decode(end_of_turn_token_id(tokenizer))
+        metrics["pad_token"] = tokenizer.pad_token
+        est = estimate.for_run(cfg, result)
+        metrics["estimate"] = est.to_dict()
+        paths.write_metrics(STAGE, metrics)
+        splits = ("train", "val", "test")
+        paths.finish(STAGE, [*map(paths.tokens, splits), *map(paths.chat, splits), *map(paths.openai_export, splits),
+                             paths.format_quarantine, paths.tokenizer_dir], after="01_data_prep")
     return ConvertResult(tokenizer, result, est, metrics)

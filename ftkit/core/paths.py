@@ -15,6 +15,21 @@ from pathlib import Path
 from typing import Any
 
 STAGES = ("01_data_prep", "02_format_conversion", "03_train", "04_evaluate", "05_host")
+HASHED_UP_TO = 256 << 20
+"""Outputs up to this size are fingerprinted by SHA-256 in a stage's done record, larger ones (model
+shards) by size: hashing a 16 GB merged model at every later stage would cost minutes, and a torn
+shard cannot happen (every file is written under a temporary name and renamed)."""
+
+
+class StageNotDone(FileNotFoundError):
+    """An earlier stage has not finished, or its outputs changed after it did: the message says what to rerun."""
+
+
+class DiskFullError(OSError):
+    """A write ran out of disk space: the message names the path, the space free and the space needed."""
+
+    def __str__(self) -> str:
+        return self.strerror or super().__str__()
 
 
 @dataclass(frozen=True)
@@ -152,6 +167,73 @@ class RunPaths:
         """The resolved config the run used, written by stage 01 (``ftkit compare`` reads it)."""
         return self.root / "config.json"
 
+    def done_record(self, stage: str) -> Path:
+        """Written as a stage's very last act, listing its outputs' fingerprints: a stage killed or failed
+        midway leaves none, so no later stage takes its half-done outputs for complete."""
+        self.metrics(stage)  # the stage name is checked there
+        return self.root / "done" / f"{stage}.json"
+
+    def start(self, stage: str) -> None:
+        """A stage begins: its done record goes (until :meth:`finish`), and so do the temporary files a
+        killed write left behind (``.name.*.tmp``, see :func:`atomic`)."""
+        self.done_record(stage).unlink(missing_ok=True)
+        remove_partial_writes(self.root)
+
+    @contextlib.contextmanager
+    def stage(self, stage: str, after: str | None):
+        """A stage's body: the stage it reads from must be done (:meth:`require_done`), its own done record
+        goes (:meth:`start`), and a disk that fills up anywhere inside ends it with :class:`DiskFullError`
+        naming the path and the space (the body calls :meth:`finish` as its last act)."""
+        if after:
+            self.require_done(after)
+        last = self.done_record(stage)
+        # what the stage wrote the last time it finished: the space a rerun needs, for the message
+        needed = _output_bytes(read_json(last)) if last.is_file() else None
+        self.start(stage)
+        try:
+            yield
+        except DiskFullError:
+            raise
+        except Exception as e:
+            full = disk_full_error(self.root, needed, e)
+            if full is None:
+                raise
+            raise full from e
+
+    def finish(self, stage: str, outputs, after: str | None) -> Path:
+        """Record that ``stage`` ended, with ``outputs`` (files or folders that exist) fingerprinted and
+        the done record of the stage it read (``after``), so a rerun of that one makes this one stale."""
+        import datetime as dt
+
+        record = {"stage": stage, "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                  "after": {after: _sha256(self.done_record(after))} if after else {},
+                  "outputs": {str(Path(p).relative_to(self.root)): fingerprint(Path(p)) for p in outputs
+                              if Path(p).exists()}}
+        path = self.done_record(stage)
+        write_json(path, record)
+        return path
+
+    def require_done(self, stage: str) -> dict[str, Any]:
+        """``stage``'s done record, once its outputs and those of every stage before it are as they were
+        when each finished; else :class:`StageNotDone` naming the stage to rerun."""
+        record_path = self.done_record(stage)
+        rerun = f"make {stage.split('_', 1)[0]} EXP={self.experiment}"
+        if not record_path.is_file():
+            raise StageNotDone(f"{record_path}: stage {stage} has not finished for experiment {self.experiment!r} "
+                               f"(it never ran here, or was stopped or failed before its end, so its outputs may be "
+                               f"partial); run it: {rerun}, or ftkit.{_MODULES[stage]}.run(cfg, paths) in its notebook")
+        record = read_json(record_path)
+        for after, digest in record.get("after", {}).items():
+            self.require_done(after)
+            if _sha256(self.done_record(after)) != digest:
+                raise StageNotDone(f"{record_path}: stage {stage} ran on outputs of {after} that were written again "
+                                   f"since; rerun {stage}: {rerun}")
+        for rel, expected in record.get("outputs", {}).items():
+            problem = _changed(self.root / rel, expected)
+            if problem:
+                raise StageNotDone(f"{self.root / rel}: {problem} since stage {stage} finished; rerun it: {rerun}")
+        return record
+
     def write_metrics(self, stage: str, metrics: dict[str, Any]) -> Path:
         path = self.metrics(stage)
         write_json(path, metrics)
@@ -170,6 +252,73 @@ class RunPaths:
         return path
 
 
+_MODULES = {"01_data_prep": "data", "02_format_conversion": "convert", "03_train": "train",
+            "04_evaluate": "evaluate", "05_host": "host"}
+
+
+def _output_bytes(record: dict) -> int:
+    def size(fp: dict) -> int:
+        return sum(map(size, fp["files"].values())) if "files" in fp else fp["bytes"]
+
+    return sum(size(fp) for fp in record.get("outputs", {}).values())
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fingerprint(path: Path) -> dict[str, Any]:
+    """A file's size and (up to :data:`HASHED_UP_TO`) SHA-256; a folder's files, each so."""
+    if path.is_dir():
+        return {"files": {str(f.relative_to(path)): fingerprint(f) for f in sorted(path.rglob("*")) if f.is_file()}}
+    size = path.stat().st_size
+    return {"bytes": size, "sha256": _sha256(path) if size <= HASHED_UP_TO else None}
+
+
+def _changed(path: Path, expected: dict[str, Any]) -> str | None:
+    """Why ``path`` no longer matches its fingerprint, or None."""
+    if not path.exists():
+        return "missing"
+    if "files" in expected:
+        if not path.is_dir():
+            return "no longer a folder"
+        files = {str(f.relative_to(path)) for f in path.rglob("*") if f.is_file()}
+        gone, extra = sorted(set(expected["files"]) - files), sorted(files - set(expected["files"]))
+        if gone or extra:
+            return f"files {'missing: ' + ', '.join(gone[:3]) if gone else 'added: ' + ', '.join(extra[:3])}"
+        for rel, fp in expected["files"].items():
+            problem = _changed(path / rel, fp)
+            if problem:
+                return f"{rel} {problem}"
+        return None
+    size = path.stat().st_size
+    if size != expected["bytes"]:
+        return f"{size:,} bytes, {expected['bytes']:,} then"
+    if expected.get("sha256") and _sha256(path) != expected["sha256"]:
+        return "contents changed (SHA-256)"
+    return None
+
+
+PARTIAL = ".*.tmp"
+"""How :func:`atomic` names what it has not finished writing."""
+
+
+def remove_partial_writes(root: Path) -> list[Path]:
+    """Temporary files and folders that :func:`atomic` left under ``root`` when its process was killed."""
+    import shutil
+
+    found = sorted(root.rglob(PARTIAL)) if root.exists() else []
+    for p in found:
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    return found
+
+
 def write_json(path: Path, obj: Any) -> None:
     """Write JSON atomically (temp file + rename), so readers never see half a file."""
     atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, default=_jsonable) + "\n")
@@ -182,14 +331,22 @@ def read_json(path: Path, produced_by: str | None = None) -> Any:
 
 
 @contextlib.contextmanager
-def atomic(path: Path, directory: bool = False):
+def atomic(path: Path, directory: bool = False, needed_bytes: int | None = None):
     """Write ``path`` (a file, or a directory with ``directory``) under a temporary name beside it, renamed
     into place only when the block finishes: a crash or a full disk never leaves half a file where a
-    later stage, a rerun or a server would take it for complete. An existing directory is replaced."""
+    later stage, a rerun or a server would take it for complete. An existing directory is replaced.
+
+    A full disk (before writing, when ``needed_bytes`` is known, or during) raises :class:`DiskFullError`
+    naming the path, the space free and the space needed; what was there before is left as it was."""
+    import errno
     import shutil
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if needed_bytes is not None:
+        free = shutil.disk_usage(path.parent).free
+        if free < needed_bytes:
+            raise DiskFullError(errno.ENOSPC, _disk_full(path, free, needed_bytes))
     if directory:
         tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     else:
@@ -199,14 +356,76 @@ def atomic(path: Path, directory: bool = False):
     try:
         yield tmp
         if directory and path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    except BaseException:
+            old = path.with_name(f".{path.name}.old.tmp")  # never a moment with neither the old nor the new
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException as e:
+        written = _size(tmp)
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and not isinstance(e, DiskFullError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            free = shutil.disk_usage(path.parent).free
+            raise DiskFullError(e.errno, _disk_full(path, free, needed_bytes, written)) from None
         raise
+
+
+NEARLY_FULL = 1 << 20
+"""Free bytes under which a failed write is put down to a full disk whatever the library's words for it
+(torch.save says ``unexpected pos 143424 vs 143316`` when the disk fills mid-file)."""
+
+
+def disk_full_error(path: Path, needed: int | None, e: BaseException) -> DiskFullError | None:
+    """``e`` as a :class:`DiskFullError` about ``path`` when a full disk caused it, else None."""
+    import errno
+    import shutil
+
+    path = Path(path)
+    probe = next((p for p in (path, *path.parents) if p.exists()), Path("."))
+    free = shutil.disk_usage(probe).free
+    cause = _disk_full_cause(e)
+    if cause is None and free >= NEARLY_FULL:
+        return None
+    where = Path(getattr(cause, "filename", None) or path)
+    return DiskFullError(errno.ENOSPC, f"{_disk_full(where, free, needed)} ({type(e).__name__}: {e})")
+
+
+def _disk_full_cause(e: BaseException) -> BaseException | None:
+    """The out-of-space error behind ``e``, or None. Libraries report a full disk their own way: an OSError
+    with ENOSPC (Python's files), or a RuntimeError carrying the message (torch.save's stream writer)."""
+    import errno
+
+    while e is not None:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return e
+        if "No space left on device" in str(e) or "file write failed" in str(e):
+            return e
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _size(p: Path) -> int:
+    try:
+        return sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.is_dir() else p.stat().st_size
+    except OSError:
+        return 0
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:,.2f} GB" if n >= 1e8 else f"{n / 1e6:,.1f} MB"
+
+
+def _disk_full(path: Path, free: int, needed: int | None, written: int | None = None) -> str:
+    need = (f"about {_gb(needed)} needed" if needed is not None
+            else f"more than the {_gb(written)} written before the disk filled is needed" if written
+            else "more is needed")
+    return (f"{path}: no space left on the disk: {_gb(free)} free, {need}. Nothing was replaced: earlier files are "
+            f"as they were. Free space there, or set outputs_dir to a larger disk, and run the stage again")
 
 
 def atomic_write_text(path: Path, text: str) -> None:

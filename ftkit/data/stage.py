@@ -22,9 +22,11 @@ def run(cfg: ExperimentConfig, paths: RunPaths) -> DataResult:
     """Stage 01: the splits under ``data/`` (general replay records mixed in when configured) and the metrics."""
     from ftkit.core import replay
 
-    prepared = prepare(cfg.data, paths, cfg.seed)
-    general = replay.mix_general(cfg, paths, prepared)
-    metrics = prepared.metrics()
-    paths.write_metrics(STAGE, metrics)
-    write_json(paths.config_record, cfg.to_dict())  # what later runs are compared on
+    with paths.stage(STAGE, after=None):
+        prepared = prepare(cfg.data, paths, cfg.seed)
+        general = replay.mix_general(cfg, paths, prepared)
+        metrics = prepared.metrics()
+        paths.write_metrics(STAGE, metrics)
+        write_json(paths.config_record, cfg.to_dict())  # what later runs are compared on
+        paths.finish(STAGE, [*(paths.split(n) for n in ("train", "val", "test")), paths.quarantine], after=None)
     return DataResult(prepared, general, metrics)

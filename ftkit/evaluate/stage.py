@@ -21,6 +21,8 @@ def run(cfg: ExperimentConfig, paths: RunPaths) -> EvaluateResult:
     """Stage 04: ``eval/generations.jsonl`` and the metrics, with paired intervals and the verdict."""
     from ftkit.evaluate.evaluation import evaluate_run
 
-    metrics = evaluate_run(cfg, paths)
-    paths.write_metrics(STAGE, metrics)
+    with paths.stage(STAGE, after="03_train"):
+        metrics = evaluate_run(cfg, paths)
+        paths.write_metrics(STAGE, metrics)
+        paths.finish(STAGE, [paths.generations], after="03_train")
     return EvaluateResult(metrics, read_jsonl(paths.generations), read_json(paths.train_log))

@@ -6,7 +6,7 @@ import torch
 
 from ftkit.core.masking import encode_prompt
 from ftkit.core.modeling import stop_token_ids
-from ftkit.core.paths import RunPaths
+from ftkit.core.paths import RunPaths, atomic
 
 
 @torch.no_grad()
@@ -33,8 +33,7 @@ def merge_adapter(cfg, paths: RunPaths, check_prompts: list[list[dict]]) -> dict
     method = trained_info(paths).get("method", "lora")
     if method == "full":  # nothing to merge: the weights are the model
         model.generation_config.eos_token_id = stop_token_ids(tok)
-        model.save_pretrained(paths.merged_dir)
-        tok.save_pretrained(paths.merged_dir)
+        save_model_dir(model, tok, paths.merged_dir)
         return {"merged_dir": str(paths.merged_dir), "method": method, "max_logit_diff_merged_vs_adapter": 0.0,
                 "relative_logit_diff": 0.0, "relative_tolerance": 0.0, "top1_agreement": 1.0,
                 "max_logit_diff_adapter_vs_base": None, "merge_check_passed": True,
@@ -51,8 +50,7 @@ def merge_adapter(cfg, paths: RunPaths, check_prompts: list[list[dict]]) -> dict
     merged.generation_config.eos_token_id = stop_token_ids(tok)
     merged.generation_config.pad_token_id = tok.pad_token_id
     merged.config.pad_token_id = tok.pad_token_id
-    merged.save_pretrained(paths.merged_dir)
-    tok.save_pretrained(paths.merged_dir)
+    save_model_dir(merged, tok, paths.merged_dir)
     merged_logits = prompt_logits(merged, tok, check_prompts)
     diff = max_abs_diff(tuned, merged_logits)
     scale = max(x.abs().max().item() for x in tuned)
@@ -66,6 +64,16 @@ def merge_adapter(cfg, paths: RunPaths, check_prompts: list[list[dict]]) -> dict
             "merge_check_passed": diff / scale <= tolerance, "stop_token_ids": stop_token_ids(tok),
             "method": method, "merged_dtype": str(next(merged.parameters()).dtype).removeprefix("torch."),
             **check_saved_model(paths.merged_dir, tok)}
+
+
+def save_model_dir(model, tokenizer, out) -> None:
+    """``model`` and ``tokenizer`` saved as one directory, written beside ``out`` and renamed into place:
+    a merge killed or out of disk midway leaves the previous ``merged/`` (or none), never half a model that
+    ``ftkit serve`` or the GGUF converter would take. The space is checked first (weights' bytes plus 10%)."""
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    with atomic(out, directory=True, needed_bytes=int(weights * 1.1)) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
 
 
 def check_saved_model(model_dir, tokenizer) -> dict:

@@ -34,22 +34,24 @@ def run(cfg: ExperimentConfig, paths: RunPaths, *, keep_server: bool = False) ->
     from ftkit.core.progress import timed
     from ftkit.host import client, consistency, cost, gguf, loadtest, merge
 
-    with timed("05_host: merge"):
-        merged = merge.merge_adapter(cfg, paths, client.check_prompts(paths))
-    server = client.start_server(cfg, paths)
-    kept = False
-    try:
-        check = consistency.consistency_check(server, cfg, paths)
-        answers = client.ask_all(server, cfg, paths)
-        load = loadtest.measure(server, cfg, client.check_prompts(paths, n=16))
-        costs = cost.monthly_costs(cfg.host, **cost.capacity(load))
-        exports = gguf.export_all(paths.merged_dir, paths, cfg.host.gguf_types, client.check_prompts(paths, n=8),
-                                  cfg.convert.system_prompt)
-        commands = client.serving_commands(cfg, paths, exports)
-        kept = keep_server
-    finally:
-        code = None if kept else server.stop()
-    metrics = {**merged, **check, **client.summary(answers), "load": load, "cost": costs, **exports,
-               "shutdown_exit_code": code}
-    paths.write_metrics(STAGE, metrics)
+    with paths.stage(STAGE, after="03_train"):  # never merge the adapter of a run that did not finish
+        with timed("05_host: merge"):
+            merged = merge.merge_adapter(cfg, paths, client.check_prompts(paths))
+        server = client.start_server(cfg, paths)
+        kept = False
+        try:
+            check = consistency.consistency_check(server, cfg, paths)
+            answers = client.ask_all(server, cfg, paths)
+            load = loadtest.measure(server, cfg, client.check_prompts(paths, n=16))
+            costs = cost.monthly_costs(cfg.host, **cost.capacity(load))
+            exports = gguf.export_all(paths.merged_dir, paths, cfg.host.gguf_types, client.check_prompts(paths, n=8),
+                                      cfg.convert.system_prompt)
+            commands = client.serving_commands(cfg, paths, exports)
+            kept = keep_server
+        finally:
+            code = None if kept else server.stop()
+        metrics = {**merged, **check, **client.summary(answers), "load": load, "cost": costs, **exports,
+                   "shutdown_exit_code": code}
+        paths.write_metrics(STAGE, metrics)
+        paths.finish(STAGE, [paths.merged_dir, paths.exports_dir], after="03_train")
     return HostResult(merged, check, answers, load, costs, exports, commands, metrics, server if kept else None)

@@ -20,6 +20,8 @@ def run(cfg: ExperimentConfig, paths: RunPaths) -> TrainResult:
     """Stage 03: the adapter (or full weights) under ``model/``, the training log and the metrics."""
     from ftkit.train.launch import train
 
-    metrics = train(cfg, paths)
-    paths.write_metrics(STAGE, metrics)
+    with paths.stage(STAGE, after="02_format_conversion"):  # checkpoints stay: a killed run resumes from them
+        metrics = train(cfg, paths)
+        paths.write_metrics(STAGE, metrics)
+        paths.finish(STAGE, [paths.adapter_dir, paths.train_log], after="02_format_conversion")
     return TrainResult(metrics, read_json(paths.train_log))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 
 import torch
@@ -83,19 +84,21 @@ def run_training(cfg: ExperimentConfig, paths: RunPaths, recipe=None):
     from ftkit.train.live import watched
 
     with watched(trainer, paths.stop_request, interactive() and trainer.is_world_process_zero()) as stop:
-        result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        try:
+            result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        except Exception as e:  # a checkpoint that did not fit: say so, with its size (the torn one is never resumed)
+            from ftkit.core.paths import disk_full_error
+
+            full = disk_full_error(paths.checkpoints_dir, checkpoint_bytes(model, paths.checkpoints_dir), e)
+            if full is None:
+                raise
+            raise full from e
     seconds = time.perf_counter() - start
     final_eval = trainer.evaluate() if val_rows else {}
 
-    if trainer.is_world_process_zero() and paths.adapter_dir.exists():
-        import shutil
-
-        shutil.rmtree(paths.adapter_dir)  # no stale files from an earlier run with another method
-    trainer.save_model(str(paths.adapter_dir))  # the adapter, or the whole model for `full`; main process only
+    save_adapter(trainer, tokenizer, paths, {"base_model": cfg.model.name, "base_path": base_path,
+                                             "method": cfg.train.method, "objective": cfg.train.objective})
     if trainer.is_world_process_zero():
-        tokenizer.save_pretrained(paths.adapter_dir)
-        write_json(paths.adapter_dir / TRAIN_INFO, {"base_model": cfg.model.name, "base_path": base_path,
-                                                    "method": cfg.train.method, "objective": cfg.train.objective})
         write_json(paths.train_log, trainer.state.log_history)
     if trainer.args.world_size > 1:  # every rank records what it ended with, so agreement can be checked
         trained = [p.detach().float() for p in trainer.model.parameters() if p.requires_grad]
@@ -147,3 +150,39 @@ def run_training(cfg: ExperimentConfig, paths: RunPaths, recipe=None):
         "packing_leak_max_logit_diff": packing_leak_max,
         "device_plan": choices.to_dict(),
     }
+
+
+def save_adapter(trainer, tokenizer, paths, info: dict) -> None:
+    """The adapter (the whole model for ``full``), its tokenizer and TRAIN_INFO, written to a staging folder
+    beside ``adapter/`` and swapped in whole: a run killed while saving leaves the previous adapter or none,
+    never a mix (no stale files from an earlier run with another method either). Every process takes part
+    in ``save_model`` (it gathers sharded weights); the main process writes."""
+    import shutil
+
+    from ftkit.core.paths import atomic
+
+    staging = paths.adapter_dir.with_name(f".{paths.adapter_dir.name}.saving.tmp")
+    if trainer.is_world_process_zero():
+        shutil.rmtree(staging, ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()
+    trainer.save_model(str(staging))
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(staging)
+        write_json(staging / TRAIN_INFO, info)
+        with atomic(paths.adapter_dir, directory=True) as tmp:
+            tmp.rmdir()
+            os.replace(staging, tmp)
+    trainer.accelerator.wait_for_everyone()
+
+
+def checkpoint_bytes(model, checkpoints_dir) -> int:
+    """What one more checkpoint takes on disk: the newest complete one's size, else the trained weights
+    with AdamW's two moments (the whole model's weights too for a full fine-tune)."""
+    from ftkit.train.checkpoints import COMPLETE_MARKER
+
+    done = [d for d in checkpoints_dir.glob("checkpoint-*") if (d / COMPLETE_MARKER).exists()]
+    if done:
+        newest = max(done, key=lambda d: d.stat().st_mtime)
+        return sum(f.stat().st_size for f in newest.rglob("*") if f.is_file())
+    trained = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    return trained + 2 * sum(p.numel() * 4 for p in model.parameters() if p.requires_grad)
