@@ -18,9 +18,11 @@ from ftkit.core.modeling import load_tokenizer, resolve_device, stop_token_ids
 
 
 class APIError(Exception):
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param=None, code=None):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param=None, code=None,
+                 headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.headers = headers or {}  # extra response headers (Retry-After on a 429)
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -37,6 +39,12 @@ class Generator:
     (``temperature`` 0, the default) go to one manager; sampled requests go to a second one, created
     on first use, with per-request temperature and top-p. The KV cache is a fixed pool of
     ``kv_cache_tokens`` tokens: requests wait for room, and one that could never fit is refused up front.
+
+    Admission: each request holds the KV blocks its prompt plus ``max_tokens`` could fill (blocks of
+    :data:`KV_PAGE_TOKENS`) from the moment it is queued until it ends. Requests are admitted while the
+    blocks held stay within :data:`ADMIT_POOLS` pools (one pool running, one pool's worth waiting its
+    turn); past that a request is refused at once with 429 and ``Retry-After`` rather than queued without
+    bound (tests/test_server_load.py: 200 requests at 32 concurrency on a pool of 12 blocks).
     """
 
     def __init__(self, model_dir: str | Path, *, name: str | None = None, max_tokens_cap: int = 512,
@@ -75,6 +83,9 @@ class Generator:
         self._lock = threading.Lock()
         self._closing = threading.Event()
         self._dispatchers: list[threading.Thread] = []
+        self.pool_blocks = -(-kv_cache_tokens // KV_PAGE_TOKENS)
+        self._held: dict[str, int] = {}  # request id -> KV blocks it holds (admission)
+        self._held_lock = threading.Lock()
         self._engine("greedy")  # started now, so the first request does not pay for it
 
     # -- prompts: one function for the server and the consistency check --------------------------
@@ -158,13 +169,39 @@ class Generator:
         kw = {"temperature": temperature, "top_p": top_p} if temperature > 0 else {}
         manager = self._engine("sample" if temperature > 0 else "greedy")
         rid = f"req-{uuid.uuid4().hex}"
+        self._admit(rid, -(-(len(prompt_ids) + max_tokens) // KV_PAGE_TOKENS))
         q: queue.Queue = queue.Queue()
         self._queues[rid] = q
-        if manager.add_request(prompt_ids, request_id=rid, max_new_tokens=max_tokens, streaming=streaming,
-                               eos_token_id=self.stop_ids, **kw) is None:
-            self._queues.pop(rid, None)
+        try:
+            added = manager.add_request(prompt_ids, request_id=rid, max_new_tokens=max_tokens, streaming=streaming,
+                                        eos_token_id=self.stop_ids, **kw)
+        except BaseException:
+            self._release(rid)
+            raise
+        if added is None:
+            self._release(rid)
             raise APIError(503, "the generation engine is not accepting requests (shutting down?)", "server_error")
         return manager, rid, q
+
+    def _admit(self, rid: str, blocks: int) -> None:
+        """Hold ``blocks`` KV blocks for request ``rid``, or refuse it with 429 when the pool and its waiting
+        room are taken."""
+        limit = ADMIT_POOLS * self.pool_blocks
+        with self._held_lock:
+            held = sum(self._held.values())
+            if held + blocks > limit:
+                raise APIError(429, f"the server is busy: requests in flight hold {held} of its {limit} KV blocks "
+                                    f"(the pool of {self.pool_blocks} blocks and as many waiting) and this one needs "
+                                    f"{blocks}; retry after {RETRY_AFTER_S} s", "rate_limit_error",
+                               code="kv_pool_full", headers={"Retry-After": str(RETRY_AFTER_S)})
+            self._held[rid] = blocks
+
+    def _release(self, rid: str) -> bool:
+        """Give back ``rid``'s blocks and its result queue; True if it still held them (it had not ended)."""
+        with self._held_lock:
+            held = self._held.pop(rid, None) is not None
+        self._queues.pop(rid, None)
+        return held
 
     def _results(self, manager, rid: str, q: queue.Queue):
         """Results of one request until it finishes; cancels it if the caller stops early."""
@@ -186,7 +223,7 @@ class Generator:
                 if finished:
                     return
         finally:
-            self._queues.pop(rid, None)
+            self._release(rid)
             if not finished:
                 manager.cancel_request(rid)
 
@@ -212,7 +249,7 @@ class Generator:
         closing the generator early (a client that went away) cancels it in the engine.
         """
         manager, rid, q = self._submit(prompt_ids, req, max_tokens, streaming=True)
-        return self._pieces(manager, rid, q, done)
+        return _Pieces(self._pieces(manager, rid, q, done), lambda: self._release(rid) and manager.cancel_request(rid))
 
     def _pieces(self, manager, rid: str, q: queue.Queue, done: dict):
         sent = ""
@@ -246,7 +283,26 @@ class Generator:
             t.join(timeout=2)
 
 
+class _Pieces:
+    """A stream's text pieces; ``close()`` ends the request even when no piece was ever asked for (a client
+    gone before the first event: closing a generator that never started runs none of its ``finally``)."""
+
+    def __init__(self, pieces, end):
+        self._pieces, self._end = pieces, end
+
+    def __iter__(self):
+        return self._pieces
+
+    def close(self) -> None:
+        self._pieces.close()
+        self._end()
+
+
 KV_PAGE_TOKENS = 256
+ADMIT_POOLS = 2
+"""Requests are admitted while the KV blocks they may fill stay within this many pools: one running,
+one waiting its turn; beyond that a request gets 429 at once."""
+RETRY_AFTER_S = 1
 
 
 class EngineConfigError(RuntimeError):

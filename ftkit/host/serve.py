@@ -20,17 +20,26 @@ What it would add over this module is HTTP plumbing; the engine is the same. See
 Safety: binds to 127.0.0.1 by default and refuses any other address without an API key; keys
 are compared in constant time; malformed JSON, unknown models, oversized prompts and
 ``max_tokens`` above the cap get 4xx errors in OpenAI's error shape, and so does a bad or missing
-Content-Length; a connection silent for :data:`READ_TIMEOUT_S` is answered or closed; a client that disconnects
-mid-stream has its request cancelled in the engine; SIGTERM stops the engine and closes the socket.
+Content-Length; a request (its line, headers and body) must arrive whole within :data:`READ_TIMEOUT_S`
+of its first byte, and an idle connection is closed after as long, so a client trickling bytes
+(slowloris) holds a thread for that long at most; headers over :data:`MAX_HEADER_BYTES` in all, or a line
+over 64 KiB, get 431; a body over :data:`MAX_BODY_BYTES` gets 413 unread; every error, http.server's own
+too, is JSON in OpenAI's shape; when the KV pool and its waiting room are taken a request gets 429 with
+``Retry-After`` (:meth:`Generator._admit`); a client that disconnects mid-stream has its request cancelled
+in the engine; SIGTERM stops the engine and closes the socket. Measured against Starlette + uvicorn in
+bench/http_layer.py; docs/serving-http.md says why this layer stays.
 """
 
 from __future__ import annotations
 
 import hmac
+import http.client
+import io
 import ipaddress
 import json
 import logging
 import signal
+import socket
 import threading
 import time
 import uuid
@@ -42,13 +51,55 @@ from ftkit.host.engine import APIError, Generator
 
 log = logging.getLogger("ftkit")
 MAX_BODY_BYTES = 1 << 20
+MAX_HEADER_BYTES = 64 << 10
+"""The request line's headers, all together (http.server alone takes 100 lines of 64 KiB each)."""
 READ_TIMEOUT_S = 10.0
-"""Seconds a connection may stay silent while the server reads from it (a request line, headers, a
-body shorter than its Content-Length, an idle keep-alive connection): then it is answered or closed,
-so a client that stops sending never holds a server thread for good. ``ftkit serve --read-timeout``."""
+"""Seconds a connection may stay idle before a request, and seconds a request may take to arrive whole
+(request line, headers and body, counted from its first byte): then it is answered or closed, so a
+client that stops sending, or sends a byte now and then, never holds a server thread for good.
+``ftkit serve --read-timeout``."""
 
 
-"""Tokens per KV-cache block (the engine's own default); the pool is ``kv_cache_tokens`` rounded up to blocks."""
+LINGER_S = 2.0
+"""After an error answered before the request was read whole (413, 431...), seconds spent reading and
+dropping what the client still sends, so that closing does not reset the connection under the answer
+before the client has read it (TCP discards unread data on a reset)."""
+LINGER_BYTES = 4 * MAX_BODY_BYTES
+
+
+class _DeadlineReader(io.RawIOBase):
+    """The connection's reads, each under the socket timeout and, once a request has begun, under what
+    is left of that request's deadline (a per-read timeout alone lets a client send a byte every
+    ``timeout - 1`` seconds for ever)."""
+
+    def __init__(self, sock, timeout: float):
+        self.sock, self.timeout, self.deadline = sock, timeout, None
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf) -> int:
+        wait = self.timeout
+        if self.deadline is not None:
+            wait = min(wait, self.deadline - time.monotonic())
+            if wait <= 0:
+                raise TimeoutError("the request did not arrive whole within the read timeout")
+        self.sock.settimeout(wait)
+        return self.sock.recv_into(buf)
+
+
+class _HeaderLines:
+    """``rfile`` for http.client's header parser: refuses headers over :data:`MAX_HEADER_BYTES` in all."""
+
+    def __init__(self, rfile, limit: int):
+        self.rfile, self.left = rfile, limit
+
+    def readline(self, size: int = -1) -> bytes:
+        line = self.rfile.readline(size)
+        self.left -= len(line)
+        if self.left < 0:
+            raise http.client.HTTPException(f"request headers over {MAX_HEADER_BYTES} bytes")
+        return line
 
 
 def _completion_id(prefix: str) -> str:
@@ -67,11 +118,76 @@ class Handler(BaseHTTPRequestHandler):
     def log_message(self, fmt, *args):  # route access logs through logging
         log.info("%s %s", self.address_string(), fmt % args)
 
-    def _send_json(self, status: int, body: dict, close: bool = False) -> None:
+    # -- reading: one deadline per request, headers bounded ------------------------------------
+    def setup(self) -> None:
+        super().setup()
+        self._reader = _DeadlineReader(self.connection, self.timeout)
+        self.rfile = io.BufferedReader(self._reader)
+
+    def finish(self) -> None:
+        super().finish()
+        if getattr(self, "_linger", False):  # an answer sent over unread input: let the client read it
+            try:
+                self.connection.shutdown(socket.SHUT_WR)
+                end, dropped = time.monotonic() + LINGER_S, 0
+                while dropped < LINGER_BYTES and (left := end - time.monotonic()) > 0:
+                    self.connection.settimeout(left)
+                    chunk = self.connection.recv(1 << 16)
+                    if not chunk:
+                        break
+                    dropped += len(chunk)
+            except OSError:
+                pass
+
+    def _request_read(self) -> None:
+        """The request is in: writes get the plain timeout again, with no deadline."""
+        self._reader.deadline = None
+        self.connection.settimeout(self.timeout)
+
+    def handle_one_request(self) -> None:
+        self._request_read()
+        try:
+            if not self.rfile.peek(1):  # idle: one read timeout for the next request to begin
+                self.close_connection = True
+                return
+            self._reader.deadline = time.monotonic() + self.timeout
+            super().handle_one_request()
+        except TimeoutError:
+            log.info("%s: connection idle, or its request not whole, for %.0f s: closed", self.address_string(),
+                     self.timeout)
+            self.close_connection = True
+        except (ConnectionResetError, BrokenPipeError):
+            self.close_connection = True
+
+    def parse_request(self) -> bool:
+        rfile, self.rfile = self.rfile, _HeaderLines(self.rfile, MAX_HEADER_BYTES)
+        try:
+            return super().parse_request()
+        finally:
+            self.rfile = rfile
+
+    def send_error(self, code, message=None, explain=None) -> None:
+        """http.server's own errors (request line, headers, methods) as JSON in OpenAI's shape, not HTML."""
+        self._request_read()
+        if self.request_version == "HTTP/0.9":  # a request line too broken to name a version: answer with headers
+            self.request_version = "HTTP/1.0"
+        if code == 501:  # an unsupported method is not the server failing
+            code, message = 405, f"method {self.command!r} not allowed: this server takes GET and POST"
+        short, long_ = self.responses.get(code, ("error", ""))
+        text = "; ".join(x for x in (message or short, explain if explain and explain != long_ else None) if x)
+        self.log_error("code %d, message %s", code, text)
+        self._linger = True  # the rest of the request line or headers is unread
+        self._send_json(code, APIError(code, text, code={400: "bad_request", 405: "method_not_allowed", 414: "uri_too_long",
+                                                         431: "headers_too_large"}.get(code)).body(),
+                        close=True, extra={"Allow": "GET, POST"} if code == 405 else None)
+
+    def _send_json(self, status: int, body: dict, close: bool = False, extra: dict[str, str] | None = None) -> None:
         data = json.dumps(body).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
+        for k, v in (extra or {}).items():
+            self.send_header(k, v)
         if close:
             self.send_header("Connection", "close")  # also makes the handler close the connection
         self.end_headers()
@@ -93,7 +209,9 @@ class Handler(BaseHTTPRequestHandler):
             fn()
         except APIError as e:
             # a body left unread would be parsed as the next request: close the connection instead
-            self._send_json(e.status, e.body(), close=not self._body_read)
+            self._request_read()
+            self._linger = not self._body_read
+            self._send_json(e.status, e.body(), close=not self._body_read, extra=e.headers)
         except (BrokenPipeError, ConnectionResetError):
             log.info("client disconnected")
         except TimeoutError:  # a write to a client that stopped reading
@@ -101,9 +219,11 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
         except Exception as e:  # noqa: BLE001 - a server answers rather than dies
             log.exception("request failed")
+            self._request_read()
             self._send_json(500, APIError(500, f"internal error: {e}", "server_error").body(), close=not self._body_read)
 
     def do_GET(self):
+        self._request_read()
         self._handle(self._get)
 
     def do_POST(self):
@@ -143,8 +263,10 @@ class Handler(BaseHTTPRequestHandler):
         try:
             data = self.rfile.read(length)
         except TimeoutError:
-            raise APIError(400, f"request body ended before its Content-Length of {length} bytes (nothing more "
-                                f"arrived for {self.timeout:.0f} s)", code="incomplete_body") from None
+            raise APIError(400, f"request body ended before its Content-Length of {length} bytes (the request "
+                                f"was not whole {self.timeout:.0f} s after it began)", code="incomplete_body") from None
+        finally:
+            self._request_read()
         if len(data) < length:  # the client closed its side
             raise APIError(400, f"request body ended after {len(data)} of its Content-Length of {length} bytes",
                            code="incomplete_body")
