@@ -104,9 +104,17 @@ def detect_format(records: Iterable[dict], columns: dict[str, str] | None = None
     if s >= 0.5:
         return Detection("text", f"{s:.0%} of the first {n} records have a 'text' field and no chat structure "
                          "(completion tuning)")
-    seen = ", ".join(sorted(set().union(*keys)))[:300]
-    raise FormatError([Problem("data.format", f"cannot tell the format from the fields ({seen}); set data.format, or "
-                               "data.columns: {user: <column>, assistant: <column>}", "unknown_format")])
+    seen = ", ".join(sorted(map(str, set().union(*keys))))[:300]
+    hint = ""
+    mixed = {fmt: round(share(pred) * n) for fmt, pred, _ in checks if share(pred)}
+    as_text = [k for k in ("messages", "conversations") if share(lambda _, r, k=k: isinstance(r.get(k), str))]
+    if as_text:  # a list saved as JSON text inside a string: a common export bug
+        hint = (f"; '{as_text[0]}' is a string, not a list, in {share(lambda _, r: isinstance(r.get(as_text[0]), str)):.0%}"
+                " of them (a list saved as JSON text? write the list itself)")
+    elif len(mixed) > 1:
+        hint = "; the records mix formats (" + ", ".join(f"{f} {c}" for f, c in mixed.items()) + "): use one per file"
+    raise FormatError([Problem("data.format", f"cannot tell the format from the fields ({seen}){hint}; set data.format, "
+                               "or data.columns: {user: <column>, assistant: <column>}", "unknown_format")])
 
 
 def _mapping_text(columns: dict[str, str]) -> str:
@@ -122,6 +130,8 @@ def to_canonical(record: dict, detection: Detection) -> dict:
     fmt = detection.format
     if fmt == "messages":
         messages = record.get("messages")
+        if not isinstance(messages, list):  # no conversation to carry on with (cleaning, grouping need a list)
+            raise FormatError(validate({"messages": messages}))
         meta = {k: v for k, v in record.items() if k != "messages"}
         return {"messages": messages, "meta": meta}
     if fmt == "sharegpt":
@@ -138,6 +148,11 @@ def to_canonical(record: dict, detection: Detection) -> dict:
     if fmt == "columns":
         return _from_columns(record, detection.columns or {})
     raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+
+
+def _short(v: Any, n: int = 60) -> str:
+    r = repr(v)
+    return r if len(r) <= n else r[: n - 1] + "…"
 
 
 def _type(v: Any) -> str:
@@ -242,12 +257,13 @@ def _from_columns(record: dict, columns: dict[str, str]) -> dict:
 def validate(record: Any, *, alternate: bool = True, max_chars: int | None = None) -> list[Problem]:
     """Every problem of one canonical record (empty list: valid); a superset of OpenAI's checks.
 
-    Checks: a ``messages`` list of objects; known roles; string, non-empty content (an assistant
-    message with ``tool_calls`` may have null content); no unknown message keys; ``weight`` 0 or
-    1 on assistant messages only; a system message only first; with ``alternate``, user and
-    assistant alternating (tool results after an assistant tool call); at least one assistant
-    message with weight 1; the last message from the assistant; total characters under
-    ``max_chars``.
+    Checks: a ``messages`` list of objects; known roles; string, non-empty content without NUL
+    characters (an assistant message with ``tool_calls`` may have null content); ``tool_calls`` on
+    assistant messages only, each a function with a name and arguments that are a JSON object; no
+    unknown message keys; ``weight`` 0 or 1 on assistant messages only; a system message only
+    first; with ``alternate``, user and assistant alternating (tool results after an assistant tool
+    call); at least one assistant message with weight 1; the last message from the assistant; total
+    characters under ``max_chars``.
     """
     if isinstance(record, dict) and "text" in record and "messages" not in record:
         t = record["text"]
@@ -257,7 +273,14 @@ def validate(record: Any, *, alternate: bool = True, max_chars: int | None = Non
             return [Problem("text", "empty or whitespace only", "empty_content")]
         if max_chars and len(t) > max_chars:
             return [Problem("text", f"{len(t):,} characters > {max_chars:,}", "too_long")]
+        if "\x00" in t:
+            return [Problem("text", f"contains a NUL character (\\u0000) at position {t.index(chr(0))}: binary data "
+                            "in the export? remove it", "control_char")]
         return []
+    if isinstance(record, dict) and record.get("messages") is not None and not isinstance(record["messages"], list):
+        m = record["messages"]
+        hint = " (a list saved as JSON text? write the list itself)" if isinstance(m, str) and m.lstrip()[:1] == "[" else ""
+        return [Problem("messages", f"must be a list of {{role, content}} objects, got {_type(m)}{hint}", "wrong_type")]
     if not isinstance(record, dict) or not isinstance(record.get("messages"), list):
         return [Problem("messages", "record must be an object with a 'messages' list", "missing_field")]
     messages = record["messages"]
@@ -266,6 +289,7 @@ def validate(record: Any, *, alternate: bool = True, max_chars: int | None = Non
     problems: list[Problem] = []
     prev = None
     total = 0
+    order_known = True  # after an unknown role, the turn order cannot be judged (it would only echo that)
     for i, m in enumerate(messages):
         where = f"messages[{i}]"
         if not isinstance(m, dict):
@@ -273,12 +297,15 @@ def validate(record: Any, *, alternate: bool = True, max_chars: int | None = Non
             continue
         role, content = m.get("role"), m.get("content")
         if role not in ROLES:
-            problems.append(Problem(f"{where}.role", f"unknown role {role!r}; use one of {', '.join(ROLES)}",
+            problems.append(Problem(f"{where}.role", f"unknown role {_short(role)}; use one of {', '.join(ROLES)}",
                                     "unknown_role"))
+            order_known = False
             continue
         extra = set(m) - MESSAGE_KEYS
         if extra:
             problems.append(Problem(where, f"unknown key(s) {', '.join(sorted(map(str, extra)))}", "unknown_key"))
+        if m.get("tool_calls") not in (None, []):  # null or [] (API logs write them on every reply): no calls
+            problems += _tool_call_problems(where, role, m["tool_calls"])
         if content is None and role == "assistant" and m.get("tool_calls"):
             pass
         elif not isinstance(content, str):
@@ -287,13 +314,17 @@ def validate(record: Any, *, alternate: bool = True, max_chars: int | None = Non
             problems.append(Problem(f"{where}.content", f"empty or whitespace-only {role} message", "empty_content"))
         else:
             total += len(content)
+            if "\x00" in content:  # no chat holds NUL: binary data, or UTF-16 read as something else
+                problems.append(Problem(f"{where}.content", f"contains a NUL character (\\u0000) at position "
+                                        f"{content.index(chr(0))}: binary data in the export? remove it", "control_char"))
         if "weight" in m and (role != "assistant" or m["weight"] not in (0, 1) or isinstance(m["weight"], bool)):
-            problems.append(Problem(f"{where}.weight", "weight is allowed on assistant messages only, as 0 or 1",
-                                    "invalid_weight"))
+            got = _short(m["weight"], 40) if role == "assistant" else f"on a {_short(role, 20)} message"
+            problems.append(Problem(f"{where}.weight", "weight is allowed on assistant messages only, as 0 or 1, got "
+                                    f"{got}", "invalid_weight"))
         if role == "system":
             if i != 0:
                 problems.append(Problem(where, "a system message is only allowed first", "bad_role_order"))
-        elif alternate:
+        elif alternate and order_known:
             expected = _expected_roles(prev)
             if role not in expected:
                 problems.append(Problem(f"{where}.role", f"expected {' or '.join(expected)} after "
@@ -316,6 +347,39 @@ def validate(record: Any, *, alternate: bool = True, max_chars: int | None = Non
     if max_chars and total > max_chars:
         problems.append(Problem("messages", f"{total:,} characters > {max_chars:,}", "too_long"))
     return problems
+
+
+def _tool_call_problems(where: str, role: Any, calls: Any) -> list[Problem]:
+    """``tool_calls``: on an assistant message, a list of ``{"function": {"name", "arguments"}}`` whose
+    arguments are a JSON object (as a JSON string, OpenAI's form, or the object itself)."""
+    field = f"{where}.tool_calls"
+    if role != "assistant":
+        return [Problem(field, f"tool_calls are allowed on assistant messages only, not {_short(role, 20)}", "invalid_tool_call")]
+    if not isinstance(calls, list) or not calls:
+        return [Problem(field, f"must be a list of calls, got {_type(calls)}", "invalid_tool_call")]
+    out = []
+    for j, call in enumerate(calls):
+        fn = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(fn, dict):
+            out.append(Problem(f"{field}[{j}]", "must be an object with a 'function' object holding 'name' and "
+                               "'arguments'", "invalid_tool_call"))
+            continue
+        if not isinstance(fn.get("name"), str) or not fn["name"].strip():
+            out.append(Problem(f"{field}[{j}].function.name", f"must be a non-empty string, got {_type(fn.get('name'))}",
+                               "invalid_tool_call"))
+        args = fn.get("arguments")
+        if isinstance(args, str):
+            try:
+                args = json.loads(args)
+            except (ValueError, RecursionError) as e:
+                out.append(Problem(f"{field}[{j}].function.arguments", f"is not valid JSON ({str(e)[:80]}); write the "
+                                   "arguments as a JSON object in a string, e.g. '{\"city\": \"Oslo\"}'",
+                                   "invalid_tool_call"))
+                continue
+        if not isinstance(args, dict):
+            out.append(Problem(f"{field}[{j}].function.arguments", f"must be a JSON object (or a string of one), got "
+                               f"{_type(args)}", "invalid_tool_call"))
+    return out
 
 
 def _expected_roles(prev: str | None) -> tuple[str, ...]:
@@ -355,5 +419,5 @@ def canonical_text(record: dict) -> str:
     """All content of a record as one string (for duplicate detection)."""
     if "text" in record:
         return record["text"]
-    return "\n".join(f"{m.get('role')}: {m.get('content') or json.dumps(m.get('tool_calls'))}"
-                     for m in record["messages"])
+    return "\n".join(f"{m.get('role')}: {m.get('content') or json.dumps(m.get('tool_calls'), default=str)}"
+                     if isinstance(m, dict) else json.dumps(m, default=str) for m in record["messages"])

@@ -25,7 +25,11 @@ Each record comes as a :class:`Located` whose ``where`` is ``path:N``, the compi
 
 A record that cannot be read at all (bytes that do not decode, invalid JSON, not an object) comes
 with ``error`` set instead of raising, so the caller can quarantine it and carry on; a whole
-file that cannot be opened as its type (not gzip, not a workbook) raises :class:`InputError`.
+file that cannot be opened as its type (not gzip, not a workbook, a truncated Parquet file,
+UTF-16 text) raises :class:`InputError`. Nothing else escapes: JSON nested too deeply, an integer
+of over 4,300 digits, a key given twice in one object (JSON would keep only the last value), a
+lone surrogate escape, a CSV quote never closed or a column name given twice are the record's
+(or the file's) error, with the fix.
 """
 
 from __future__ import annotations
@@ -140,8 +144,9 @@ def _ascii_bytes(codec: str) -> bytes | None:
         return None
 
 
-def iter_records(paths, encoding: str = "utf-8") -> Iterator[Located]:
-    """Every record of every input, in order, streamed; text decoded in ``encoding``."""
+def iter_records(paths, encoding: str = "utf-8", empty: list | None = None) -> Iterator[Located]:
+    """Every record of every input, in order, streamed; text decoded in ``encoding``. Files that hold
+    no record at all (empty, blank lines only, a header only) are appended to ``empty`` when given."""
     problem = encoding_problem(encoding)
     if problem:
         raise InputError(f"encoding {problem}")
@@ -153,12 +158,39 @@ def iter_records(paths, encoding: str = "utf-8") -> Iterator[Located]:
                     raise InputError(f"{p}: not a gzip file; remove '.gz' from its name if it is a plain "
                                      f"{file_kind(p)} file, or compress it with gzip")
     for p, kind in inputs:
+        n = 0
         try:
-            yield from _READERS[kind](p, encoding)
+            if kind in _TEXT_KINDS and codecs.lookup(encoding).name in _UTF8:
+                _refuse_wide_text(p)
+            for n, loc in enumerate(_READERS[kind](p, encoding), 1):  # noqa: B007 - n counts the file's records
+                yield loc
         except (EOFError, zlib.error, gzip.BadGzipFile) as e:
             if not _gzipped(p):
                 raise
             raise InputError(f"{p}: the gzip data is damaged ({e}); compress or export the file again") from None
+        except (PermissionError, IsADirectoryError) as e:
+            raise InputError(f"{p}: cannot be read ({e.strerror}); check the file's permissions") from None
+        if n == 0 and empty is not None:
+            empty.append(p)
+
+
+_TEXT_KINDS = ("jsonl", "json", "csv", "tsv", "text")
+_WIDE_BOMS = [(codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF16_LE, "utf-16"),
+              (codecs.BOM_UTF16_BE, "utf-16")]
+
+
+def _refuse_wide_text(p: Path) -> None:
+    """A UTF-16/32 file (Excel's "Unicode text", PowerShell's default) would read as one bad line after
+    another: one error for the file instead, with the command that converts it."""
+    with _open(p) as f:
+        head = f.read(512)
+    codec = next((name for bom, name in _WIDE_BOMS if head.startswith(bom)), None)
+    if codec is None and len(head) >= 8 and head.count(0) * 4 >= len(head) and (
+            head[1::2].count(0) * 2 >= len(head) // 2 or head[0::2].count(0) * 2 >= len(head) // 2):
+        codec = "utf-16"  # no byte-order mark, but every other byte is 0: ASCII text written as UTF-16
+    if codec:
+        raise InputError(f"{p}: the file is {codec.upper()} text, not UTF-8 (its bytes are 2 or 4 per character); "
+                         f"convert it first: iconv -f {codec} -t utf-8 {p.name} > {p.stem}-utf8{p.suffix}")
 
 
 def _open(p: Path):
@@ -197,21 +229,104 @@ def _lines(f, encoding: str) -> Iterator[tuple[int, str, int | None]]:
             yield n, text, bad_at
 
 
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _no_duplicates(pairs: list) -> dict:
+    """``object_pairs_hook``: a key given twice in one object would keep only its last value, silently."""
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set = set()
+        key = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise _DuplicateKey(key)
+    return obj
+
+
+_STRICT = json.JSONDecoder(object_pairs_hook=_no_duplicates)
+
+
+def _loads(text: str, decoder: json.JSONDecoder = _STRICT, at: int = 0) -> tuple[Any, int, str | None]:
+    """(value, end, None) for the JSON value at ``at``, or (None, at, why not) with the fix: what
+    ``json`` raises besides JSONDecodeError (nesting too deep, an integer of over 4,300 digits), a key given
+    twice, a lone surrogate escape (no UTF-8 file can hold it) are errors of the record, not crashes."""
+    try:
+        obj, end = decoder.raw_decode(text, at)
+    except json.JSONDecodeError as e:
+        return None, at, _json_error(e)
+    except _DuplicateKey as e:
+        return None, at, (f"invalid JSON: the key {e.args[0]!r} appears twice in one object (only the last value "
+                          "would be kept); remove or rename one")
+    except RecursionError:
+        return None, at, "invalid JSON: nested too deeply (over ~1,000 levels of [ or {) to be a record"
+    except ValueError as e:  # int() of a number with more than sys.get_int_max_str_digits() digits
+        return None, at, f"invalid JSON: {e}".split("; use sys.")[0] + "; write the number as a string"
+    if "\\u" in text and _SURROGATE.search(text, at, end):
+        try:
+            json.dumps(obj, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as e:
+            bad = e.object[e.start:e.end].encode("utf-16", "surrogatepass")[2:].hex()
+            return None, at, (f"invalid JSON: the escape \\u{bad[2:4]}{bad[:2]} is half of a UTF-16 surrogate "
+                              "pair, not a character; fix the exporter's escaping")
+        except (RecursionError, ValueError):
+            pass
+    return obj, end, None
+
+
+def _json_error(e: json.JSONDecodeError) -> str:
+    if e.msg.startswith("Invalid control character"):  # a raw NUL, tab or line break inside a string
+        return (f"invalid JSON (the control character {e.doc[e.pos]!r} inside a string at column {e.colno}); "
+                "write it escaped (\\n, \\t, \\u0000) or remove it")
+    cut = e.msg.startswith("Unterminated string") or e.pos >= len(e.doc.rstrip())
+    return f"invalid JSON ({e.msg.removesuffix(' at')} at column {e.colno})" + (
+        ": it ends before the record does (cut short?)" if cut else "")
+
+
+_SURROGATE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
 def _jsonl(p: Path, encoding: str) -> Iterator[Located]:
     with _open(p) as f:
+        first = True
         for i, line, bad_at in _lines(f, encoding):
             where = f"{p}:{i}"
             if bad_at is not None:
                 yield Located(where, None, _bad_bytes(encoding, bad_at))
+                first = False
                 continue
-            if not line.strip():
+            line = line.rstrip("\r\n")  # the line end is no part of the record (an unclosed string ends here)
+            if not line.strip(" \t\r\n"):
                 continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                yield Located(where, None, f"invalid JSON ({e.msg} at column {e.colno}); fix or remove the line")
+            if first and line.strip() in ("[", "{"):  # a pretty-printed JSON document, not one record per line
+                first = False
+                document = _one_document(f, line)
+                if document:
+                    yield Located(where, None, document)
+                    return
+            first = False
+            obj, end, error = _loads(line, at=_WS.match(line).end())
+            if error is None and (extra := _WS.match(line, end).end()) != len(line):
+                error = f"invalid JSON (Extra data at column {extra + 1})"
+            if error:
+                yield Located(where, None, error if ";" in error else f"{error}; fix or remove the line")
                 continue
             yield _object(where, obj)
+
+
+def _one_document(f, first_line: str) -> str | None:
+    """When the file from ``first_line`` on is one JSON value, why it is not JSON Lines; else None
+    (``f`` rewound to just after the first line, so reading goes on line by line)."""
+    pos = f.tell()
+    try:
+        json.loads(first_line.encode() + f.read())
+    except (ValueError, RecursionError):  # not one document (or not UTF-8): read it line by line
+        f.seek(pos)
+        return None
+    if first_line.strip() == "[":
+        return ("the whole file is one pretty-printed JSON list, not JSON Lines (one record per line); rename it to "
+                ".json to read it as a list of records, or write one record per line: jq -c '.[]'")
+    return ("the whole file is one pretty-printed JSON object, not JSON Lines (one record per line); write each "
+            "record on one line: jq -c .")
 
 
 def _object(where: str, obj: Any) -> Located:
@@ -235,22 +350,28 @@ def _json(p: Path, encoding: str) -> Iterator[Located]:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
-        yield Located(f"{p}:{e.lineno}", None, f"invalid JSON ({e.msg} at column {e.colno}); the whole file "
-                      "is unreadable until this is fixed")
+        lines = " (one JSON value per line is JSON Lines: rename the file to .jsonl)" if (
+            e.msg == "Extra data" and text[e.pos - 1:e.pos] == "\n" and text.lstrip()[:1] == "{") else ""
+        yield Located(f"{p}:{e.lineno}", None, f"{_json_error(e)}{lines}; the whole file is unreadable until this "
+                      "is fixed")
+        return
+    except (RecursionError, ValueError):  # too deep, or a huge integer: _loads says which
+        _, _, error = _loads(text, at=_WS.match(text).end())
+        yield Located(f"{p}:1", None, f"{error or 'invalid JSON'}; the whole file is unreadable until this is fixed")
         return
     wrapped = isinstance(data, dict) and isinstance(data.get("data"), list)
     if not (wrapped or isinstance(data, list)):
         yield Located(str(p), None, 'expected a JSON list of records or {"data": [...]}')
         return
-    for line, obj in _json_items(text, wrapped):
-        yield _object(f"{p}:{line}", obj)
+    for line, obj, error in _json_items(text, wrapped):
+        yield Located(f"{p}:{line}", None, error) if error else _object(f"{p}:{line}", obj)
 
 
 _WS = re.compile(r"[ \t\n\r]*")
 
 
-def _json_items(text: str, wrapped: bool) -> Iterator[tuple[int, Any]]:
-    """(line, item) for each record of a JSON text that ``json.loads`` accepted: the top-level
+def _json_items(text: str, wrapped: bool) -> Iterator[tuple[int, Any, str | None]]:
+    """(line, item, error) for each record of a JSON text that ``json.loads`` accepted: the top-level
     list, or the list under the top-level "data" key (the last one, as json.loads keeps)."""
     dec = json.JSONDecoder()
 
@@ -272,8 +393,12 @@ def _json_items(text: str, wrapped: bool) -> Iterator[tuple[int, Any]]:
     i, line, counted = i + 1, 1, 0  # past the "["
     while text[i := skip(i)] != "]":
         line, counted = line + text.count("\n", counted, i), i
-        obj, i = dec.raw_decode(text, i)
-        yield line, obj
+        obj, end, error = _loads(text, at=i)  # a duplicate key spoils its record only
+        if error:
+            obj, end = dec.raw_decode(text, i)
+            obj = None
+        yield line, obj, error
+        i = end
         i = skip(i)
         i += text[i] == ","
 
@@ -289,13 +414,30 @@ def _csv(p: Path, encoding: str, delimiter: str = ",") -> Iterator[Located]:
             yield line
 
     with _open(p) as f:
-        reader = csv.DictReader(text(f), delimiter=delimiter)
-        if reader.fieldnames is not None and bad:  # the column names themselves are wrong
+        # strict: a quote left open is an error at the end of the file, not one cell swallowing every row after it
+        reader = csv.DictReader(text(f), delimiter=delimiter, strict=True)
+        try:
+            header = reader.fieldnames
+        except csv.Error as e:
+            yield Located(str(p), None, f"line {reader.reader.line_num} (the header): {_csv_error(e)}; the whole "
+                          "file is unreadable until this is fixed")
+            return
+        if header is not None and bad:  # the column names themselves are wrong
             n = min(bad)
             yield Located(str(p), None, f"line {n} (the header): {_bad_bytes(encoding, bad[n], whole_file=True)}")
             return
+        twice = sorted({c for c in header or () if c and header.count(c) > 1})
+        if twice:
+            yield Located(str(p), None, f"line 1 (the header): the column {twice[0]!r} appears {header.count(twice[0])} "
+                          "times, so each row would keep only its last cell; rename the columns apart")
+            return
         last = reader.line_num
-        for i, row in enumerate(reader, 1):
+        for i, row in enumerate(_csv_rows(reader), 1):
+            if isinstance(row, csv.Error):
+                now = reader.reader.line_num
+                yield Located(f"{p}:{i}", None, f"line {last + 1}: {_csv_error(row, now - last)}")
+                last = now
+                continue
             # the physical lines of this row (a quoted cell may span several): any bad one spoils the row,
             # so the row is one quarantined record and records in = kept + quarantined still holds
             hit = [n for n in range(last + 1, reader.line_num + 1) if n in bad] if bad else []
@@ -310,6 +452,28 @@ def _csv(p: Path, encoding: str, delimiter: str = ",") -> Iterator[Located]:
                               "(an unquoted delimiter?)")
             else:
                 yield Located(f"{p}:{i}", dict(row))
+
+
+def _csv_rows(reader: csv.DictReader) -> Iterator[dict | csv.Error]:
+    """The rows, a malformed one as its csv.Error (the reader goes on at the next line)."""
+    while True:
+        try:
+            yield next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            yield e
+
+
+def _csv_error(e: csv.Error, lines: int = 1) -> str:
+    msg = str(e)
+    if "unexpected end of data" in msg:
+        return (f"a quoted cell is never closed: the quote runs to the end of the file ({lines} line(s)), so the rows "
+                'after it would be one cell; close the quote, or write a quote inside a cell as ""')
+    if "expected after" in msg:
+        return (f"a quoted cell goes on after its closing quote ({msg}); quote the whole cell and write a quote "
+                'inside it as ""')
+    return f"malformed CSV ({msg})"
 
 
 def _tsv(p: Path, encoding: str) -> Iterator[Located]:
@@ -368,16 +532,28 @@ def _parquet(p: Path, encoding: str) -> Iterator[Located]:
     with contextlib.ExitStack() as stack:
         # a path lets Arrow read natively; a .gz goes through the (seekable) decompressing file
         source = stack.enter_context(gzip.open(p, "rb")) if _gzipped(p) else p
-        for batch in pq.ParquetFile(source).iter_batches(batch_size=4096):
-            for row in batch.to_pylist():
-                i += 1
-                yield Located(f"{p}:{i}", row)
+        try:
+            batches = pq.ParquetFile(source).iter_batches(batch_size=4096)
+            for batch in batches:
+                for row in batch.to_pylist():
+                    i += 1
+                    yield Located(f"{p}:{i}", row)
+        except (OSError, ValueError, TypeError) as e:  # pyarrow's ArrowInvalid/ArrowIOError are these
+            if isinstance(e, (EOFError, zlib.error, gzip.BadGzipFile)):
+                raise
+            after = f" after row {i}" if i else ""
+            raise InputError(f"{p}: not a readable Parquet file{after} ({type(e).__name__}: {e}); it may be truncated: "
+                             "export or copy it again") from None
 
 
 def _datasets(p: Path, encoding: str) -> Iterator[Located]:
     from datasets import DatasetDict, load_from_disk
 
-    ds = load_from_disk(str(p))  # memory-mapped Arrow
+    try:
+        ds = load_from_disk(str(p))  # memory-mapped Arrow
+    except Exception as e:  # a damaged directory fails in many ways (JSON, Arrow, missing files); all mean the same
+        raise InputError(f"{p}: not a readable datasets directory ({type(e).__name__}: {e}); save it again with "
+                         "save_to_disk") from None
     parts = ds.items() if isinstance(ds, DatasetDict) else [(None, ds)]
     for split, d in parts:
         label = f"{p}[{split}]" if split else str(p)

@@ -38,9 +38,10 @@ def detect(paths, fmt: str = "auto", columns: dict | None = None, encoding: str 
     if fmt != "auto":
         return Detection(fmt, f"set by {set_by}", columns or None)
     unreadable: list[str] = []
+    empty: list = []
 
     def readable():
-        for loc in iter_records(paths, encoding=encoding):
+        for loc in iter_records(paths, encoding=encoding, empty=empty):
             if loc.record is not None:
                 yield loc.record
             elif not unreadable:
@@ -49,16 +50,21 @@ def detect(paths, fmt: str = "auto", columns: dict | None = None, encoding: str 
     try:
         return detect_format(readable(), columns or None)
     except FormatError as e:
+        if e.problems[0].code == "empty" and not unreadable:  # say which file(s), and what an empty one is
+            shown = ", ".join(map(str, empty)) or str(paths)
+            raise FormatError([Problem("", f"{shown}: no record to read: the file is empty, holds only blank "
+                                       "lines or a table header only; check the export", "empty")]) from None
         if not unreadable:
             raise
         raise FormatError([*e.problems, Problem("", f"the first unreadable record: {unreadable[0]}",
                                                 "unreadable")]) from None
 
 
-def canonical(paths, detection: Detection, encoding: str = "utf-8") -> Iterator[Canonical]:
+def canonical(paths, detection: Detection, encoding: str = "utf-8", empty: list | None = None) -> Iterator[Canonical]:
     """Every record of ``paths`` converted with ``detection``, in file order; an unreadable or
-    unconvertible one comes with its problems instead of being skipped."""
-    for loc in iter_records(paths, encoding=encoding):
+    unconvertible one comes with its problems instead of being skipped. Files without any record
+    are appended to ``empty`` when given."""
+    for loc in iter_records(paths, encoding=encoding, empty=empty):
         if loc.error:
             yield Canonical(loc.where, None, None, [Problem("", loc.error, "unreadable")])
             continue

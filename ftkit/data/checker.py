@@ -36,16 +36,23 @@ class CheckSummary:
     valid: int = 0
     problems: Counter = field(default_factory=Counter)
     detection: Detection | None = None
+    empty: list = field(default_factory=list)
+    """Input files that hold no record at all (each one is a problem: an export cut short, a wrong file)."""
 
     @property
     def invalid(self) -> int:
         return self.records - self.valid
 
+    @property
+    def failed(self) -> bool:
+        return bool(self.invalid or self.empty)
+
     def line(self) -> str:
         codes = ", ".join(f"{k} {v}" for k, v in self.problems.most_common())
         fmt = f" (format {self.detection.format}: {self.detection.reason})" if self.detection else ""
+        empty = f", {len(self.empty):,} file(s) with no record" if self.empty else ""
         return (f"{self.records:,} records: {self.valid:,} valid, {self.invalid:,} with problems"
-                + (f" [{codes}]" if codes else "") + fmt)
+                + (f" [{codes}]" if codes else "") + empty + fmt)
 
 
 def parse_columns(spec: str | None) -> dict[str, str] | None:
@@ -70,13 +77,14 @@ def check(paths, fmt: str = "auto", columns: dict | None = None, alternate: bool
         summary.detection = records.detect(paths, fmt, columns, encoding, set_by="--format")
     except FormatError as e:
         summary.detection = None
-        for loc in iter_records(paths, encoding=encoding):
+        for loc in iter_records(paths, encoding=encoding, empty=summary.empty):
             summary.records += 1
             problems = [Problem("", loc.error, "unreadable")] if loc.error else e.problems
             summary.problems[problems[0].code] += 1
             yield loc.where, None, problems
+        yield from _empty_files(summary)
         return
-    for item in records.canonical(paths, summary.detection, encoding):
+    for item in records.canonical(paths, summary.detection, encoding, empty=summary.empty):
         summary.records += 1
         problems = item.problems or validate(item.record, alternate=alternate)
         if problems:
@@ -84,6 +92,14 @@ def check(paths, fmt: str = "auto", columns: dict | None = None, alternate: bool
         else:
             summary.valid += 1
         yield item.where, item.record, problems
+    yield from _empty_files(summary)
+
+
+def _empty_files(summary: CheckSummary) -> Iterator[tuple[str, None, list[Problem]]]:
+    """One line per input file without any record (not counted as records: there are none)."""
+    for p in summary.empty:
+        yield str(p), None, [Problem("", "no record: the file is empty, holds only blank lines or a table header "
+                                     "only; check the export", "empty")]
 
 
 def write_records(records: list[dict], target: str, out: Path) -> Path:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from ftkit.core import records
 from ftkit.core.config import DEMO_DATA, DataConfig
-from ftkit.core.formats import Detection, Problem, canonical_text, validate
+from ftkit.core.formats import Detection, FormatError, Problem, canonical_text, validate
 from ftkit.core.paths import RunPaths, write_jsonl
 from ftkit.data import cleaning, demo_data
 
@@ -162,7 +162,15 @@ def resolve_sources(cfg: DataConfig, paths: RunPaths, seed: int) -> list[Path]:
 
 
 def detect(cfg: DataConfig, sources) -> Detection:
-    return records.detect(sources, cfg.format, cfg.columns, cfg.encoding)
+    try:
+        return records.detect(sources, cfg.format, cfg.columns, cfg.encoding)
+    except FormatError as e:  # stage 01 stops here: the error names the input, as a reader's own errors do
+        shown = ", ".join(map(str, sources))
+        if shown in str(e):
+            raise
+        first = e.problems[0]
+        raise FormatError([dataclasses.replace(first, reason=f"{first.reason} (data.path: {shown})"),
+                           *e.problems[1:]]) from None
 
 
 def prepare(cfg: DataConfig, paths: RunPaths, seed: int) -> PrepResult:
@@ -210,7 +218,8 @@ def _read_rows(cfg, sources, detection, res, rows: _Spool, quarantine) -> list[t
     index = []
     seen: set[bytes] = set()
     first_seen: dict[bytes, str] = {}
-    for item in records.canonical(sources, detection, cfg.encoding):
+    empty: list = []
+    for item in records.canonical(sources, detection, cfg.encoding, empty=empty):
         res.rows_in += 1
         if item.record is None:
             quarantine(item.where, item.raw, item.code, item.reason)
@@ -231,6 +240,8 @@ def _read_rows(cfg, sources, detection, res, rows: _Spool, quarantine) -> list[t
         if len(first_seen) < 100_000:  # names for the report; the digest set alone decides
             first_seen[key] = where
         index.append((rows.add(rec), group, turn, where))
+    for p in empty:
+        log.warning("%s: no record: the file is empty, holds only blank lines or a table header only", p)
     return index
 
 
@@ -252,7 +263,8 @@ def _build_conversations(cfg, row_index, rows: _Spool, convs: _Spool, quarantine
         else:
             messages = []
             for k, r in enumerate(recs):
-                messages += r["messages"] if k == 0 else [x for x in r["messages"] if x.get("role") != "system"]
+                messages += r["messages"] if k == 0 else [x for x in r["messages"]
+                                                          if not (isinstance(x, dict) and x.get("role") == "system")]
             conv_list = [{"messages": messages, "meta": recs[0].get("meta", {}), "id": gid, "sources": wheres}]
         for conv in conv_list:
             problems = validate(conv, alternate=cfg.alternate_roles, max_chars=cfg.max_chars)
