@@ -57,6 +57,13 @@ def _generate(kind: str, path: Path) -> None:
         pq.write_table(pa.table({"prompt": [f"p{i}" for i in range(100)], "completion": ["c"] * 100}), path)
         data = path.read_bytes()
         path.write_bytes(data[: len(data) // 2])
+    elif kind == "duplicate_header_xlsx":
+        from openpyxl import Workbook
+
+        wb = Workbook()
+        wb.active.append(["question", "answer", "answer"])
+        wb.active.append(["How do I reset?", "Click reset.", "Old answer"])
+        wb.save(path)
     elif kind == "folder":
         path.mkdir()
         (path / "a.jsonl").write_text(json.dumps(_rec("Hi", "Hello")) + "\n")

@@ -332,7 +332,7 @@ def _one_document(f, first_line: str) -> str | None:
 def _object(where: str, obj: Any) -> Located:
     if isinstance(obj, dict):
         return Located(where, obj)
-    return Located(where, None, f"expected a JSON object per record, got {type(obj).__name__}")
+    return Located(where, None, f"expected a JSON object per record, got {'null' if obj is None else type(obj).__name__}")
 
 
 def _json(p: Path, encoding: str) -> Iterator[Located]:
@@ -495,6 +495,12 @@ def _xlsx(p: Path, encoding: str) -> Iterator[Located]:
             header = [_cell(v) for v in next(rows, ())]
             while header and header[-1] == "":
                 header.pop()
+            twice = sorted({c for c in header if c and header.count(c) > 1})
+            if twice:  # as in a CSV: each row would keep only the last of the cells under that name
+                yield Located(str(p), None, f"row 1 (the header): the column {twice[0]!r} appears "
+                              f"{header.count(twice[0])} times, so each row would keep only its last cell; rename "
+                              "the columns apart")
+                return
             for i, cells in enumerate(rows, 1):
                 values = [_cell(v) for v in cells]
                 if not any(values):  # an empty row is no record (as a blank CSV line); later rows keep their number
