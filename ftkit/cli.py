@@ -102,8 +102,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     if args.command == "serve":
+        from pathlib import Path
+
         from ftkit.host.serve import READ_TIMEOUT_S, make_server, serve_forever
 
+        model_dir = Path(args.model_dir)
+        if not any((model_dir / f).is_file() for f in ("config.json", "adapter_config.json")):
+            why = "no config.json or adapter_config.json in it" if model_dir.is_dir() else "no such folder"
+            print(f"error: {model_dir}: not a model directory ({why}); serve a merged model (outputs/<experiment>/"
+                  "merged, written by stage 05) or a trained adapter (outputs/<experiment>/adapter)", file=sys.stderr)
+            return 2
         try:
             server = make_server(args.model_dir, args.host, args.port, args.api_key, args.max_tokens_cap, args.name,
                                  max_prompt_tokens=args.max_prompt_tokens, kv_cache_tokens=args.kv_cache_tokens,

@@ -35,19 +35,28 @@ def tiny_path() -> str:
     return resolve_model_path("tiny-random")
 
 
-def run_make(*args, cwd=ROOT, timeout=900):
+def run_make(*args, cwd=ROOT, timeout=900, env_extra=None):
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
-    return subprocess.run(["make", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+    return subprocess.run(["make", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                          env={**env, **(env_extra or {})})
+
+
+# Keys the smoke run finds in its environment, as a user's machine has them: the server's own key (so
+# stage 05 serves with authentication), the judge's endpoint key and hub tokens. tests/test_secrets.py
+# greps every file the run wrote, and make's output, for them.
+PLANTED_SECRETS = {name: f"ftkit-planted-{name.lower()}-{os.urandom(6).hex()}"
+                   for name in ("FTKIT_API_KEY", "OPENAI_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")}
 
 
 @pytest.fixture(scope="session")
 def smoke_make(tmp_path_factory):
-    """``make run EXP=smoke`` once per session into a temporary outputs folder: (the run's folder, make's
-    stdout). tests/test_notebooks.py and tests/test_reports.py both read it."""
+    """``make run EXP=smoke`` once per session into a temporary outputs folder, with
+    :data:`PLANTED_SECRETS` in its environment: (the run's folder, make's stdout, make's stderr).
+    tests/test_notebooks.py, tests/test_reports.py and tests/test_secrets.py read it."""
     out = tmp_path_factory.mktemp("outputs")
-    proc = run_make("run", "EXP=smoke", f"OUTPUTS={out}")
+    proc = run_make("run", "EXP=smoke", f"OUTPUTS={out}", env_extra=PLANTED_SECRETS)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    return out / "smoke", proc.stdout
+    return out / "smoke", proc.stdout, proc.stderr
 
 
 @pytest.fixture(scope="session")

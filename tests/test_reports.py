@@ -132,7 +132,7 @@ def test_index_shows_the_metrics_files_figures(smoke):
 
 
 def test_make_run_ends_with_the_summary(smoke_make):
-    run, stdout = smoke_make
+    run, stdout, _ = smoke_make
     m1, m3 = _metrics(run, "01_data_prep"), _metrics(run, "03_train")
     tail = stdout.strip().splitlines()[-8:]
     assert any(line.startswith("index: ") and line.endswith("smoke/index.html") for line in tail), tail

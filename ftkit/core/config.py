@@ -57,6 +57,12 @@ class ModelConfig:
     """`auto`: bfloat16 on a GPU that supports it, float32 on CPU."""
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     trust_remote_code: bool = False
+    """Run the Python code a model repository ships (its own modelling files) when loading it: code from
+    the model's authors runs on this machine with your data. Only for a model whose code you trust and
+    need (transformers has no class for it); report 03 shows the setting."""
+    allow_pickle_weights: bool = False
+    """Weights load from safetensors files only. PyTorch pickle checkpoints (`pytorch_model.bin`, `.pt`)
+    can run code when they are loaded; true accepts them too (a model you trust that has no safetensors)."""
     revision: str | None = None
 
 
@@ -314,7 +320,12 @@ class HostConfig:
     host: str = "127.0.0.1"
     port: int = 0
     """0: pick a free port."""
-    api_key: str | None = None
+    api_key: str | None = field(default=None, metadata={"secret": True})
+    """The key clients must send (`Authorization: Bearer KEY`); needed to bind anywhere but loopback. Set it
+    in the environment (`host.api_key_env`) or in a notebook cell, never in a parameters file (refused
+    there: the file is copied into every rendered notebook). Saved configs show it as `<hidden>`."""
+    api_key_env: str = "FTKIT_API_KEY"
+    """Environment variable holding the server's key when `host.api_key` is not set."""
     max_tokens_cap: int = 512
     max_prompt_tokens: int | None = None
     """Refuse longer prompts with a 400; None: the model's context."""
@@ -367,7 +378,13 @@ class ExperimentConfig:
     host: HostConfig = field(default_factory=HostConfig)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """Every value, secrets shown as :data:`HIDDEN` (what config.json, reports and saved files hold)."""
+        out = dataclasses.asdict(self)
+        for dotted in SECRETS:
+            section, key = dotted.split(".")
+            if out[section][key] is not None:
+                out[section][key] = HIDDEN
+        return out
 
 
 SECTIONS = tuple(f.name for f in dataclasses.fields(ExperimentConfig))
@@ -408,6 +425,10 @@ def load_config(
     errors: list[str] = []
     for dotted, value in overrides.items():
         _set_dotted(merged, dotted, value, errors)
+    for dotted in SECRETS:  # a saved config's placeholder is no key (the real one is never written)
+        section, key = dotted.split(".")
+        if isinstance(merged.get(section), dict) and merged[section].get(key) == HIDDEN:
+            merged[section] = {**merged[section], key: None}
     cfg = _build(ExperimentConfig, merged, "", errors)
     errors.extend(_check_values(cfg))
     if errors:
@@ -416,10 +437,11 @@ def load_config(
 
 
 def read_yaml(path: str | Path) -> dict:
-    """Read a parameters file; a syntax error names the file and line."""
+    """Read a parameters file; a syntax error names the file and line, and so does a secret written in it."""
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8-sig"))
+        text = path.read_text(encoding="utf-8-sig")
+        data = yaml.safe_load(text)
     except FileNotFoundError:
         raise ConfigError([f"parameters file not found: {path}"]) from None
     except yaml.YAMLError as e:
@@ -430,7 +452,43 @@ def read_yaml(path: str | Path) -> dict:
         return {}
     if not isinstance(data, dict):
         raise ConfigError([f"{path}: expected a mapping of sections at the top, got {type(data).__name__}"])
+    secrets = _secrets_in(data)
+    if secrets:
+        raise ConfigError([f"{path}:{_line_of(text, d.split('.')[-1])}: {d}: a key in a parameters file is copied "
+                           f"into every rendered notebook and into version control; remove it and set it in the environment "
+                           f"instead: {_secret_env(d)}" for d in secrets])
     return data
+
+
+SECRETS = ("host.api_key",)
+"""Dotted keys whose values are never written anywhere (fields with ``metadata={"secret": True}``)."""
+HIDDEN = "<hidden>"
+"""What a secret's value reads as in every saved config; read back, it is no value (None)."""
+
+
+def _secret_env(dotted: str) -> str:
+    return {"host.api_key": "export FTKIT_API_KEY=... (or name another variable in host.api_key_env)"}[dotted]
+
+
+def _secrets_in(data: dict) -> list[str]:
+    found = []
+    overrides = data.get("overrides") if isinstance(data.get("overrides"), dict) else {}
+    for dotted in SECRETS:
+        section, key = dotted.split(".")
+        block = data.get(section)
+        values = [block.get(key) if isinstance(block, dict) else None, overrides.get(dotted)]
+        if any(v not in (None, "", HIDDEN) for v in values):
+            found.append(dotted)
+    return found
+
+
+def _line_of(text: str, key: str) -> int:
+    import re
+
+    for n, line in enumerate(text.splitlines(), 1):
+        if re.match(rf"\s*(['\"]?)(host\.)?{re.escape(key)}\1\s*:", line):
+            return n
+    return 1
 
 
 def check_top_level(params: dict, source: str) -> None:

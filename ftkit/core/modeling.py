@@ -206,13 +206,40 @@ def load_tokenizer(path: str, cfg: ModelConfig | None = None, chat_template: str
     return tok
 
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+class UnsafeWeightsError(ValueError):
+    """A model whose weights are pickle files, which ftkit does not load unless allowed."""
+
+
+def weights_kwargs(path, allow_pickle: bool = False) -> dict:
+    """``from_pretrained`` keywords that load safetensors weights only, unless ``allow_pickle``.
+
+    A local folder with no ``.safetensors`` but pickle checkpoints is refused here, naming the file and
+    the fix; for a hub id transformers itself refuses when the repository has no safetensors."""
+    p = Path(path)
+    if allow_pickle:
+        return {}
+    if p.is_dir() and not any(p.glob("*.safetensors")):
+        pickles = sorted(f.name for f in p.iterdir() if f.suffix in PICKLE_SUFFIXES and f.name != "training_args.bin")
+        if pickles:
+            raise UnsafeWeightsError(
+                f"{p / pickles[0]}: the weights are PyTorch pickle files, which can run code when loaded; ftkit loads "
+                "safetensors only. Convert them once where you trust the source (model.save_pretrained(dir) writes "
+                "safetensors), or set model.allow_pickle_weights: true")
+    return {"use_safetensors": True}
+
+
 def load_model(path: str, cfg: ModelConfig, device: torch.device | None = None):
-    """Load a causal LM on ``device`` in the configured dtype, in eval mode."""
+    """Load a causal LM on ``device`` in the configured dtype, in eval mode (safetensors weights only
+    unless ``model.allow_pickle_weights``)."""
     from transformers import AutoModelForCausalLM
 
     device = device or resolve_device(cfg)
     model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=resolve_dtype(cfg, device), trust_remote_code=cfg.trust_remote_code, revision=cfg.revision
+        path, dtype=resolve_dtype(cfg, device), trust_remote_code=cfg.trust_remote_code, revision=cfg.revision,
+        **weights_kwargs(path, cfg.allow_pickle_weights),
     )
     return model.to(device).eval()
 

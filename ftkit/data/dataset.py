@@ -49,6 +49,12 @@ class PrepResult:
     reasons: Counter = field(default_factory=Counter)
     whitespace_fixed: int = 0
     pii: Counter = field(default_factory=Counter)
+    pii_mode: str = "report"
+    pii_records: int = 0
+    pii_where: list[dict] = field(default_factory=list)
+    """The first records holding PII: their source and the kinds found (never the values)."""
+    pii_scrubbed: list[str] = field(default_factory=list)
+    """With ``data.pii: scrub``, excerpts of scrubbed text around the replacements, as training sees it."""
     placeholders: Counter = field(default_factory=Counter)
     leakage: dict = field(default_factory=dict)
     near_dup_method: str | None = None
@@ -93,6 +99,10 @@ class PrepResult:
             "quarantine_reasons": dict(self.reasons),
             "whitespace_fixed": self.whitespace_fixed,
             "pii_found": dict(self.pii),
+            "pii_mode": self.pii_mode,
+            "pii_records": self.pii_records,
+            "pii_where": self.pii_where,
+            "pii_scrubbed_examples": self.pii_scrubbed,
             "placeholders": dict(self.placeholders.most_common(20)),
             "near_duplicate_method": self.near_dup_method,
             "conversations": dict(self.split_sizes),
@@ -127,11 +137,15 @@ class _Spool:
 
 
 class _Quarantine:
-    """Streams quarantined rows to the quarantine file and counts reasons."""
+    """Streams quarantined rows to the quarantine file and counts reasons; the file is written under a
+    temporary name and put in place by ``close(complete=True)``, so a stage that fails or is killed
+    leaves the previous quarantine file, never half of a new one."""
 
     def __init__(self, path: Path, result: PrepResult):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.f = open(path, "w", encoding="utf-8")  # noqa: SIM115 - closed by close()
+        from ftkit.core.paths import atomic
+
+        self._commit = atomic(path)
+        self.f = open(self._commit.__enter__(), "w", encoding="utf-8")  # noqa: SIM115 - closed by close()
         self.result = result
 
     def __call__(self, where: str, record, code: str, reason: str) -> None:
@@ -139,8 +153,12 @@ class _Quarantine:
                                 ensure_ascii=False, default=str) + "\n")
         self.result.reasons[code] += 1
 
-    def close(self) -> None:
+    def close(self, complete: bool) -> None:
         self.f.close()
+        if complete:
+            self._commit.__exit__(None, None, None)
+        else:  # the temporary file goes; the exception that stopped the stage carries on
+            self._commit.__exit__(RuntimeError, RuntimeError("stage 01 did not finish"), None)
 
 
 def effective_config(cfg: DataConfig) -> DataConfig:
@@ -179,10 +197,12 @@ def prepare(cfg: DataConfig, paths: RunPaths, seed: int) -> PrepResult:
     sources = resolve_sources(cfg, paths, seed)
     detection = detect(cfg, sources)
     log.info("format: %s (%s)", detection.format, detection.reason)
-    res = PrepResult(sources=[str(s) for s in sources], detection=detection, quarantine_path=paths.quarantine)
+    res = PrepResult(sources=[str(s) for s in sources], detection=detection, quarantine_path=paths.quarantine,
+                     pii_mode=cfg.pii)
     quarantine = _Quarantine(paths.quarantine, res)
     rows = _Spool(paths.work_dir / "rows.jsonl")
     convs = _Spool(paths.work_dir / "conversations.jsonl")
+    complete = False
     try:
         row_index = _read_rows(cfg, sources, detection, res, rows, quarantine)
         index = _build_conversations(cfg, row_index, rows, convs, quarantine)
@@ -203,8 +223,9 @@ def prepare(cfg: DataConfig, paths: RunPaths, seed: int) -> PrepResult:
             res.stats[name] = {"chars": [c["chars"] for c in items], "turns": [c["turns"] for c in items],
                                "labels": [c["label"] for c in items]}
         res.sample = [convs.get(c["offset"]) for c in assignment["train"][:5]]
+        complete = True
     finally:
-        quarantine.close()
+        quarantine.close(complete)
         rows.close()
         convs.close()
     if res.rows_in != res.rows_kept + res.rows_quarantined:
@@ -225,7 +246,7 @@ def _read_rows(cfg, sources, detection, res, rows: _Spool, quarantine) -> list[t
             quarantine(item.where, item.raw, item.code, item.reason)
             continue
         where, raw, rec = item.where, item.raw, item.record
-        rec = _clean(rec, cfg, res)
+        rec = _clean(rec, cfg, res, where)
         if cfg.placeholders == "drop" and any(cleaning.PLACEHOLDER.search(t) for t in cleaning.contents(rec)):
             quarantine(where, raw, "placeholder", "contains {{placeholders}} and data.placeholders is 'drop'")
             continue
@@ -312,7 +333,7 @@ def _meta_value(rec: dict, column: str | None):
     return None if v in ("", None) else v
 
 
-def _clean(rec: dict, cfg: DataConfig, res: PrepResult) -> dict:
+def _clean(rec: dict, cfg: DataConfig, res: PrepResult, where: str = "") -> dict:
     before = cleaning.contents(rec)
     rec = cleaning.map_contents(rec, cleaning.normalise_text)
     if cleaning.contents(rec) != before:
@@ -321,13 +342,28 @@ def _clean(rec: dict, cfg: DataConfig, res: PrepResult) -> dict:
         res.placeholders.update(m.group(1).strip() for m in cleaning.PLACEHOLDER.finditer(text))
     if cfg.pii != "off":
         types, pattern = cfg.pii_types, cfg.order_id_pattern
-        for text in cleaning.contents(rec):
-            res.pii.update(kind for kind, _, _ in cleaning.find_pii(text, types, pattern))
+        kinds = Counter(kind for text in cleaning.contents(rec) for kind, _, _ in cleaning.find_pii(text, types, pattern))
+        res.pii.update(kinds)
+        if kinds:
+            res.pii_records += 1
+            if len(res.pii_where) < 5:
+                res.pii_where.append({"source": where, "found": dict(kinds)})
         if cfg.pii == "scrub":
             rec = cleaning.map_contents(rec, lambda t: cleaning.scrub_pii(t, types, pattern)[0])
+            if kinds and len(res.pii_scrubbed) < 3:
+                res.pii_scrubbed.append(_around_replacement(" ".join(cleaning.contents(rec))))
     if cfg.placeholders == "fill":
         rec = cleaning.map_contents(rec, cleaning.fill_placeholders)
     return rec
+
+
+def _around_replacement(text: str, width: int = 60) -> str:
+    """The scrubbed text around its first ``[EMAIL]``-style replacement (what the report shows)."""
+    import re
+
+    m = re.search(r"\[(EMAIL|PHONE|CARD|ORDER_ID)\]", text)
+    start = max(0, (m.start() if m else 0) - width)
+    return ("…" if start else "") + text[start:start + 2 * width + 10].strip() + "…"
 
 
 def _turn_key(turn):

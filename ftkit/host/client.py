@@ -14,6 +14,13 @@ def check_prompts(paths: RunPaths, n: int = 3) -> list[list[dict]]:
     return [prompt_and_reference(r["messages"])[0] for r in records]
 
 
+def api_key(cfg) -> str | None:
+    """The server's key: ``host.api_key`` (a notebook cell), else the environment variable ``host.api_key_env``."""
+    import os
+
+    return cfg.host.api_key or os.environ.get(cfg.host.api_key_env) or None
+
+
 def client_for(server, api_key: str | None):
     from openai import OpenAI
 
@@ -31,7 +38,7 @@ def served_prompts(cfg, paths: RunPaths, n: int = 3) -> list[list[dict]]:
 
 def ask_all(server, cfg, paths: RunPaths) -> list[dict]:
     """Each of :func:`served_prompts`: once plain, once streamed."""
-    client = client_for(server, cfg.host.api_key)
+    client = client_for(server, api_key(cfg))
     model_id = client.models.list().data[0].id
     answers = []
     for messages in served_prompts(cfg, paths):
@@ -79,7 +86,7 @@ def start_server(cfg, paths: RunPaths):
     if cfg.host.threads:
         args += ["--threads", str(cfg.host.threads)]
     return ServerProcess(paths.require(paths.merged_dir, "05_host (merge cell)"), host=cfg.host.host,
-                         port=cfg.host.port, api_key=cfg.host.api_key, log_path=paths.server_log,
+                         port=cfg.host.port, api_key=api_key(cfg), log_path=paths.server_log,
                          extra_args=args).start()
 
 

@@ -4,7 +4,7 @@ its replies must stop at the end-of-turn token the training taught, with the fix
 from __future__ import annotations
 
 from ftkit.core.paths import RunPaths, read_jsonl
-from ftkit.host.client import client_for
+from ftkit.host.client import api_key, client_for
 
 
 def _trained_runs(labels: list[int]) -> list[int]:
@@ -39,7 +39,7 @@ def consistency_check(server, cfg, paths: RunPaths, *, n: int | None = None, max
                           "expected": row["input_ids"][:start]})
     if not cases:
         raise ValueError(f"{paths.tokens('test')}: no test conversation with a trained assistant turn to check")
-    client = client_for(server, cfg.host.api_key)
+    client = client_for(server, api_key(cfg))
     model_id = client.models.list().data[0].id
     stop_ids = set(_served_stop_ids(server))
 

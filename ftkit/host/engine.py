@@ -14,7 +14,7 @@ import torch
 from ftkit.core import reasoning
 from ftkit.core.config import ModelConfig
 from ftkit.core.masking import encode_prompt
-from ftkit.core.modeling import load_tokenizer, resolve_device, stop_token_ids
+from ftkit.core.modeling import load_tokenizer, resolve_device, stop_token_ids, weights_kwargs
 
 
 class APIError(Exception):
@@ -66,9 +66,11 @@ class Generator:
             from peft import AutoPeftModelForCausalLM
 
             # continuous batching needs a plain model: fold the adapter in at load (in memory only)
-            self.model = AutoPeftModelForCausalLM.from_pretrained(str(model_dir), dtype="auto").merge_and_unload()
-        else:
-            self.model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype="auto")
+            self.model = AutoPeftModelForCausalLM.from_pretrained(str(model_dir), dtype="auto",
+                                                                  use_safetensors=True).merge_and_unload()
+        else:  # safetensors only: a folder of pickle checkpoints is refused before it is opened
+            self.model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype="auto",
+                                                              **weights_kwargs(model_dir))
         self.model = self.model.to(dev).eval()
         self.stop_ids = stop_token_ids(self.tokenizer)
         self.reasoning = reasoning.markers_for(self.tokenizer)

@@ -79,7 +79,7 @@ def _merged_logits(model_dir, prompts):
     from ftkit.core.modeling import load_tokenizer
 
     tok = load_tokenizer(str(model_dir))
-    ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, use_safetensors=True).eval()
     texts = [render(tok, p, add_generation_prompt=True) for p in prompts]
     ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
     with torch.no_grad():

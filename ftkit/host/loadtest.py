@@ -65,9 +65,9 @@ def run_level(client, model_id: str, prompts: list[list[dict]], concurrency: int
 
 def measure(server, cfg, prompts: list[list[dict]]) -> list[dict]:
     """One warm-up request, then each of ``host.load_concurrency`` in turn."""
-    from ftkit.host.client import client_for
+    from ftkit.host.client import api_key, client_for
 
-    client = client_for(server, cfg.host.api_key)
+    client = client_for(server, api_key(cfg))
     model_id = client.models.list().data[0].id
     _one(client, model_id, prompts[0], 4)  # warm-up: first-request costs are not part of the figures
     h = cfg.host

@@ -51,7 +51,7 @@ def run(cfg: ExperimentConfig, paths: RunPaths, *, keep_server: bool = False) ->
         finally:
             code = None if kept else server.stop()
         metrics = {**merged, **check, **client.summary(answers), "load": load, "cost": costs, **exports,
-                   "shutdown_exit_code": code}
+                   "shutdown_exit_code": code, "api_key_required": client.api_key(cfg) is not None}
         paths.write_metrics(STAGE, metrics)
         paths.finish(STAGE, [paths.merged_dir, paths.exports_dir], after="03_train")
     return HostResult(merged, check, answers, load, costs, exports, commands, metrics, server if kept else None)

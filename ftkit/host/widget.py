@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from ftkit.host.client import client_for
+from ftkit.host.client import api_key, client_for
 
 
 def chat_box(server, cfg):
     """An ipywidgets chat box streaming replies from the running server (interactive use only)."""
     import ipywidgets as widgets
 
-    client = client_for(server, cfg.host.api_key)
+    client = client_for(server, api_key(cfg))
     model_id = client.models.list().data[0].id
     history = [{"role": "system", "content": cfg.convert.system_prompt}] if cfg.convert.system_prompt else []
     box = widgets.Text(placeholder="Ask the fine-tuned model…", layout=widgets.Layout(width="70%"))

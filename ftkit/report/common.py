@@ -175,6 +175,31 @@ def cleaning_table(metrics: dict):
     return _frame(rows).set_index("what")
 
 
+def pii_note(metrics: dict) -> None:
+    """What PII cleaning did, in words: where PII was found (sources and kinds, never the values) and, when
+    scrubbed, excerpts of the text as training sees it."""
+    from IPython.display import Markdown, display
+
+    mode, n = metrics.get("pii_mode", "report"), metrics.get("pii_records", 0)
+    if mode == "off":
+        display(Markdown("PII: not looked for (`data.pii: off`)."))
+        return
+    if not n:
+        display(Markdown(f"PII: none found ({', '.join(metrics.get('pii_found') or {}) or 'email, phone, card'} looked for)."))
+        return
+    where = "".join(f"\n- `{w['source']}`: {', '.join(f'{k} {v}' for k, v in w['found'].items())}"
+                    for w in metrics.get("pii_where", []))
+    if mode == "scrub":
+        shown = "".join(f"\n> {e}\n" for e in metrics.get("pii_scrubbed_examples", []))
+        display(Markdown(f"PII **scrubbed** in **{n:,}** records (`data.pii: scrub`): each match was replaced "
+                         f"before training, so the model never sees it. First records:{where}\n\n"
+                         f"As training sees them:\n{shown}"))
+    else:
+        display(Markdown(f"PII **found** in **{n:,}** records and **kept** (`data.pii: report`): the model will "
+                         f"train on it. Set `data.pii: scrub` to replace each match with `[EMAIL]`, `[PHONE]`… "
+                         f"First records (values not shown):{where}"))
+
+
 def leakage_note(metrics: dict) -> None:
     from IPython.display import Markdown, display
 
@@ -364,6 +389,12 @@ def training_summary(metrics: dict):
     if metrics.get("stopped_at_step"):
         rows.append({"what": "stopped", "value": f"by request at step {metrics['stopped_at_step']} of "
                      f"{metrics.get('planned_steps')}: the next run resumes from its checkpoint"})
+    rows.append({"what": "model's own code", "value": (
+        "RUN: model.trust_remote_code is true, so the repository's Python code ran here"
+        if metrics.get("trust_remote_code") else "not run (model.trust_remote_code: false)")})
+    rows.append({"what": "weights loaded from", "value": (
+        "safetensors, or pickle files (model.allow_pickle_weights: true)" if metrics.get("allow_pickle_weights")
+        else "safetensors only (pickle checkpoints refused)")})
     rows.append({"what": "overfitting", "value": metrics["overfitting"]["reason"]})
     rows.append({"what": "checkpoints", "value": "\n".join(metrics.get("checkpoints") or []) or "none (train.save_steps: 0)"})
     return _frame(rows).set_index("what").style.set_properties(**{"white-space": "pre-wrap", "text-align": "left"})

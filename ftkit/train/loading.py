@@ -40,9 +40,12 @@ def load_4bit(base_path: str, cfg: ExperimentConfig):
     compute = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                bnb_4bit_compute_dtype=compute)
+    from ftkit.core.modeling import weights_kwargs
+
     model = AutoModelForCausalLM.from_pretrained(base_path, quantization_config=quant, dtype=compute,
                                                  device_map={"": str(device)},
-                                                 trust_remote_code=cfg.model.trust_remote_code)
+                                                 trust_remote_code=cfg.model.trust_remote_code,
+                                                 **weights_kwargs(base_path, cfg.model.allow_pickle_weights))
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit):
             module.support_avx512bf16_for_cpu = False

@@ -132,6 +132,8 @@ def run_training(cfg: ExperimentConfig, paths: RunPaths, recipe=None):
         "checkpoints": sorted(str(p) for p in paths.checkpoints_dir.glob("checkpoint-*")),
         "method": cfg.train.method,
         "base_model": cfg.model.name,
+        "trust_remote_code": cfg.model.trust_remote_code,
+        "allow_pickle_weights": cfg.model.allow_pickle_weights,
         "train_examples": len(train_rows),
         "steps": steps,
         "epochs_done": trainer.state.epoch,

@@ -52,11 +52,14 @@ class Field:
 
 
 def config_fields(cls=ExperimentConfig, prefix: str = "") -> list[Field]:
-    """Every leaf key of ``cls``, depth first, in declaration order."""
+    """Every leaf key of ``cls``, depth first, in declaration order; not secrets (a key typed into a form
+    would be saved with it: they come from the environment or a notebook cell)."""
     hints, docs = typing.get_type_hints(cls), attribute_docs(cls)
     out = []
     for f in dataclasses.fields(cls):
         hint = hints[f.name]
+        if f.metadata.get("secret"):
+            continue
         if dataclasses.is_dataclass(hint):
             out.extend(config_fields(hint, f"{prefix}{f.name}."))
             continue
