@@ -85,6 +85,14 @@ class Ledger:
             self.crashes += 1
             raise
 
+    def check(self, fuzz) -> None:
+        """Run the Hypothesis test ``fuzz``, add what it tried to the ledger, and require no crash or loss."""
+        try:
+            fuzz()
+        finally:
+            tally("fuzzing", inputs=self.inputs, records_lost=self.lost, crashes=self.crashes)
+        assert self.crashes == 0 and self.lost == 0
+
 
 def _read_all(path: Path, fmt: str, columns: dict | None, ledger: Ledger) -> None:
     """The reader, detection, conversion, validation and check on one file; counts must reconcile."""
@@ -129,11 +137,7 @@ def test_any_bytes_in_any_data_file(work):
         columns = {"user": "question", "assistant": "answer"} if fmt == "columns" else None
         ledger.run(_read_all, path, fmt, columns, ledger)
 
-    try:
-        fuzz()
-    finally:
-        tally("fuzzing", inputs=ledger.inputs, records_lost=ledger.lost, crashes=ledger.crashes)
-    assert ledger.crashes == 0 and ledger.lost == 0
+    ledger.check(fuzz)
 
 
 def test_json_records_of_any_shape(work):
@@ -151,11 +155,7 @@ def test_json_records_of_any_shape(work):
         ledger.run(_read_all, path, fmt, None, ledger)
         assert len(list(iter_records(path))) == len(recs)  # one per record, none merged or lost
 
-    try:
-        fuzz()
-    finally:
-        tally("fuzzing", inputs=ledger.inputs, records_lost=ledger.lost, crashes=ledger.crashes)
-    assert ledger.crashes == 0 and ledger.lost == 0
+    ledger.check(fuzz)
 
 
 def test_tables_with_random_columns(work):
@@ -180,11 +180,7 @@ def test_tables_with_random_columns(work):
         else:  # csv.writer quotes what needs it: every row written (a blank row is no record) comes back once
             assert len(located) == sum(1 for r in rows if r != [])
 
-    try:
-        fuzz()
-    finally:
-        tally("fuzzing", inputs=ledger.inputs, records_lost=ledger.lost, crashes=ledger.crashes)
-    assert ledger.crashes == 0 and ledger.lost == 0
+    ledger.check(fuzz)
 
 
 def test_stage_01_accounts_for_every_fuzzed_record(work):
@@ -213,8 +209,4 @@ def test_stage_01_accounts_for_every_fuzzed_record(work):
         path.write_bytes(data)
         ledger.run(stage, path, fmt)
 
-    try:
-        fuzz()
-    finally:
-        tally("fuzzing", inputs=ledger.inputs, records_lost=ledger.lost, crashes=ledger.crashes)
-    assert ledger.crashes == 0 and ledger.lost == 0
+    ledger.check(fuzz)

@@ -206,7 +206,7 @@ class RunPaths:
         import datetime as dt
 
         record = {"stage": stage, "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                  "after": {after: _sha256(self.done_record(after))} if after else {},
+                  "after": {after: sha256_file(self.done_record(after))} if after else {},
                   "outputs": {str(Path(p).relative_to(self.root)): fingerprint(Path(p)) for p in outputs
                               if Path(p).exists()}}
         path = self.done_record(stage)
@@ -225,7 +225,7 @@ class RunPaths:
         record = read_json(record_path)
         for after, digest in record.get("after", {}).items():
             self.require_done(after)
-            if _sha256(self.done_record(after)) != digest:
+            if sha256_file(self.done_record(after)) != digest:
                 raise StageNotDone(f"{record_path}: stage {stage} ran on outputs of {after} that were written again "
                                    f"since; rerun {stage}: {rerun}")
         for rel, expected in record.get("outputs", {}).items():
@@ -263,7 +263,8 @@ def _output_bytes(record: dict) -> int:
     return sum(size(fp) for fp in record.get("outputs", {}).values())
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """The SHA-256 of one file, read in 1 MiB blocks."""
     import hashlib
 
     h = hashlib.sha256()
@@ -278,7 +279,7 @@ def fingerprint(path: Path) -> dict[str, Any]:
     if path.is_dir():
         return {"files": {str(f.relative_to(path)): fingerprint(f) for f in sorted(path.rglob("*")) if f.is_file()}}
     size = path.stat().st_size
-    return {"bytes": size, "sha256": _sha256(path) if size <= HASHED_UP_TO else None}
+    return {"bytes": size, "sha256": sha256_file(path) if size <= HASHED_UP_TO else None}
 
 
 def _changed(path: Path, expected: dict[str, Any]) -> str | None:
@@ -300,7 +301,7 @@ def _changed(path: Path, expected: dict[str, Any]) -> str | None:
     size = path.stat().st_size
     if size != expected["bytes"]:
         return f"{size:,} bytes, {expected['bytes']:,} then"
-    if expected.get("sha256") and _sha256(path) != expected["sha256"]:
+    if expected.get("sha256") and sha256_file(path) != expected["sha256"]:
         return "contents changed (SHA-256)"
     return None
 

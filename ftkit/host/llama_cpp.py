@@ -14,7 +14,6 @@ with the ``gguf`` package installed next to ftkit.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import subprocess
@@ -22,6 +21,8 @@ import sys
 import tarfile
 import tempfile
 from pathlib import Path
+
+from ftkit.core.paths import sha256_file
 
 PACKAGE, VERSION = "llama-cpp-python", "0.3.36"
 SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
@@ -66,7 +67,7 @@ def fetch(quiet: bool = True) -> Path:
                 raise ToolError(f"could not download {PACKAGE}=={VERSION} from the package index (pip's error above); "
                                 "retry with the index reachable")
             got = next(Path(tmp).glob("*.tar.gz"))
-            digest = _sha256(got)
+            digest = sha256_file(got)
             if digest != SHA256:
                 raise ToolError(f"{got.name} has SHA-256 {digest}, expected {SHA256}: not the archive ftkit pins")
             os.replace(got, archive())
@@ -83,14 +84,6 @@ def fetch(quiet: bool = True) -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
-
-
-def _sha256(p: Path) -> str:
-    h = hashlib.sha256()
-    with open(p, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def templates() -> list[Path]:
