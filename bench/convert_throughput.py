@@ -10,9 +10,10 @@ import sys
 import time
 
 from ftkit.convert.conversion import process_many, process_record
-from ftkit.core.formats import Detection, to_canonical, validate
+from ftkit.core.formats import Detection, to_canonical
 from ftkit.core.masking import end_of_turn_token_id
 from ftkit.core.modeling import load_tokenizer, resolve_model_path
+from ftkit.core.validation import validate
 from ftkit.data.demo_data import generate
 
 

@@ -47,8 +47,8 @@ def child(model_name: str, rows_path: str, limit: int, batch_size: int) -> None:
     import itertools
 
     from ftkit.core.config import ModelConfig
+    from ftkit.core.files import iter_jsonl
     from ftkit.core.modeling import load_model, load_tokenizer, resolve_model_path
-    from ftkit.core.paths import iter_jsonl
     from ftkit.evaluate.loss import example_losses, summarise_loss
 
     path = resolve_model_path(model_name)

@@ -55,10 +55,11 @@ class _FakeGen:
 
 
 def serve_ftkit(port: int) -> None:
-    from ftkit.host.serve import Handler, _Server
+    from ftkit.host.http_limits import Server
+    from ftkit.host.serve import Handler
 
     handler = type("BenchHandler", (Handler,), {"gen": _FakeGen(), "api_key": None, "timeout": 10.0})
-    _Server(("127.0.0.1", port), handler).serve_forever()
+    Server(("127.0.0.1", port), handler).serve_forever()
 
 
 def asgi_app():

@@ -31,8 +31,9 @@ def main() -> None:
     import torch
 
     from ftkit.core.config import load_config
+    from ftkit.core.files import iter_jsonl
     from ftkit.core.modeling import load_model, load_tokenizer, resolve_model_path
-    from ftkit.core.paths import RunPaths, iter_jsonl
+    from ftkit.core.paths import RunPaths
     from ftkit.evaluate.loss import example_losses
     from ftkit.evaluate.prompting import Prompting, choose_shots, prompted_row
 

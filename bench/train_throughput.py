@@ -336,7 +336,8 @@ def run_ftkit(model_dir, tok_dir, rows, arch, method, batch, lr, warmup, steps, 
               train_overrides=None, dropout=LORA["dropout"], logging_steps=None, profile=False):
     """``ftkit.train.training.run_training`` on a prepared experiment directory; see the module docstring."""
     from ftkit.core.config import load_config
-    from ftkit.core.paths import RunPaths, write_jsonl
+    from ftkit.core.files import write_jsonl
+    from ftkit.core.paths import RunPaths
     from ftkit.train.recipe import Recipe
     from ftkit.train.trainer import set_seed
     from ftkit.train.training import run_training

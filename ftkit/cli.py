@@ -104,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         from pathlib import Path
 
-        from ftkit.host.serve import READ_TIMEOUT_S, make_server, serve_forever
+        from ftkit.host.http_limits import READ_TIMEOUT_S
+        from ftkit.host.serve import make_server, serve_forever
 
         model_dir = Path(args.model_dir)
         if not any((model_dir / f).is_file() for f in ("config.json", "adapter_config.json")):
@@ -150,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
 
         from ftkit import run_paths
         from ftkit.core.config import ConfigError, load_config
-        from ftkit.core.paths import write_json
+        from ftkit.core.files import write_json
         from ftkit.train.training import train
 
         try:
@@ -257,7 +258,8 @@ def _run(args) -> int:
     except (ConfigError, pipeline.StageSpecError) as e:
         print(e, file=sys.stderr)
         return 2
-    from ftkit.core.paths import DiskFullError, StageNotDone
+    from ftkit.core.files import DiskFullError
+    from ftkit.core.paths import StageNotDone
 
     paths = run_paths(cfg)
     try:

@@ -3,7 +3,7 @@
     python tests/killer.py PATTERN K -- run params.yaml --stages 01      # killed at the K-th commit
     python tests/killer.py PATTERN 0 --log FILE -- run ...                # not killed: commits listed
 
-Every output ftkit writes is committed by one rename (``ftkit.core.paths.atomic``); this wraps that
+Every output ftkit writes is committed by one rename (``ftkit.core.files.atomic``); this wraps that
 module's ``os.replace`` so the process kills itself with SIGKILL just before the K-th rename whose
 destination's name matches the glob PATTERN: the new file or folder is complete under its temporary
 name, the old one still in place, exactly what a power cut or the OOM killer leaves at that moment.
@@ -21,7 +21,7 @@ from pathlib import Path
 
 
 class _Os:
-    """``os`` as ftkit.core.paths sees it, with ``replace`` counted (and fatal at the K-th match)."""
+    """``os`` as ftkit.core.files sees it, with ``replace`` counted (and fatal at the K-th match)."""
 
     def __init__(self, pattern: str, k: int, log: str | None):
         self._pattern, self._k, self._log, self._seen = pattern, k, log, 0
@@ -49,10 +49,10 @@ def main(argv: list[str]) -> int:
         log = head[i + 1]
         del head[i:i + 2]
     pattern, k = head[0], int(head[1])
-    import ftkit.core.paths as paths
+    import ftkit.core.files as files
     from ftkit import cli
 
-    paths.os = _Os(pattern, k, log)
+    files.os = _Os(pattern, k, log)
     return cli.main(args)
 
 

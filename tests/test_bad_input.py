@@ -15,8 +15,9 @@ import pytest
 from reliability import tally
 
 from ftkit.core.config import ConfigError, DataConfig
+from ftkit.core.files import read_jsonl
 from ftkit.core.formats import FormatError
-from ftkit.core.paths import RunPaths, read_jsonl
+from ftkit.core.paths import RunPaths
 from ftkit.core.readers import InputError
 from ftkit.data.dataset import prepare
 

@@ -5,8 +5,9 @@ import re
 import pytest
 
 from ftkit.core.config import DataConfig
+from ftkit.core.files import read_jsonl
 from ftkit.core.formats import FormatError
-from ftkit.core.paths import RunPaths, read_jsonl
+from ftkit.core.paths import RunPaths
 from ftkit.data.dataset import prepare
 
 
@@ -182,7 +183,7 @@ def test_unusable_general_records_are_named_not_dropped(tmp_path):
 
 
 def test_atomic_writes_leave_nothing_half_written(tmp_path):
-    from ftkit.core.paths import atomic, write_jsonl
+    from ftkit.core.files import atomic, write_jsonl
 
     target = tmp_path / "split.jsonl"
     with pytest.raises(OSError):

@@ -4,7 +4,8 @@ import json
 
 from ftkit.convert import conversion
 from ftkit.core.config import load_config
-from ftkit.core.paths import RunPaths, read_json
+from ftkit.core.files import read_json
+from ftkit.core.paths import RunPaths
 from ftkit.data import dataset as data
 
 

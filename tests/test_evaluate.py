@@ -345,7 +345,7 @@ def test_evaluate_run_reports_three_models_with_intervals(evaluated):
     assert m["reference"]["rule_pass_rate"] == 1.0  # every demo reply ends with the sign-off
     assert m["forgetting"]["examples"] == 40 and isinstance(m["forgetting"]["flag"], bool)
     assert len(m["few_shot_ids"]) == 2 and m["test_examples"] > 0
-    from ftkit.core.paths import read_jsonl
+    from ftkit.core.files import read_jsonl
 
     rows = read_jsonl(paths.generations)
     assert len(rows) == 6 and {"base", "prompted", "tuned", "reference"} <= set(rows[0])

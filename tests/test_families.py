@@ -56,8 +56,8 @@ needs_templates = pytest.mark.skipif(not template_path("Qwen-Qwen3-0.6B.jinja").
 def test_family_end_to_end(family, data_file, tmp_path):
     import ftkit
     from ftkit.convert import conversion
+    from ftkit.core.files import read_jsonl
     from ftkit.core.masking import end_of_turn_token_id
-    from ftkit.core.paths import read_jsonl
     from ftkit.host import client as host
     from ftkit.host import gguf as gguf_export
     from ftkit.host import merge as export

@@ -214,8 +214,8 @@ def test_disk_full_in_stage_01_names_the_path_and_keeps_the_earlier_splits(tmp_p
 def test_disk_full_before_a_merge_is_refused_up_front(tmp_path, small_disk, tiny_path):
     """Saving a model checks the space first: a clear error with the bytes needed, the old folder intact."""
     from ftkit.core.config import ModelConfig
+    from ftkit.core.files import DiskFullError
     from ftkit.core.modeling import load_model, load_tokenizer
-    from ftkit.core.paths import DiskFullError
     from ftkit.host.merge import save_model_dir
 
     model, tok = load_model(tiny_path, ModelConfig(name="tiny-random")), load_tokenizer(tiny_path)

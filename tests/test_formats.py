@@ -13,9 +13,9 @@ from ftkit.core.formats import (
     to_canonical,
     to_openai,
     to_sharegpt,
-    validate,
     with_system_prompt,
 )
+from ftkit.core.validation import validate
 
 GOOD = {"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "U"},
                      {"role": "assistant", "content": "A"}]}

@@ -20,9 +20,11 @@ from reliability import tally
 
 from ftkit.core import records
 from ftkit.core.config import ConfigError, DataConfig
-from ftkit.core.formats import FORMATS, Problem, validate
-from ftkit.core.paths import RunPaths, read_jsonl
+from ftkit.core.files import read_jsonl
+from ftkit.core.formats import FORMATS, Problem
+from ftkit.core.paths import RunPaths
 from ftkit.core.readers import InputError, iter_records
+from ftkit.core.validation import validate
 from ftkit.data.checker import CheckSummary, check
 from ftkit.data.dataset import prepare
 

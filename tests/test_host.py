@@ -7,9 +7,9 @@ import pytest
 
 import ftkit
 from ftkit.core.config import HostConfig
+from ftkit.core.files import write_jsonl
 from ftkit.core.masking import build_example
 from ftkit.core.modeling import load_tokenizer
-from ftkit.core.paths import write_jsonl
 from ftkit.host import client as host
 from ftkit.host import consistency, cost, loadtest, widget
 from ftkit.host.server_process import ServerProcess

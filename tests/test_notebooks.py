@@ -8,7 +8,7 @@ import re
 import subprocess
 
 import pytest
-from conftest import ROOT, run_make
+from conftest import PLANTED_SECRETS, ROOT, run_make
 
 STAGES = ["01_data_prep", "02_format_conversion", "03_train", "04_evaluate", "05_host"]
 
@@ -99,7 +99,8 @@ def _same(a, b, where=""):
 def test_ftkit_run_matches_make_run(smoke, tmp_path_factory):
     """`ftkit run parameters/smoke.yaml` (no papermill) writes the metrics `make run EXP=smoke` writes."""
     out = tmp_path_factory.mktemp("cli")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
+    # the same environment as the smoke run, planted keys included (FTKIT_API_KEY makes stage 05 require one)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")} | PLANTED_SECRETS
     proc = subprocess.run([str(ROOT / ".venv" / "bin" / "ftkit"), "run", "parameters/smoke.yaml", "--stages", "01-05",
                            "--outputs-dir", str(out)], cwd=ROOT, capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

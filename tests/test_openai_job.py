@@ -72,8 +72,9 @@ def test_file_id_without_a_local_training_file_is_refused(tmp_path, capsys):
 def test_openai_jsonl_with_weights_is_read_as_it_is(tmp_path, tokenizer):
     """OpenAI's chat JSONL, per-message weight included, goes through stage 01 unchanged and a weight-0
     reply is not trained."""
+    from ftkit.core.files import read_jsonl
     from ftkit.core.masking import build_example, trained_text
-    from ftkit.core.paths import RunPaths, read_jsonl
+    from ftkit.core.paths import RunPaths
     from ftkit.data import dataset as data
 
     records = [{"messages": [{"role": "system", "content": "You are terse."},

@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from reliability import tally
 
-from ftkit.host.serve import MAX_BODY_BYTES, MAX_HEADER_BYTES
+from ftkit.host.http_limits import MAX_BODY_BYTES, MAX_HEADER_BYTES
 from ftkit.host.server_process import ServerProcess
 
 pytestmark = pytest.mark.reliability

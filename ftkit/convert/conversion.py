@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ftkit.core.config import ExperimentConfig
+from ftkit.core.files import read_jsonl, write_jsonl
 from ftkit.core.formats import to_openai, with_system_prompt
 from ftkit.core.masking import (
     IGNORE_INDEX,
@@ -28,7 +29,7 @@ from ftkit.core.masking import (
     trained_text,
     turn_prefix,
 )
-from ftkit.core.paths import RunPaths, read_jsonl, write_jsonl
+from ftkit.core.paths import RunPaths
 
 log = logging.getLogger("ftkit")
 SPLITS = ("train", "val", "test")
@@ -155,7 +156,7 @@ def run_tokenizer(cfg: ExperimentConfig, paths: RunPaths):
 
     tok = load_tokenizer(resolve_model_path(cfg.model.name), cfg.model,
                          chat_template=cfg.convert.chat_template)
-    from ftkit.core.paths import atomic
+    from ftkit.core.files import atomic
 
     with atomic(paths.tokenizer_dir, directory=True) as tmp:  # stages 03-05 never load half a tokenizer
         tok.save_pretrained(tmp)

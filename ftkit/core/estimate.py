@@ -162,8 +162,8 @@ def preflight(cfg, paths, free_bytes: int | None = None, lengths: list[int] | No
 
     ``lengths``: token counts of the training examples when the caller has them already loaded.
     """
+    from ftkit.core.files import read_jsonl
     from ftkit.core.modeling import resolve_device, resolve_model_path
-    from ftkit.core.paths import read_jsonl
 
     lens = lengths if lengths is not None else [len(r["input_ids"]) for r in read_jsonl(paths.tokens("train"))]
     est = estimate(cfg, resolve_model_path(cfg.model.name), sum(lens), len(lens), sum(lens) / max(len(lens), 1))

@@ -14,8 +14,10 @@ import logging
 import random
 from importlib import resources
 
-from ftkit.core.formats import validate, with_system_prompt
-from ftkit.core.paths import RunPaths, read_jsonl, write_jsonl
+from ftkit.core.files import read_jsonl, write_jsonl
+from ftkit.core.formats import with_system_prompt
+from ftkit.core.paths import RunPaths
+from ftkit.core.validation import validate
 
 log = logging.getLogger("ftkit")
 

@@ -15,16 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ftkit.core import records
-from ftkit.core.formats import (
-    Detection,
-    FormatError,
-    Problem,
-    to_openai,
-    to_sharegpt,
-    validate,
-)
-from ftkit.core.paths import atomic, write_jsonl
+from ftkit.core.files import atomic, write_jsonl
+from ftkit.core.formats import Detection, FormatError, Problem, to_openai, to_sharegpt
 from ftkit.core.readers import iter_records
+from ftkit.core.validation import validate
 from ftkit.data.cleaning import map_contents, normalise_text
 
 TARGETS = ("openai", "sharegpt", "parquet", "datasets")

@@ -27,8 +27,10 @@ from pathlib import Path
 
 from ftkit.core import records
 from ftkit.core.config import DEMO_DATA, DataConfig
-from ftkit.core.formats import Detection, FormatError, Problem, canonical_text, validate
-from ftkit.core.paths import RunPaths, write_jsonl
+from ftkit.core.files import write_jsonl
+from ftkit.core.formats import Detection, FormatError, Problem, canonical_text
+from ftkit.core.paths import RunPaths
+from ftkit.core.validation import validate
 from ftkit.data import cleaning, demo_data
 
 log = logging.getLogger("ftkit")
@@ -78,7 +80,7 @@ class PrepResult:
     @property
     def quarantined(self) -> list[dict]:
         """The quarantine file's records (read on demand: it can be large)."""
-        from ftkit.core.paths import read_jsonl
+        from ftkit.core.files import read_jsonl
 
         return read_jsonl(self.quarantine_path)
 
@@ -142,7 +144,7 @@ class _Quarantine:
     leaves the previous quarantine file, never half of a new one."""
 
     def __init__(self, path: Path, result: PrepResult):
-        from ftkit.core.paths import atomic
+        from ftkit.core.files import atomic
 
         self._commit = atomic(path)
         self.f = open(self._commit.__enter__(), "w", encoding="utf-8")  # noqa: SIM115 - closed by close()

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ftkit.core.config import ExperimentConfig
-from ftkit.core.paths import RunPaths, write_json
+from ftkit.core.files import write_json
+from ftkit.core.paths import RunPaths
 from ftkit.data.dataset import PrepResult, prepare
 
 STAGE = "01_data_prep"

@@ -31,9 +31,9 @@ import logging
 import time
 from collections.abc import Iterator
 
+from ftkit.core.files import iter_jsonl
 from ftkit.core.formats import prompt_and_reference
 from ftkit.core.masking import IGNORE_INDEX, TemplateError
-from ftkit.core.paths import iter_jsonl
 from ftkit.core.progress import Progress
 from ftkit.evaluate.forgetting import forgetting_check
 from ftkit.evaluate.loss import example_losses, summarise_loss
@@ -77,8 +77,8 @@ def adapter_disabled(model):
 
 def evaluate_run(cfg, paths) -> dict:
     """Run stage 04; writes per-example generations; returns the metrics for ``04_evaluate.json``."""
+    from ftkit.core.files import write_jsonl
     from ftkit.core.modeling import load_model, resolve_model_path, stop_token_ids
-    from ftkit.core.paths import write_jsonl
     from ftkit.core.trained import load_adapter_model, trained_info
 
     started = time.perf_counter()

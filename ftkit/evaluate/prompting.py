@@ -7,8 +7,8 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from ftkit.core.files import iter_jsonl
 from ftkit.core.masking import IGNORE_INDEX, build_example, closing_suffix, render
-from ftkit.core.paths import iter_jsonl
 
 
 @dataclass

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ftkit.core.config import ExperimentConfig
-from ftkit.core.paths import RunPaths, read_json, read_jsonl
+from ftkit.core.files import read_json, read_jsonl
+from ftkit.core.paths import RunPaths
 
 STAGE = "04_evaluate"
 

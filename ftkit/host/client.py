@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import time
 
+from ftkit.core.files import read_jsonl
 from ftkit.core.formats import prompt_and_reference, with_system_prompt
-from ftkit.core.paths import RunPaths, read_jsonl
+from ftkit.core.paths import RunPaths
 
 
 def check_prompts(paths: RunPaths, n: int = 3) -> list[list[dict]]:

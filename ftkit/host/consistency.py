@@ -3,7 +3,8 @@ its replies must stop at the end-of-turn token the training taught, with the fix
 
 from __future__ import annotations
 
-from ftkit.core.paths import RunPaths, read_jsonl
+from ftkit.core.files import read_jsonl
+from ftkit.core.paths import RunPaths
 from ftkit.host.client import api_key, client_for
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from ftkit.core.paths import atomic
+from ftkit.core.files import atomic
 from ftkit.host import llama_cpp
 
 log = logging.getLogger("ftkit")
@@ -174,8 +174,8 @@ def export_all(merged_dir: str | Path, paths, qtypes, prompts: list[list[dict]],
                system_prompt: str | None = None) -> dict:
     """Each GGUF type written and checked (skipped with a reason where it cannot be), plus the
     Ollama Modelfile for the smallest file that passed."""
+    from ftkit.core.files import atomic_write_text
     from ftkit.core.modeling import load_tokenizer
-    from ftkit.core.paths import atomic_write_text
 
     auto = qtypes == "auto"
     qtypes = auto_types() if auto else list(qtypes)

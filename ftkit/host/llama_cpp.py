@@ -22,7 +22,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from ftkit.core.paths import sha256_file
+from ftkit.core.files import sha256_file
 
 PACKAGE, VERSION = "llama-cpp-python", "0.3.36"
 SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"

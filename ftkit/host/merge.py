@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import torch
 
+from ftkit.core.files import atomic
 from ftkit.core.masking import encode_prompt
 from ftkit.core.modeling import stop_token_ids
-from ftkit.core.paths import RunPaths, atomic
+from ftkit.core.paths import RunPaths
 
 
 @torch.no_grad()

@@ -20,7 +20,7 @@ What it would add over this module is HTTP plumbing; the engine is the same. See
 Safety: binds to 127.0.0.1 by default and refuses any other address without an API key; keys
 are compared in constant time; malformed JSON, unknown models, oversized prompts and
 ``max_tokens`` above the cap get 4xx errors in OpenAI's error shape, and so does a bad or missing
-Content-Length; a request (its line, headers and body) must arrive whole within :data:`READ_TIMEOUT_S`
+Content-Length; a request (its line, headers and body) must arrive whole within :data:`~ftkit.host.http_limits.READ_TIMEOUT_S`
 of its first byte, and an idle connection is closed after as long, so a client trickling bytes
 (slowloris) holds a thread for that long at most; headers over :data:`MAX_HEADER_BYTES` in all, or a line
 over 64 KiB, get 431; a body over :data:`MAX_BODY_BYTES` gets 413 unread; every error, http.server's own
@@ -33,7 +33,6 @@ bench/http_layer.py; docs/serving-http.md says why this layer stays.
 from __future__ import annotations
 
 import hmac
-import http.client
 import io
 import ipaddress
 import json
@@ -48,60 +47,18 @@ from pathlib import Path
 
 from ftkit.core import reasoning
 from ftkit.host.engine import APIError, Generator
+from ftkit.host.http_limits import (
+    LINGER_BYTES,
+    LINGER_S,
+    MAX_BODY_BYTES,
+    MAX_HEADER_BYTES,
+    READ_TIMEOUT_S,
+    DeadlineReader,
+    HeaderLines,
+    Server,
+)
 
 log = logging.getLogger("ftkit")
-MAX_BODY_BYTES = 1 << 20
-MAX_HEADER_BYTES = 64 << 10
-"""The request line's headers, all together (http.server alone takes 100 lines of 64 KiB each)."""
-READ_TIMEOUT_S = 10.0
-"""Seconds a connection may stay idle before a request, and seconds a request may take to arrive whole
-(request line, headers and body, counted from its first byte): then it is answered or closed, so a
-client that stops sending, or sends a byte now and then, never holds a server thread for good.
-``ftkit serve --read-timeout``."""
-
-
-LINGER_S = 2.0
-"""After an error answered before the request was read whole (413, 431...), seconds spent reading and
-dropping what the client still sends, so that closing does not reset the connection under the answer
-before the client has read it (TCP discards unread data on a reset)."""
-LINGER_BYTES = 4 * MAX_BODY_BYTES
-
-
-class _DeadlineReader(io.RawIOBase):
-    """The connection's reads, each under the socket timeout and, once a request has begun, under what
-    is left of that request's deadline (a per-read timeout alone lets a client send a byte every
-    ``timeout - 1`` seconds for ever)."""
-
-    def __init__(self, sock, timeout: float):
-        self.sock, self.timeout, self.deadline = sock, timeout, None
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buf) -> int:
-        wait = self.timeout
-        if self.deadline is not None:
-            wait = min(wait, self.deadline - time.monotonic())
-            if wait <= 0:
-                raise TimeoutError("the request did not arrive whole within the read timeout")
-        self.sock.settimeout(wait)
-        return self.sock.recv_into(buf)
-
-
-class _HeaderLines:
-    """``rfile`` for http.client's header parser: refuses headers over :data:`MAX_HEADER_BYTES` in all."""
-
-    def __init__(self, rfile, limit: int):
-        self.rfile, self.left = rfile, limit
-
-    def readline(self, size: int = -1) -> bytes:
-        line = self.rfile.readline(size)
-        self.left -= len(line)
-        if self.left < 0:
-            raise http.client.HTTPException(f"request headers over {MAX_HEADER_BYTES} bytes")
-        return line
-
-
 def _completion_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
@@ -125,7 +82,7 @@ class Handler(BaseHTTPRequestHandler):
     # -- reading: one deadline per request, headers bounded ------------------------------------
     def setup(self) -> None:
         super().setup()
-        self._reader = _DeadlineReader(self.connection, self.timeout)
+        self._reader = DeadlineReader(self.connection, self.timeout)
         self.rfile = io.BufferedReader(self._reader)
 
     def finish(self) -> None:
@@ -164,7 +121,7 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
 
     def parse_request(self) -> bool:
-        rfile, self.rfile = self.rfile, _HeaderLines(self.rfile, MAX_HEADER_BYTES)
+        rfile, self.rfile = self.rfile, HeaderLines(self.rfile, MAX_HEADER_BYTES)
         try:
             return super().parse_request()
         finally:
@@ -415,16 +372,11 @@ def make_server(model_dir: str | Path, host: str = "127.0.0.1", port: int = 8000
                     kv_cache_tokens=kv_cache_tokens, threads=threads)
     handler = type("BoundHandler", (Handler,), {"gen": gen, "api_key": api_key, "timeout": read_timeout})
     try:
-        server = _Server((host, port), handler)
+        server = Server((host, port), handler)
     except OSError:
         gen.close()
         raise
     return server
-
-
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    request_queue_size = 128  # the listen backlog: a burst of clients connecting at once is queued, not refused
 
 
 def serve_forever(server: ThreadingHTTPServer) -> None:

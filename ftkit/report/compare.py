@@ -8,7 +8,8 @@ import json
 import os
 from pathlib import Path
 
-from ftkit.core.paths import RunPaths, read_json
+from ftkit.core.files import read_json
+from ftkit.core.paths import RunPaths
 from ftkit.report.overview import Figure, cell_class, esc, fmt_figure, page, stage_views, write_page
 
 # experiment differs in every comparison and already heads each column; outputs_dir is where a

@@ -14,7 +14,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ftkit.core.paths import STAGES, RunPaths, atomic
+from ftkit.core.files import atomic
+from ftkit.core.paths import STAGES, RunPaths
 from ftkit.evaluate.scoring import HEADLINE, LOWER_IS_BETTER, MODELS, NAMES
 
 TITLES = {"01_data_prep": "Data preparation", "02_format_conversion": "Format conversion", "03_train": "Training",

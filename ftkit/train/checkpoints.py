@@ -8,7 +8,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from ftkit.core.paths import write_json
+from ftkit.core.files import write_json
 
 log = logging.getLogger(__name__)
 

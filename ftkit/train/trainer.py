@@ -11,11 +11,12 @@ import torch
 
 from ftkit.core.batches import TokenizedDataset
 from ftkit.core.config import ExperimentConfig
+from ftkit.core.files import read_jsonl
 from ftkit.core.masking import IGNORE_INDEX
 from ftkit.core.modeling import (
     resolve_device,
 )
-from ftkit.core.paths import RunPaths, read_jsonl
+from ftkit.core.paths import RunPaths
 from ftkit.train.checkpoints import CompleteCheckpointMarker
 from ftkit.train.plan import DevicePlan, device_plan
 

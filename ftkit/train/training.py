@@ -16,13 +16,14 @@ import time
 import torch
 
 from ftkit.core.config import ExperimentConfig
+from ftkit.core.files import write_json
 from ftkit.core.modeling import (
     count_parameters,
     load_tokenizer,
     resolve_device,
     resolve_model_path,
 )
-from ftkit.core.paths import RunPaths, write_json
+from ftkit.core.paths import RunPaths
 from ftkit.core.trained import TRAIN_INFO
 from ftkit.train.checkpoints import find_resume_checkpoint
 from ftkit.train.history import overfitting, write_log_csv
@@ -87,7 +88,7 @@ def run_training(cfg: ExperimentConfig, paths: RunPaths, recipe=None):
         try:
             result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         except Exception as e:  # a checkpoint that did not fit: say so, with its size (the torn one is never resumed)
-            from ftkit.core.paths import disk_full_error
+            from ftkit.core.files import disk_full_error
 
             full = disk_full_error(paths.checkpoints_dir, checkpoint_bytes(model, paths.checkpoints_dir), e)
             if full is None:
@@ -161,7 +162,7 @@ def save_adapter(trainer, tokenizer, paths, info: dict) -> None:
     in ``save_model`` (it gathers sharded weights); the main process writes."""
     import shutil
 
-    from ftkit.core.paths import atomic
+    from ftkit.core.files import atomic
 
     staging = paths.adapter_dir.with_name(f".{paths.adapter_dir.name}.saving.tmp")
     if trainer.is_world_process_zero():

@@ -11,7 +11,7 @@ from ftkit.core.config import DEMO_DATA, ExperimentConfig
 
 @functools.lru_cache(maxsize=8)
 def _lengths(path: str, mtime: float) -> tuple[int, ...]:
-    from ftkit.core.paths import iter_jsonl
+    from ftkit.core.files import iter_jsonl
 
     return tuple(len(r["input_ids"]) for r in iter_jsonl(Path(path)))
 

@@ -286,7 +286,7 @@ class ParameterForm:
         if path.exists() and not self.overwrite.value and not path.read_text(encoding="utf-8").startswith(SAVED_HEADER):
             return self._fail(f"parameters/{name}.yaml exists and was not written by this form: choose another name "
                               "or tick 'overwrite an existing file'")
-        from ftkit.core.paths import atomic_write_text
+        from ftkit.core.files import atomic_write_text
 
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, to_yaml(self.config, name))
