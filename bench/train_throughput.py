@@ -6,6 +6,10 @@ In one process, for each model shape and data mix, it trains for ``--warmup`` st
 * **baseline**: what a typical tutorial does: transformers Trainer + PEFT LoRA (r=16, alpha 32,
   all linear layers, dropout 0: PEFT's default), bf16, SDPA attention, padding to the longest
   example of each batch (``DataCollatorForSeq2Seq``), no packing, gradient checkpointing on, AdamW;
+* **stock**: what an informed user writes in ten lines (:func:`run_stock`): Trainer + PEFT with
+  ``DataCollatorWithFlattening`` padding-free packing on SDPA, no gradient checkpointing,
+  ``adamw_torch_fused``; for QLoRA a 4-bit base through ``prepare_model_for_kbit_training``
+  (checkpointing on, as PEFT's guide does); its packing checked with ftkit's leak probe;
 * **ftkit**: ``ftkit.train.training.run_training``, the function notebook 03 calls, with its defaults on a
   GPU (``ftkit.train.plan.device_plan``) and the same model, examples, micro-batch, learning rate,
   schedule and seed. Two things are changed around it, neither inside the timed steps: the
@@ -134,6 +138,17 @@ ABLATIONS = {
     # the compiled layers launching their kernels from Inductor's Python wrapper (ftkit uses its C++
     # wrapper on a GPU: the 1.5B Bitext step leaves the GPU idle while the host launches ~3,000 kernels)
     "ftkit, Python wrapper": {"cpp_wrapper": False},
+    # memory budgets (train.max_memory_gb): the plan for a 48 or 24 GB card, the allocator capped at it
+    "ftkit, max_memory_gb 48": {"max_memory_gb": 48},
+    "ftkit, max_memory_gb 24": {"max_memory_gb": 24},
+}
+
+# QLoRA on the Bitext mix: ftkit with its memory levers set by hand (what a memory budget chooses between)
+QLORA_VARIANTS = {
+    "ftkit qlora": {},  # the default plan: compiled layers, gradient checkpointing on
+    "ftkit qlora, eager": {"compile": False},  # the default plan before 2026-12-02
+    "ftkit qlora, eager, no checkpointing": {"compile": False, "gradient_checkpointing": False},
+    "ftkit qlora, no checkpointing": {"gradient_checkpointing": False},
 }
 
 
@@ -331,6 +346,53 @@ def run_baseline(model, tok, rows, arch, batch, lr, warmup, steps, seed, out, ac
     return rec, peak
 
 
+# ---- stock: what an informed user writes in ten lines ---------------------------------------------
+def run_stock(model, tok, rows, arch, batch, lr, warmup, steps, seed, out, accum=1, model_dir=None, qlora=False):
+    """Trainer + PEFT LoRA (the baseline's adapters) with the stock speed options transformers offers:
+    padding-free packing (``DataCollatorWithFlattening``: one row, ``position_ids`` restarting at each
+    example, from which SDPA's block-diagonal mask is built), no gradient checkpointing,
+    ``adamw_torch_fused``, bf16. ``qlora``: the same on a 4-bit NF4 base loaded from ``model_dir``
+    (double quantisation, bf16 compute) through ``prepare_model_for_kbit_training``, which turns gradient
+    checkpointing on, as PEFT's QLoRA guide does. Returns (recorder, peak GB, packing leak): ftkit's
+    packing probe (``ftkit.train.packing.packing_leak``) runs on the adapted model before training."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import DataCollatorWithFlattening, Trainer, TrainingArguments
+    from transformers import set_seed as hf_set_seed
+
+    from ftkit.core.batches import TokenizedDataset
+    from ftkit.train.packing import packing_leak
+
+    if qlora:
+        from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                   bnb_4bit_compute_dtype=torch.bfloat16)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=quant, dtype=torch.bfloat16,
+                                                     attn_implementation="sdpa", device_map={"": 0})
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+    model.config.use_cache = False
+    hf_set_seed(seed)
+    model = get_peft_model(model, LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
+                                             target_modules="all-linear", task_type="CAUSAL_LM", bias="none"))
+    model.eval()
+    leak = packing_leak(model)
+    model.train()
+    rec = Recorder(DataCollatorWithFlattening(), warmup, steps, accum)
+    args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=batch, learning_rate=lr,
+                             gradient_accumulation_steps=accum,
+                             max_steps=warmup + steps, lr_scheduler_type="cosine", warmup_steps=0.05,
+                             weight_decay=0.0, max_grad_norm=1.0, bf16=True, gradient_checkpointing=qlora,
+                             optim="adamw_torch_fused", logging_steps=10_000, save_strategy="no", report_to="none",
+                             seed=seed, data_seed=seed, remove_unused_columns=False, dataloader_num_workers=0,
+                             disable_tqdm=True)
+    trainer = Trainer(model=model, args=args, train_dataset=TokenizedDataset(rows), data_collator=rec,
+                      callbacks=[rec.callback()])
+    trainer.train()
+    peak = torch.cuda.max_memory_allocated() / 1e9
+    del trainer, model
+    return rec, peak, leak
+
+
 # ---- ftkit ----------------------------------------------------------------------------------------
 def run_ftkit(model_dir, tok_dir, rows, arch, method, batch, lr, warmup, steps, seed, out, accum=1,
               train_overrides=None, dropout=LORA["dropout"], logging_steps=None, profile=False):
@@ -349,7 +411,7 @@ def run_ftkit(model_dir, tok_dir, rows, arch, method, batch, lr, warmup, steps, 
                       train={"method": method, "batch_size": batch, "gradient_accumulation_steps": accum,
                              # as in a run long enough to win back the compile time (what `auto` does
                              # there); this short timed run would otherwise not compile
-                             "compile": method != "qlora",
+                             "compile": True,
                              "learning_rate": lr,
                              "max_steps": warmup + switches.get("extra_warmup", 0) + steps,
                              "logging_steps": logging_steps or 10_000, "eval_steps": 0, "save_steps": 0,
@@ -565,14 +627,15 @@ def same_maths(tok, tok_dir, work, steps=50, seed=0, lr=1e-3, batch=4, accum=4) 
             "device_plan": plan["device_plan"]}
 
 
-def compile_check(tok, tok_dir, work, steps=20, seed=0, lr=1e-3, batch=4, accum=4) -> list[dict]:
+def compile_check(tok, tok_dir, work, steps=20, seed=0, lr=1e-3, batch=4, accum=4,
+                  methods=("lora", "full", "dora", "qlora")) -> list[dict]:
     """135M shape, per method: ftkit's GPU path with compiled layers against the same path eager,
     on the same examples and seed: loss curves (same maths) and tokens/s."""
     arch = "smollm2-135m"
     rows = make_rows("bitext", (steps + 2) * batch * accum, seed, ARCHS[arch][1]["vocab_size"], zipf=True)
     model_dir = model_dir_for(arch, tok, work)
     out = []
-    for method in ("lora", "full", "dora"):
+    for method in methods:
         res = {}
         for compiled in (False, True):
             free_gpu()
@@ -604,13 +667,18 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--ablations", default="qwen2.5-1.5b,llama-3.1-8b", help="models to ablate on the bitext mix")
     ap.add_argument("--ablation-names", default="all", help=f"'all' or ';'-separated of: {'; '.join(ABLATIONS)}")
-    ap.add_argument("--variants", default="baseline,ftkit")
+    ap.add_argument("--variants", default="baseline,stock,ftkit")
     ap.add_argument("--append", action="store_true", help="keep other models' runs already in today's file")
     ap.add_argument("--qlora", default="llama-3.1-8b", help="models for QLoRA at 2,048-token micro-batches")
+    ap.add_argument("--qlora-fixed", action=argparse.BooleanOptionalAction, default=True,
+                    help="QLoRA at 2,048-token micro-batches (stock and ftkit) for the --qlora models")
+    ap.add_argument("--qlora-bitext", default="", help="';'-separated QLoRA variants on the Bitext mix "
+                    f"(stock and ftkit ones: {'; '.join(QLORA_VARIANTS)}), for the --qlora models")
     ap.add_argument("--same-maths", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--measure-peak", action="store_true")
     ap.add_argument("--compile-check", action=argparse.BooleanOptionalAction, default=True,
-                    help="135M: compiled vs eager layers for LoRA, full fine-tuning and DoRA")
+                    help="135M: compiled vs eager layers for LoRA, full fine-tuning, DoRA and QLoRA")
+    ap.add_argument("--compile-methods", default="lora,full,dora,qlora")
     ap.add_argument("--profile", action="store_true",
                     help="print the GPU kernel time of the ablation rows' timed steps (e.g. of 'ftkit, again')")
     ap.add_argument("--work", default=None, help="scratch directory (models are saved there)")
@@ -662,7 +730,7 @@ def main() -> None:
         print(json.dumps({k: v for k, v in sm.items() if not k.startswith("loss_")}), flush=True)
 
     if args.compile_check:
-        result["compile_check"] = compile_check(tok, args.tokenizer, work)
+        result["compile_check"] = compile_check(tok, args.tokenizer, work, methods=args.compile_methods.split(","))
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -686,7 +754,7 @@ def main() -> None:
 
     for arch in args.models.split(","):
         vocab = ARCHS[arch][1]["vocab_size"]
-        for mix in args.mixes.split(","):
+        for mix in filter(None, args.mixes.split(",")):
             batch, accum = MIXES[mix]
             rows = make_rows(mix, (args.warmup + args.steps + 2) * batch * accum, args.seed, vocab)
             free_gpu()
@@ -702,25 +770,72 @@ def main() -> None:
                 save()
             del model
             free_gpu()
+            st = {"tokens_per_second": float("nan")}
+            if "stock" in args.variants.split(","):
+                rec, peak, leak = run_stock(build_model(arch, tok), tok, rows, arch, batch, out=work / "stock",
+                                            accum=accum, **common)
+                st = {**base, "variant": "stock", **rec.result(arch, "lora"), "peak_memory_gb": peak,
+                      "packing_leak_max_logit_diff": leak}
+                st["ratio_to_baseline"] = st["tokens_per_second"] / b["tokens_per_second"]
+                record(result["runs"], **st)
+                save()
+                free_gpu()
             if "ftkit" not in args.variants.split(","):
-                bitext_rows, bitext_base, bitext_info = rows, b, base
+                bitext_rows, bitext_base, bitext_stock, bitext_info = rows, b, st, base
                 continue
             rec, peak, plan = run_ftkit(model_dir, args.tokenizer, rows, arch, "lora", batch, out=work / "ftkit",
                                         accum=accum, **common)
             f = {**base, "variant": "ftkit", **rec.result(arch, "lora"), "peak_memory_gb": peak, **plan}
             f["ratio_to_baseline"] = f["tokens_per_second"] / b["tokens_per_second"]
+            f["ratio_to_stock"] = f["tokens_per_second"] / st["tokens_per_second"]
             record(result["runs"], **f)
             save()
             if mix == "bitext":
-                bitext_rows, bitext_base, bitext_info = rows, b, base
-        if arch in args.qlora.split(","):
+                bitext_rows, bitext_base, bitext_stock, bitext_info = rows, b, st, base
+        model_dir = model_dir_for(arch, tok, work)  # written by the LoRA rows above, or now (no mixes)
+        if arch in args.qlora.split(",") and args.qlora_fixed:
             free_gpu()
             rows = make_rows("fixed-2048", (args.warmup + args.steps + 2), args.seed, vocab)
+            q = dict(model=arch, method="qlora", micro_batch=1, accumulation=1, seq_len=2048, data="fixed-2048")
+            qs = {"tokens_per_second": float("nan")}
+            if "stock" in args.variants.split(","):
+                rec, peak, leak = run_stock(None, tok, rows, arch, 1, out=work / "qstock", model_dir=model_dir,
+                                            qlora=True, **common)
+                qs = {**q, "variant": "stock", **rec.result(arch, "qlora"), "peak_memory_gb": peak,
+                      "packing_leak_max_logit_diff": leak}
+                record(result["runs"], **qs)
+                save()
+                free_gpu()
             rec, peak, plan = run_ftkit(model_dir, args.tokenizer, rows, arch, "qlora", 1, out=work / "qlora",
                                         **common)
-            record(result["runs"], model=arch, method="qlora", variant="ftkit", micro_batch=1, accumulation=1,
-                   seq_len=2048, data="fixed-2048", **rec.result(arch, "qlora"), peak_memory_gb=peak, **plan)
+            record(result["runs"], **q, variant="ftkit", **rec.result(arch, "qlora"), peak_memory_gb=peak,
+                   ratio_to_stock=rec.result(arch, "qlora")["tokens_per_second"] / qs["tokens_per_second"], **plan)
             save()
+        if arch in args.qlora.split(",") and args.qlora_bitext:
+            batch, accum = MIXES["bitext"]
+            rows = make_rows("bitext", (args.warmup + args.steps + 2) * batch * accum, args.seed, vocab)
+            q = dict(model=arch, method="qlora", micro_batch=batch, accumulation=accum,
+                     seq_len=max(len(r["input_ids"]) for r in rows), data="bitext")
+            qs = {"tokens_per_second": float("nan")}
+            for name in args.qlora_bitext.split(";"):
+                free_gpu()
+                try:
+                    if name == "stock":
+                        rec, peak, leak = run_stock(None, tok, rows, arch, batch, out=work / "qstock", accum=accum,
+                                                    model_dir=model_dir, qlora=True, **common)
+                        qs = r = {**q, "variant": "stock", **rec.result(arch, "qlora"), "peak_memory_gb": peak,
+                                  "packing_leak_max_logit_diff": leak}
+                    else:
+                        rec, peak, plan = run_ftkit(model_dir, args.tokenizer, rows, arch, "qlora", batch,
+                                                    out=work / "qlora", accum=accum,
+                                                    train_overrides=QLORA_VARIANTS[name], **common)
+                        r = {**q, "variant": name, "overrides": QLORA_VARIANTS[name], **rec.result(arch, "qlora"),
+                             "peak_memory_gb": peak, **plan}
+                        r["ratio_to_stock"] = r["tokens_per_second"] / qs["tokens_per_second"]
+                except Exception as e:  # noqa: BLE001  (a variant that fails is recorded, not fatal)
+                    r = {**q, "variant": name, "error": f"{type(e).__name__}: {str(e)[:300]}"}
+                record(result["runs"], **r)
+                save()
         if arch in args.ablations.split(",") and "bitext" in args.mixes.split(","):
             batch, accum = MIXES["bitext"]
             names = list(ABLATIONS) if args.ablation_names == "all" else args.ablation_names.split(";")
@@ -739,6 +854,7 @@ def main() -> None:
                 r = {**bitext_info, "variant": name, "wall_s_incl_load_and_compile": time.perf_counter() - t,
                      "overrides": ABLATIONS[name], **rec.result(arch, "lora"), "peak_memory_gb": peak, **plan}
                 r["ratio_to_baseline"] = r["tokens_per_second"] / bitext_base["tokens_per_second"]
+                r["ratio_to_stock"] = r["tokens_per_second"] / bitext_stock["tokens_per_second"]
                 record(result["ablations"], **r)
                 save()
         free_gpu()
@@ -749,13 +865,14 @@ def main() -> None:
 
 
 def table(result: dict) -> str:
-    lines = [f"{'model':14} {'method':6} {'data':10} {'variant':28} {'tok/s':>9} {'MFU':>6} {'peak GB':>8} {'x base':>7}"]
+    lines = [f"{'model':14} {'method':6} {'data':10} {'variant':28} {'tok/s':>9} {'MFU':>6} {'peak GB':>8} {'x base':>7} {'x stock':>7}"]
     for r in result["runs"] + result["ablations"]:
         if "error" in r:
             lines.append(f"{r['model']:14} {r['method']:6} {r['data']:10} {r['variant']:28} failed: {r['error'][:60]}")
             continue
         lines.append(f"{r['model']:14} {r['method']:6} {r['data']:10} {r['variant']:28} {r['tokens_per_second']:9,.0f} "
-                     f"{r['mfu']:6.1%} {r['peak_memory_gb']:8.1f} {r.get('ratio_to_baseline', 1.0):7.2f}")
+                     f"{r['mfu']:6.1%} {r['peak_memory_gb']:8.1f} {r.get('ratio_to_baseline', float('nan')):7.2f} "
+                     f"{r.get('ratio_to_stock', float('nan')):7.2f}")
     return "\n".join(lines)
 
 

@@ -28,6 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--threads", type=int, default=None, help="CPU threads for the model (default: one less than the cores)")
     s.add_argument("--read-timeout", type=float, default=None,
                    help="seconds a client may stay silent mid-request or idle before its connection is closed (default 10)")
+    s.add_argument("--engine", choices=("ftkit", "vllm"), default="ftkit",
+                   help="ftkit (default: transformers' engine, CPU or GPU) or vllm (vLLM's OpenAI server on a "
+                        "merged directory with the training template, stop tokens and key; many streams on a GPU)")
 
     c = sub.add_parser("check-params", help="validate a parameters YAML file without running anything")
     c.add_argument("file")
@@ -113,6 +116,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {model_dir}: not a model directory ({why}); serve a merged model (outputs/<experiment>/"
                   "merged, written by stage 05) or a trained adapter (outputs/<experiment>/adapter)", file=sys.stderr)
             return 2
+        if args.engine == "vllm":
+            from ftkit.host.vllm_engine import VLLMSetupError, exec_vllm, vllm_command
+
+            try:
+                argv, env = vllm_command(model_dir, args.host, args.port, args.api_key, args.name,
+                                         args.max_prompt_tokens)
+                print("ftkit: " + " ".join(argv), flush=True)
+                exec_vllm(argv, env)
+            except VLLMSetupError as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 2
         try:
             server = make_server(args.model_dir, args.host, args.port, args.api_key, args.max_tokens_cap, args.name,
                                  max_prompt_tokens=args.max_prompt_tokens, kv_cache_tokens=args.kv_cache_tokens,

@@ -163,6 +163,7 @@ def test_merge_and_gguf_killed_leave_nothing_half_written(tmp_path):
         pytest.skip("llama.cpp's converter not fetched (make thirdparty): the GGUF half needs it")
     killed = ftkit(out, params, "05", kill=("*.gguf", 1))
     assert killed.returncode == -9
+    assert _servers_left(run) == []  # the server stage 05 had started goes with it
     assert (run / "merged" / "config.json").exists() and not list((run / "exports").glob("*.gguf"))
     assert not (run / "metrics" / "05_host.json").exists() and not (run / "done" / "05_host.json").exists()
     finished = ftkit(out, params, "05")
@@ -170,6 +171,25 @@ def test_merge_and_gguf_killed_leave_nothing_half_written(tmp_path):
     assert list((run / "exports").glob("*.gguf")) and (run / "done" / "05_host.json").exists()
     assert not list(run.rglob(".*.tmp"))
     tally("faults", faults=2, crashes=0)
+
+
+def _servers_left(run: Path, wait_s: float = 20.0) -> list[str]:
+    """Command lines of ``ftkit serve`` processes still serving from ``run`` after up to ``wait_s``."""
+    import time
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        left = []
+        for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+            try:
+                args = cmdline.read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"serve" in args and any(str(run).encode() in a for a in args):
+                left.append(b" ".join(args).decode(errors="replace"))
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.5)
 
 
 # -- a full disk ---------------------------------------------------------------------------------

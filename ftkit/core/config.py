@@ -189,7 +189,13 @@ class TrainConfig:
     """`auto`: fused AdamW (`adamw_torch_fused`) on a GPU, `adamw_torch` on CPU."""
     gradient_checkpointing: bool | None = None
     """Recompute activations in the backward pass: less memory, about a third more compute.
-    null: on only for QLoRA on a GPU (memory is what QLoRA is for); otherwise off."""
+    null: on for QLoRA on a GPU (memory is what QLoRA is for), and wherever `max_memory_gb` needs it
+    (the micro-batch configured would not fit without it); otherwise off."""
+    max_memory_gb: float | None = None
+    """Accelerator memory this run may use, in GB (GiB): plan a run for a 24 GB card on a larger one.
+    null: the device's free memory. The pre-flight check, the micro-batch fold and gradient
+    checkpointing (when null) are planned for it, and on a GPU the allocator is capped at it, so a
+    run that would go over stops with out-of-memory instead of using more."""
     attention: Literal["auto", "varlen", "sdpa"] = "auto"
     """`auto`: with packing on a GPU, PyTorch's variable-length flash attention (each example's own
     causal triangle, nothing across examples); `sdpa`: the model's SDPA with a block mask."""
@@ -642,6 +648,8 @@ def _check_values(cfg: ExperimentConfig) -> list[str]:
             errors.append(f"train.{name}: must be at least 1, got {getattr(t, name)}")
     if t.learning_rate <= 0:
         errors.append(f"train.learning_rate: must be positive, got {t.learning_rate}")
+    if t.max_memory_gb is not None and t.max_memory_gb <= 0:
+        errors.append(f"train.max_memory_gb: must be positive (GB), got {t.max_memory_gb}; or null for the free memory")
     if t.max_steps == 0 or t.max_steps < -1:
         errors.append(f"train.max_steps: use -1 (run train.epochs) or a positive number, got {t.max_steps}")
     if t.lora.r < 1:

@@ -168,6 +168,8 @@ def preflight(cfg, paths, free_bytes: int | None = None, lengths: list[int] | No
     lens = lengths if lengths is not None else [len(r["input_ids"]) for r in read_jsonl(paths.tokens("train"))]
     est = estimate(cfg, resolve_model_path(cfg.model.name), sum(lens), len(lens), sum(lens) / max(len(lens), 1))
     free = free_bytes if free_bytes is not None else free_memory_bytes(resolve_device(cfg.model))
+    if cfg.train.max_memory_gb is not None:  # the budget, where it is below what the device has free
+        free = min(free, int(cfg.train.max_memory_gb * 1024**3))
     (check or check_fits)(est, cfg, free)
     return {**est.to_dict(), "free_gb": free / 1024**3}
 
@@ -190,6 +192,8 @@ def check_fits(est: Estimate, cfg, free_bytes: int) -> None:
             tips.append(f"a shorter convert.max_seq_len than {cfg.convert.max_seq_len}")
         raise PreflightError(
             f"this run needs about {est.total_gb:.1f} GB (weights {est.weights_gb:.1f} + training state "
-            f"{est.trainable_state_gb:.1f} + activations {est.activations_gb:.1f}) but {device} has "
-            f"{free / 1024**3:.1f} GB free. Try: " + "; ".join(tips) + "."
+            f"{est.trainable_state_gb:.1f} + activations {est.activations_gb:.1f}) but "
+            + (f"train.max_memory_gb allows {t.max_memory_gb:g} GB" if t.max_memory_gb is not None
+               and free <= t.max_memory_gb * 1024**3 else f"{device} has {free / 1024**3:.1f} GB free")
+            + ". Try: " + "; ".join(tips + (["a larger train.max_memory_gb"] if t.max_memory_gb is not None else [])) + "."
         )

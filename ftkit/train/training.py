@@ -65,6 +65,11 @@ def run_training(cfg: ExperimentConfig, paths: RunPaths, recipe=None):
     log.info("pre-flight: ~%.2f GB needed of %.1f GB free, ~%.0f s estimated", pre["total_gb"], pre["free_gb"],
              pre["est_train_seconds"])
     free = int(pre["free_gb"] * 1024**3)
+    if cfg.train.max_memory_gb is not None and device.type == "cuda":
+        # the budget enforced, not only planned for: going over it is an out-of-memory error
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        total = torch.cuda.get_device_properties(index).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, cfg.train.max_memory_gb * 1024**3 / total), index)
     planned = device_plan(cfg, pre["est_train_seconds"])
     model, applied = load_for_training(cfg, base_path, planned, recipe)
     choices = fold_for_model(cfg, planned, applied, lengths, free)
