@@ -319,31 +319,46 @@ def model_dir_for(arch: str, tok, work: Path, model=None) -> Path:
 # ---- baseline -------------------------------------------------------------------------------------
 def run_baseline(model, tok, rows, arch, batch, lr, warmup, steps, seed, out, accum=1, dropout=LORA["dropout"],
                  logging_steps=None):
-    from peft import LoraConfig, get_peft_model
-    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
-    from transformers import set_seed as hf_set_seed
-
-    from ftkit.core.batches import TokenizedDataset
+    from transformers import DataCollatorForSeq2Seq
 
     model.config.use_cache = False
     model.enable_input_require_grads()  # as tutorials do for gradient checkpointing with PEFT
-    hf_set_seed(seed)
-    model = get_peft_model(model, LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=dropout,
-                                             target_modules="all-linear", task_type="CAUSAL_LM", bias="none"))
+    model = _with_lora(model, seed, dropout)
     rec = Recorder(DataCollatorForSeq2Seq(tok, padding="longest", label_pad_token_id=-100), warmup, steps, accum)
+    peak = _hf_train(model, rec, rows, out, batch, lr, seed, accum, bf16=torch.cuda.is_available(),
+                     gradient_checkpointing=True, logging_steps=logging_steps or 10_000)
+    return rec, peak
+
+
+def _with_lora(model, seed, dropout=LORA["dropout"]):
+    """PEFT LoRA on every linear layer, seeded: the adapters of the baseline and stock rows."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import set_seed as hf_set_seed
+
+    hf_set_seed(seed)
+    return get_peft_model(model, LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=dropout,
+                                            target_modules="all-linear", task_type="CAUSAL_LM", bias="none"))
+
+
+def _hf_train(model, rec, rows, out, batch, lr, seed, accum, **options) -> float:
+    """transformers' Trainer on ``rows`` through the recording collator ``rec`` for its warm-up and timed
+    steps (cosine schedule, no weight decay, clipping at 1); ``options``: the TrainingArguments that
+    differ between set-ups. Returns the peak GPU memory in GB."""
+    from transformers import Trainer, TrainingArguments
+
+    from ftkit.core.batches import TokenizedDataset
+
+    options.setdefault("logging_steps", 10_000)
     args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=batch, learning_rate=lr,
-                             gradient_accumulation_steps=accum,
-                             max_steps=warmup + steps, lr_scheduler_type="cosine", warmup_steps=0.05,
-                             weight_decay=0.0, max_grad_norm=1.0, bf16=torch.cuda.is_available(), gradient_checkpointing=True,
-                             logging_steps=logging_steps or 10_000, save_strategy="no", report_to="none",
-                             seed=seed, data_seed=seed, remove_unused_columns=False, dataloader_num_workers=0,
-                             disable_tqdm=True)
+                             gradient_accumulation_steps=accum, max_steps=rec.total, lr_scheduler_type="cosine",
+                             warmup_steps=0.05, weight_decay=0.0, max_grad_norm=1.0, save_strategy="no",
+                             report_to="none", seed=seed, data_seed=seed, remove_unused_columns=False,
+                             dataloader_num_workers=0, disable_tqdm=True, **options)
     trainer = Trainer(model=model, args=args, train_dataset=TokenizedDataset(rows), data_collator=rec,
                       callbacks=[rec.callback()])
     trainer.train()
-    peak = torch.cuda.max_memory_allocated() / 1e9
-    del trainer, model
-    return rec, peak
+    del trainer
+    return torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available() else 0.0
 
 
 # ---- stock: what an informed user writes in ten lines ---------------------------------------------
@@ -355,11 +370,9 @@ def run_stock(model, tok, rows, arch, batch, lr, warmup, steps, seed, out, accum
     (double quantisation, bf16 compute) through ``prepare_model_for_kbit_training``, which turns gradient
     checkpointing on, as PEFT's QLoRA guide does. Returns (recorder, peak GB, packing leak): ftkit's
     packing probe (``ftkit.train.packing.packing_leak``) runs on the adapted model before training."""
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import DataCollatorWithFlattening, Trainer, TrainingArguments
-    from transformers import set_seed as hf_set_seed
+    from peft import prepare_model_for_kbit_training
+    from transformers import DataCollatorWithFlattening
 
-    from ftkit.core.batches import TokenizedDataset
     from ftkit.train.packing import packing_leak
 
     if qlora:
@@ -371,25 +384,13 @@ def run_stock(model, tok, rows, arch, batch, lr, warmup, steps, seed, out, accum
                                                      attn_implementation="sdpa", device_map={"": 0})
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
     model.config.use_cache = False
-    hf_set_seed(seed)
-    model = get_peft_model(model, LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
-                                             target_modules="all-linear", task_type="CAUSAL_LM", bias="none"))
+    model = _with_lora(model, seed)
     model.eval()
     leak = packing_leak(model)
     model.train()
     rec = Recorder(DataCollatorWithFlattening(), warmup, steps, accum)
-    args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=batch, learning_rate=lr,
-                             gradient_accumulation_steps=accum,
-                             max_steps=warmup + steps, lr_scheduler_type="cosine", warmup_steps=0.05,
-                             weight_decay=0.0, max_grad_norm=1.0, bf16=True, gradient_checkpointing=qlora,
-                             optim="adamw_torch_fused", logging_steps=10_000, save_strategy="no", report_to="none",
-                             seed=seed, data_seed=seed, remove_unused_columns=False, dataloader_num_workers=0,
-                             disable_tqdm=True)
-    trainer = Trainer(model=model, args=args, train_dataset=TokenizedDataset(rows), data_collator=rec,
-                      callbacks=[rec.callback()])
-    trainer.train()
-    peak = torch.cuda.max_memory_allocated() / 1e9
-    del trainer, model
+    peak = _hf_train(model, rec, rows, out, batch, lr, seed, accum, bf16=torch.cuda.is_available(), gradient_checkpointing=qlora,
+                     optim="adamw_torch_fused")
     return rec, peak, leak
 
 

@@ -3,7 +3,7 @@ was trained.
 
 vLLM is the GPU path for many concurrent streams (paged attention, CUDA graphs, continuous batching in
 its own scheduler): ftkit's own engine (:mod:`ftkit.host.engine`, transformers' continuous batching)
-reached 3-5% of the decode memory-bandwidth bound on an H200 (bench/README.md). ftkit does not depend on
+reached 3-5% of the decode memory-bandwidth bound on an H200 (docs/serving.md). ftkit does not depend on
 vLLM (a CUDA build of several GB); this module only builds its command line and environment and checks
 the directory first:
 
