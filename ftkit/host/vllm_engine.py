@@ -30,8 +30,7 @@ class VLLMSetupError(ValueError):
 
 
 def vllm_command(model_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-                 name: str | None = None, max_prompt_tokens: int | None = None,
-                 extra: list[str] | tuple[str, ...] = ()) -> tuple[list[str], dict[str, str]]:
+                 name: str | None = None, max_prompt_tokens: int | None = None) -> tuple[list[str], dict[str, str]]:
     """(argv, environment additions) for ``vllm serve`` on ``model_dir``; raises :class:`VLLMSetupError`."""
     from ftkit.host.serve import is_loopback
 
@@ -55,7 +54,7 @@ def vllm_command(model_dir: str | Path, host: str = "127.0.0.1", port: int = 800
     if max_prompt_tokens:
         argv += ["--max-model-len", str(max_prompt_tokens)]
     env = {"VLLM_API_KEY": api_key} if api_key else {}
-    return argv + list(extra), env
+    return argv, env
 
 
 def _check_stops(model_dir: Path) -> None:

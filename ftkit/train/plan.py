@@ -133,18 +133,10 @@ def fold_accumulation(cfg: ExperimentConfig, plan: DevicePlan, lengths: list[int
 
     if not lengths:
         return plan
-    t, path = cfg.train, resolve_model_path(cfg.model.name)
-    if t.gradient_checkpointing is None and not plan.gradient_checkpointing and t.max_memory_gb is not None:
-        # a budget the configured micro-batch does not fit without checkpointing: checkpointing on
-        # (the method and the micro-batch stay; only activations are recomputed)
-        est = estimate(cfg, path, sum(lengths), len(lengths), _largest(lengths, t.batch_size) / max(t.batch_size, 1),
-                       compiled=plan.compile)
-        if est.total_gb * 1024**3 > headroom * free_bytes:
-            plan = dataclasses.replace(plan, gradient_checkpointing=True)
-            cfg = dataclasses.replace(cfg, train=dataclasses.replace(t, gradient_checkpointing=True))
-            t = cfg.train
+    cfg, plan = _checkpointing_for_budget(cfg, plan, lengths, free_bytes, headroom)
     if not plan.merge_accumulation:
         return plan
+    t, path = cfg.train, resolve_model_path(cfg.model.name)
     accum = t.gradient_accumulation_steps
     for k in [d for d in range(accum, 0, -1) if accum % d == 0]:
         size = min(t.batch_size * k, len(lengths))
@@ -159,12 +151,30 @@ def fold_accumulation(cfg: ExperimentConfig, plan: DevicePlan, lengths: list[int
     return plan
 
 
+def _checkpointing_for_budget(cfg: ExperimentConfig, plan: DevicePlan, lengths: list[int], free_bytes: int,
+                              headroom: float) -> tuple[ExperimentConfig, DevicePlan]:
+    """Under ``train.max_memory_gb``, with checkpointing left to ``auto`` and off: on, when the configured
+    micro-batch does not fit the budget without it (the method and the micro-batch stay; only
+    activations are recomputed). Returns the config and plan to fold with."""
+    from ftkit.core.estimate import estimate
+
+    t = cfg.train
+    if t.gradient_checkpointing is not None or plan.gradient_checkpointing or t.max_memory_gb is None:
+        return cfg, plan
+    size = min(t.batch_size, len(lengths))
+    est = estimate(cfg, resolve_model_path(cfg.model.name), sum(lengths), len(lengths),
+                   _largest(lengths, size) / size, compiled=plan.compile)
+    if est.total_gb * 1024**3 <= headroom * free_bytes:
+        return cfg, plan
+    return (dataclasses.replace(cfg, train=dataclasses.replace(t, gradient_checkpointing=True)),
+            dataclasses.replace(plan, gradient_checkpointing=True))
+
+
 def _largest(lengths: list[int], size: int) -> int:
     """The largest token count of 256 random micro-batches of ``size`` examples (fixed seed)."""
     import random
 
     rng = random.Random(0)
-    size = min(size, len(lengths))
     return max(sum(rng.sample(lengths, size)) for _ in range(256))
 
 
