@@ -149,6 +149,7 @@ QLORA_VARIANTS = {
     "ftkit qlora, eager": {"compile": False},  # the default plan before 2026-12-02
     "ftkit qlora, eager, no checkpointing": {"compile": False, "gradient_checkpointing": False},
     "ftkit qlora, no checkpointing": {"gradient_checkpointing": False},
+    "ftkit qlora, max_memory_gb 24": {"max_memory_gb": 24},  # planned for a 24 GB card, allocator capped there
 }
 
 

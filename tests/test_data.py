@@ -150,7 +150,8 @@ def test_forgetting_guard_self_distillation(tmp_path):
     cache.parent.mkdir(parents=True, exist_ok=True)
     cache.write_text("\n".join(json.dumps({"messages": [{"role": "user", "content": p},
                                                         {"role": "assistant", "content": "An answer."}],
-                                           "meta": {"source": "replay", "model": "tiny-random"}})
+                                           "meta": {"source": "replay", "model": "tiny-random", "system_prompt": None,
+                                                    "asked": len(general_prompts())}})
                                for p in general_prompts()) + "\n")
     info = mix_general(cfg, paths, res)
     train = read_jsonl(paths.split("train"))
@@ -168,6 +169,38 @@ def test_forgetting_guard_generates_with_base_model(tmp_path):
     out = self_distilled(cfg, 4, tmp_path / "replay.jsonl")
     assert (tmp_path / "replay.jsonl").exists()
     assert all(r["meta"]["source"] == "replay" and r["messages"][0]["role"] == "user" for r in out)
+
+
+def test_self_distilled_answers_are_cached(tmp_path, monkeypatch):
+    """A rerun reads the answers back (even when some prompts got no usable answer); another system
+    prompt, or more prompts than were asked, generates again."""
+    from ftkit.core import generation
+    from ftkit.core.config import load_config
+    from ftkit.core.replay import self_distilled
+
+    calls = []
+    real = generation.generate
+
+    def counting(model, tok, chats, **kw):
+        calls.append(len(chats))
+        gens = real(model, tok, chats, **kw)
+        # a random model rarely ends by itself: here every answer but the first does
+        return [{**g, "text": g["text"] or "An answer.", "stopped": i != 0} for i, g in enumerate(gens)]
+
+    monkeypatch.setattr(generation, "generate", counting)
+    cache = tmp_path / "replay.jsonl"
+    cfg = load_config(model={"name": "tiny-random"}, train={"max_steps": 1})
+    first = self_distilled(cfg, 3, cache)
+    assert calls == [3] and len(first) == 2
+    assert self_distilled(cfg, 3, cache) == first
+    from ftkit.core.replay import general_prompts
+
+    two = set(general_prompts()[:2])
+    assert self_distilled(cfg, 2, cache) == [r for r in first if r["messages"][0]["content"] in two]
+    assert calls == [3]  # both answered from the cache
+    self_distilled(load_config(model={"name": "tiny-random"}, convert={"system_prompt": "Be brief."}), 3, cache)
+    self_distilled(cfg, 4, cache)
+    assert calls == [3, 3, 4]
 
 
 def test_unusable_general_records_are_named_not_dropped(tmp_path):

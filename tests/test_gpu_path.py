@@ -19,11 +19,13 @@ from ftkit.train import plan as planning
 from ftkit.train.plan import Applied
 
 
-def test_cpu_plan_is_unchanged():
+def test_cpu_plan():
     plan = planning.device_plan(load_config(model={"device": "cpu"}))
     assert plan.to_dict() == {"device": "cpu", "optimizer": "adamw_torch", "gradient_checkpointing": False,
-                    "attention": "sdpa", "kernels": "none", "compile": False, "merge_accumulation": False,
-                    "trained_logits_only": False, "micro_batch": 4, "accumulation": 1}
+                    "attention": "varlen", "kernels": "none", "compile": False, "merge_accumulation": False,
+                    "trained_logits_only": True, "micro_batch": 4, "accumulation": 1}
+    unpacked = planning.device_plan(load_config(model={"device": "cpu"}, train={"packing": False}))
+    assert (unpacked.attention, unpacked.trained_logits_only) == ("sdpa", False)
     assert planning.device_plan(load_config(model={"device": "cpu"}, train={"method": "qlora"})).gradient_checkpointing \
         is False
 
@@ -102,6 +104,22 @@ def test_varlen_attention_matches_per_example(monkeypatch, tiny_model, from_coll
     packed = tiny_model(**batch).logits[0].float()
     assert torch.allclose(packed, torch.cat(separate), atol=0.05), (packed - torch.cat(separate)).abs().max()
     assert packing.packing_leak(tiny_model) == 0.0
+
+
+def test_cpu_varlen_is_per_example_sdpa(tiny_model):
+    """On CPU (float32) the registered attention runs each packed example through SDPA on its own:
+    the packed logits are those of the examples run one by one, not merely close."""
+    model = tiny_model.float()
+    examples = [[5, 17, 42, 99, 7], [11, 13, 19], [61, 8, 299, 12, 77, 200, 3]]
+    separate = torch.cat([model(input_ids=torch.tensor([e])).logits[0] for e in examples])
+    batch = batches.make_collator(0, packing=True, boundaries=True)([{"input_ids": e, "labels": e} for e in examples])
+    batch.pop("labels")
+    if not kernels.register_varlen_attention():
+        pytest.skip("this torch has no torch.nn.attention.varlen")
+    model.config._attn_implementation = kernels.VARLEN
+    packed = model(**batch).logits[0]
+    assert torch.allclose(packed, separate, atol=1e-5), (packed - separate).abs().max()
+    assert packing.packing_leak(model) == 0.0
 
 
 def test_collator_boundaries():

@@ -34,6 +34,16 @@ def test_loss_falls(trained):
     assert trainer.args.logging_nan_inf_filter is False
 
 
+def test_final_validation_reuses_the_last_step_evaluation(trained):
+    """eval_steps divides max_steps: the Trainer evaluated the final weights already, and the metrics
+    take that figure (not a second pass over the same rows), which a fresh evaluation reproduces."""
+    _, _, trainer, metrics = trained
+    evals = [h for h in trainer.state.log_history if "eval_loss" in h]
+    assert [h["step"] for h in evals] == [8, 16]
+    assert metrics["eval_loss"] == evals[-1]["eval_loss"]
+    assert metrics["eval_loss"] == pytest.approx(trainer.evaluate()["eval_loss"], rel=1e-5)
+
+
 def test_lora_weights_changed_and_base_frozen(trained):
     _, _, trainer, _ = trained
     named = dict(trainer.model.named_parameters())

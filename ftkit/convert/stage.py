@@ -33,6 +33,10 @@ def run(cfg: ExperimentConfig, paths: RunPaths) -> ConvertResult:
         metrics["pad_token"] = tokenizer.pad_token
         est = estimate.for_run(cfg, result)
         metrics["estimate"] = est.to_dict()
+        from ftkit.core.eval_budget import before_training
+
+        metrics["estimate_evaluate"] = before_training(cfg, result.lengths["test"], est.train_tokens,
+                                                       est.est_train_seconds).to_dict()
         paths.write_metrics(STAGE, metrics)
         splits = ("train", "val", "test")
         paths.finish(STAGE, [*map(paths.tokens, splits), *map(paths.chat, splits), *map(paths.openai_export, splits),

@@ -197,8 +197,9 @@ class TrainConfig:
     checkpointing (when null) are planned for it, and on a GPU the allocator is capped at it, so a
     run that would go over stops with out-of-memory instead of using more."""
     attention: Literal["auto", "varlen", "sdpa"] = "auto"
-    """`auto`: with packing on a GPU, PyTorch's variable-length flash attention (each example's own
-    causal triangle, nothing across examples); `sdpa`: the model's SDPA with a block mask."""
+    """`auto`: with packing, `varlen`: each example's own causal triangle, nothing across examples
+    (PyTorch's variable-length flash attention on a GPU, SDPA per example on CPU); `sdpa`: the
+    model's SDPA over the packed row with a block mask."""
     kernels: Literal["auto", "liger", "liger+loss", "none"] = "auto"
     """`auto`: `none` when the layers are compiled (the compiler fuses the same operations, faster
     on an H200), else `liger` on a GPU when `liger-kernel` is installed, else `none`. `liger`: Liger's
@@ -218,7 +219,7 @@ class TrainConfig:
     prompts: the same loss and gradients with less work and memory (the head is 7-15% of a model's
     matrix products; prompts are a fifth of Bitext's tokens, more with system prompts or few-shot
     turns). Needs packing and a model that takes ``logits_to_keep`` as positions (transformers'
-    causal LMs); null: on with packing on a GPU."""
+    causal LMs); null: on with packing."""
     group_by_length: bool = False
     """Batch examples of similar length together (less padding, faster)."""
     neftune_noise_alpha: float | None = None
@@ -300,8 +301,20 @@ class EvaluateConfig:
     """Stage 04: base, prompted base and tuned model on the held-out test split."""
 
     batch_size: int = 8
+    generation_batch_size: int = 48
+    """Replies generated together (left-padded, one KV cache). A decoding step reads every weight once
+    whatever the batch, so a larger batch costs little more per step: 48 demo replies on 2 CPU cores
+    took 54 s in one batch against 104 s in batches of 8, the same tokens. Lower it if generation
+    runs out of memory (long prompts, a large model)."""
     max_examples: int | None = None
-    """Test conversations for loss and perplexity; None: all of them (streamed, so memory stays flat)."""
+    """Test conversations for loss and perplexity (the first N); null: as many as `time_budget_s`
+    allows (streamed, so memory stays flat)."""
+    time_budget_s: float | None = None
+    """Seconds the three loss passes and the generations may take, estimated from stage 03's measured
+    speed before they run; the loss passes read the first test rows that fit (at least 50), and the
+    report says what interval width they bought. null: as long as training took, at least 60 s."""
+    all_rows: bool = False
+    """Read every test row in the loss passes, whatever it costs (the budget then only estimates)."""
     num_generations: int = 32
     """How many test prompts get generations from each of the three models."""
     max_new_tokens: int = 96
@@ -664,9 +677,13 @@ def _check_values(cfg: ExperimentConfig) -> list[str]:
     if cfg.convert.max_seq_len < 16:
         errors.append(f"convert.max_seq_len: must be at least 16, got {cfg.convert.max_seq_len}")
     e = cfg.evaluate
-    for name in ("batch_size", "num_generations", "max_new_tokens", "bootstrap_samples"):
+    for name in ("batch_size", "generation_batch_size", "num_generations", "max_new_tokens", "bootstrap_samples"):
         if getattr(e, name) < 1:
             errors.append(f"evaluate.{name}: must be at least 1, got {getattr(e, name)}")
+    if e.time_budget_s is not None and e.time_budget_s <= 0:
+        errors.append(f"evaluate.time_budget_s: seconds above 0 (null: as long as training took), got {e.time_budget_s}")
+    if e.max_examples is not None and e.max_examples < 1:
+        errors.append(f"evaluate.max_examples: at least 1 test row (null: what the time budget allows), got {e.max_examples}")
     if not 0.5 <= e.confidence < 1:
         errors.append(f"evaluate.confidence: a level such as 0.95 (in [0.5, 1)), got {e.confidence}")
     if e.prompting.few_shot < 0:

@@ -47,22 +47,29 @@ def from_file(path: str, encoding: str = "utf-8", skipped: list[str] | None = No
 
 
 def self_distilled(cfg, n: int, cache) -> list[dict]:
-    """The base model's answers to up to ``n`` shipped general prompts (cached per model)."""
+    """The base model's answers to up to ``n`` shipped general prompts, cached: a rerun with the same
+    model, system prompt and prompts reads them back instead of generating them again. Each record's
+    ``meta`` says what it was generated from (``asked``: how many prompts were put, answered or not,
+    so a cache holding fewer answers than prompts is still a hit)."""
     from ftkit.core.generation import generate
     from ftkit.core.modeling import load_model, load_tokenizer, resolve_model_path, stop_token_ids
 
+    prompts = general_prompts()[:n]
+    key = {"model": cfg.model.name, "system_prompt": cfg.convert.system_prompt}
     if cache.exists():
         cached = read_jsonl(cache)
-        if cached and cached[0]["meta"].get("model") == cfg.model.name and len(cached) >= min(n, len(general_prompts())):
-            return cached[:n]
+        meta = cached[0]["meta"] if cached else {}
+        if cached and all(meta.get(k) == v for k, v in key.items()) and meta.get("asked", 0) >= len(prompts):
+            log.info("general mix: self-distilled answers read from %s", cache)
+            asked = set(prompts)
+            return [r for r in cached if r["messages"][0]["content"] in asked]
     path = resolve_model_path(cfg.model.name)
     tok = load_tokenizer(path, cfg.model)
     model = load_model(path, cfg.model)
-    prompts = general_prompts()[:n]
     chats = [with_system_prompt([{"role": "user", "content": p}], cfg.convert.system_prompt) for p in prompts]
-    gens = generate(model, tok, chats, max_new_tokens=160, batch_size=16, stop_ids=stop_token_ids(tok))
+    gens = generate(model, tok, chats, max_new_tokens=160, batch_size=64, stop_ids=stop_token_ids(tok))
     out = [{"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": g["text"]}],
-            "meta": {"source": "replay", "model": cfg.model.name}}
+            "meta": {"source": "replay", **key, "asked": len(prompts)}}
            for p, g in zip(prompts, gens, strict=True) if g["stopped"] and g["text"].strip()]
     write_jsonl(cache, out)
     return out

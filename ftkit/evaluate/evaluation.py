@@ -21,7 +21,9 @@ same examples. A general-ability check (forgetting) and an optional LLM judge co
 ci_high}, and ``accuracy``/``macro_f1``/``confusion_matrix`` for labels or ``json_valid_rate`` for
 JSON); ``deltas`` {``tuned_vs_base``, ``tuned_vs_prompted``, ``prompted_vs_base``: {metric: delta,
 ci_low, ci_high}}; ``verdict`` (sentences); ``forgetting``; ``overfitting``; ``judge`` (when on);
-``reference`` (the references' own rule pass rate and length: the ceiling); ``task``, ``test_examples``, ``generations``, ``few_shot_ids``, ``stop_token_ids``, ``seconds``.
+``reference`` (the references' own rule pass rate and length: the ceiling); ``task``, ``test_examples``,
+``eval_budget`` (the rows read and why, the estimates: :mod:`ftkit.core.eval_budget`), ``interval_note``
+(the loss interval those rows bought), ``generations``, ``few_shot_ids``, ``stop_token_ids``, ``seconds``.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import logging
 import time
 from collections.abc import Iterator
 
+from ftkit.core.eval_budget import plan_rows, width_note
 from ftkit.core.files import iter_jsonl
 from ftkit.core.formats import prompt_and_reference
 from ftkit.core.masking import IGNORE_INDEX, TemplateError
@@ -65,6 +68,10 @@ log = logging.getLogger(__name__)
 # ----------------------------------------------------------------------------- scoring
 
 
+def _s(seconds: float | None) -> str:
+    return "?" if seconds is None else f"~{seconds:.0f}"
+
+
 def adapter_disabled(model):
     """Context manager: the base model's behaviour (a no-op for a model without adapters)."""
     return model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
@@ -96,9 +103,15 @@ def evaluate_run(cfg, paths) -> dict:
     tokens_path = paths.require(paths.tokens("test"), "02_format_conversion")
     completion = info.get("objective") == "completion"
 
+    train_metrics = paths.read_metrics("03_train") if paths.metrics("03_train").exists() else {}
+    budget = plan_rows(e, info.get("method", "lora"), [len(r["input_ids"]) for r in iter_jsonl(tokens_path)],
+                       train_metrics.get("tokens_per_second"), train_metrics.get("runtime_s"))
+    log.info("04_evaluate: %s (estimated: loss passes %s s, generations %s s)", budget.reason,
+             _s(budget.est_loss_s), _s(budget.est_generation_s))
+
     def token_rows() -> Iterator[dict]:
         for i, r in enumerate(iter_jsonl(tokens_path)):
-            if e.max_examples is not None and i >= e.max_examples:
+            if i >= budget.rows:
                 return
             labels = [IGNORE_INDEX] + r["input_ids"][1:] if completion else r["labels"]
             yield {"input_ids": r["input_ids"], "labels": labels}
@@ -119,7 +132,7 @@ def evaluate_run(cfg, paths) -> dict:
 
     def prompted_rows() -> Iterator[dict]:
         for i, r in enumerate(iter_jsonl(chat_path)):
-            if e.max_examples is not None and i >= e.max_examples:
+            if i >= budget.rows:
                 return
             yield prompted_row(tok, r["messages"], prompting)
 
@@ -135,11 +148,10 @@ def evaluate_run(cfg, paths) -> dict:
     refs = [prompt_and_reference(r["messages"])[1] for r in sample]
     prompt_texts = ["\n".join(m["content"] for m in p if m["role"] == "user") for p in prompts]
     task = e.task if e.task != "auto" else infer_task(refs)
-    gen_kw = {"max_new_tokens": e.max_new_tokens, "batch_size": e.batch_size, "stop_ids": stop_ids,
+    gen_kw = {"max_new_tokens": e.max_new_tokens, "batch_size": e.generation_batch_size, "stop_ids": stop_ids,
               "do_sample": e.do_sample, "temperature": e.temperature, "top_p": e.top_p, "seed": cfg.seed}
 
-    test_rows = sum(1 for _ in iter_jsonl(tokens_path))  # the progress lines' total
-    test_rows = min(test_rows, e.max_examples) if e.max_examples is not None else test_rows
+    test_rows = budget.rows  # the progress lines' total
     results, samples, per_rows, seconds = {}, {}, {}, {}
     for name in MODELS if chat_data else ("base", "tuned"):
         t0 = time.perf_counter()
@@ -206,6 +218,8 @@ def evaluate_run(cfg, paths) -> dict:
         "judge": judge,
         "task": task,
         "test_examples": len(samples["tuned"]["loss"].values),
+        "eval_budget": budget.to_dict(),
+        "interval_note": width_note(budget, deltas.get("tuned_vs_base", {}).get("loss"), e.confidence),
         "generations": len(sample),
         "few_shot_ids": shot_ids, "few_shot_note": few_shot_note,
         "prompted_system_prompt": e.prompting.system_prompt,

@@ -46,7 +46,7 @@ def forgetting_check(cfg, tok, base_ctx, tuned_model, base_model, stop_ids: list
             with Progress(f"04_evaluate: forgetting, {name} loss", len(rows), unit="rows") as progress:
                 sums, counts = example_losses(model, rows, tok.pad_token_id, e.batch_size, progress=progress)
             gens = generate_with_progress(f"04_evaluate: forgetting, {name}", model, tok, prompts,
-                                          max_new_tokens=f.max_new_tokens, batch_size=e.batch_size,
+                                          max_new_tokens=f.max_new_tokens, batch_size=e.generation_batch_size,
                                           stop_ids=stop_ids, seed=cfg.seed)
         out[name] = {**summarise_loss(sums, counts),
                      "stop_rate": sum(g["stopped"] for g in gens) / max(len(gens), 1),

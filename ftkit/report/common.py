@@ -328,6 +328,14 @@ def plot_example_stats(result):
     return fig
 
 
+def _evaluate_rows(plan: dict | None) -> list[tuple[str, str]]:
+    """Stage 04's estimate (:func:`ftkit.core.eval_budget.before_training`) as table rows."""
+    if not plan or plan.get("est_total_s") is None:
+        return []
+    return [("estimated evaluation time (stage 04)", f"{plan['est_total_s'] / 60:.1f} min: loss passes over "
+             f"{plan['rows']:,} of {plan['total_rows']:,} test rows, then the generations")]
+
+
 def estimate_table(est, metrics: dict):
     train = metrics["token_stats"]["train"]
     rows = [
@@ -339,6 +347,7 @@ def estimate_table(est, metrics: dict):
                             f"{est.trainable_state_gb:.2f} + activations {est.activations_gb:.2f}"),
         ("device / measured matmul rate", f"{est.device} / {est.device_matmul_gflops:,.0f} GFLOP/s"),
         ("estimated training time", f"{est.est_train_seconds / 60:.1f} min"),
+        *_evaluate_rows(metrics.get("estimate_evaluate")),
         ("same tokens on a hosted fine-tuning API", f"${est.hosted_cost_usd:,.2f}"),
     ]
     return _frame([{"what": a, "value": b} for a, b in rows]).set_index("what")

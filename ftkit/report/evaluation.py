@@ -50,6 +50,10 @@ def show_verdict(metrics: dict) -> None:
     lines = [f"On {metrics['test_examples']} test conversations (loss) and {metrics['generations']} generated "
              f"replies per model; held-out loss per assistant token {b['loss']:.3f} (base) → "
              f"{t['loss']:.3f} (tuned), {100 * metrics['loss_reduction']:.1f}% lower.", ""]
+    budget = metrics.get("eval_budget")
+    if budget:  # what the loss passes read, and the interval width that bought
+        lines[0:0] = [f"Rows read: {budget['reason']}." + (f" {metrics['interval_note']}." if metrics.get("interval_note")
+                                                         else ""), ""]
     lines += [f"- {s}" for s in metrics["verdict"]]
     ref = metrics.get("reference") or {}
     if ref.get("rule_pass_rate") is not None:

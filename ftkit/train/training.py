@@ -16,7 +16,7 @@ import time
 import torch
 
 from ftkit.core.config import ExperimentConfig
-from ftkit.core.files import write_json
+from ftkit.core.files import read_jsonl, write_json
 from ftkit.core.modeling import (
     count_parameters,
     load_tokenizer,
@@ -64,6 +64,14 @@ def run_training(cfg: ExperimentConfig, paths: RunPaths, recipe=None):
     pre = preflight(cfg, paths, lengths=lengths, check=recipe.check_fits)
     log.info("pre-flight: ~%.2f GB needed of %.1f GB free, ~%.0f s estimated", pre["total_gb"], pre["free_gb"],
              pre["est_train_seconds"])
+    if paths.tokens("test").exists():  # what stage 04 will cost after this training
+        from ftkit.core.eval_budget import before_training
+
+        evaluation = before_training(cfg, [len(r["input_ids"]) for r in read_jsonl(paths.tokens("test"))],
+                                     pre["train_tokens"], pre["est_train_seconds"])
+        pre["evaluate"] = evaluation.to_dict()
+        if evaluation.est_total_s is not None:
+            log.info("pre-flight: stage 04 ~%.0f s after it (%s)", evaluation.est_total_s, evaluation.reason)
     free = int(pre["free_gb"] * 1024**3)
     if cfg.train.max_memory_gb is not None and device.type == "cuda":
         # the budget enforced, not only planned for: going over it is an out-of-memory error
@@ -100,7 +108,7 @@ def run_training(cfg: ExperimentConfig, paths: RunPaths, recipe=None):
                 raise
             raise full from e
     seconds = time.perf_counter() - start
-    final_eval = trainer.evaluate() if val_rows else {}
+    final_eval = _final_eval(trainer) if val_rows else {}
 
     save_adapter(trainer, tokenizer, paths, {"base_model": cfg.model.name, "base_path": base_path,
                                              "method": cfg.train.method, "objective": cfg.train.objective})
@@ -158,6 +166,17 @@ def run_training(cfg: ExperimentConfig, paths: RunPaths, recipe=None):
         "packing_leak_max_logit_diff": packing_leak_max,
         "device_plan": choices.to_dict(),
     }
+
+
+def _final_eval(trainer) -> dict:
+    """The validation loss of the trained weights: the Trainer's own evaluation at the last step when it
+    made one (``eval_steps`` divides the steps; the demo's 22 s on 2 cores), else a new one."""
+    state = trainer.state
+    last = next((h for h in reversed(state.log_history) if "eval_loss" in h), None)
+    # (with early stopping the best checkpoint's weights are loaded at the end: evaluated anew)
+    if last is not None and last.get("step") == state.global_step and not trainer.args.load_best_model_at_end:
+        return {"eval_loss": last["eval_loss"]}
+    return trainer.evaluate()
 
 
 def save_adapter(trainer, tokenizer, paths, info: dict) -> None:
