@@ -81,12 +81,11 @@ def plan_rows(evaluate_cfg, method: str, test_lengths: list[int], train_tokens_p
             break
         rows += 1
     rows = max(rows, min(n, MIN_ROWS))
-    if rows >= n:
-        why = f"every test row fits the {budget:.0f} s budget"
-    else:
-        why = (f"the first {rows} of {n} test rows: what fits the {budget:.0f} s budget "
-               f"({'evaluate.time_budget_s' if e.time_budget_s is not None else f'as long as training took, at least {MIN_BUDGET_S:.0f} s'}; "
-               "evaluate.all_rows: true reads every row)")
+    source = ("evaluate.time_budget_s" if e.time_budget_s is not None
+              else f"as long as training took, at least {MIN_BUDGET_S:.0f} s")
+    why = (f"every test row fits the {budget:.0f} s budget" if rows >= n else
+           f"the first {rows} of {n} test rows: what fits the {budget:.0f} s budget ({source}; "
+           "evaluate.all_rows: true reads every row)")
     return EvalBudget(rows, len(test_lengths), budget, rate, loss_s(rows), loss_s(n), gen_s, why)
 
 
@@ -109,6 +108,6 @@ def width_note(budget: EvalBudget, delta: dict | None, confidence: float) -> str
 def before_training(cfg, test_lengths: list[int], train_tokens: int, est_train_seconds: float) -> EvalBudget:
     """Stage 04 planned from the pre-flight estimate of training (tokens and seconds), for the
     pre-flight lines of stages 02 and 03; stage 04 itself plans from the measured training."""
-    ok = train_tokens > 0 and est_train_seconds and est_train_seconds == est_train_seconds  # (not NaN)
+    ok = train_tokens > 0 and math.isfinite(est_train_seconds) and est_train_seconds > 0
     return plan_rows(cfg.evaluate, cfg.train.method, test_lengths,
                      train_tokens / est_train_seconds if ok else None, est_train_seconds if ok else None)

@@ -328,8 +328,12 @@ def plot_example_stats(result):
     return fig
 
 
-def _stage04(ev: dict) -> list:
-    return [] if ev.get("est_total_s") is None else [("estimated evaluation time (stage 04)", f"{ev['est_total_s'] / 60:.1f} min: {ev['rows']:,} of {ev['total_rows']:,} test rows + the generations")]  # noqa: E501
+def _stage04(ev: dict) -> list[tuple[str, str]]:
+    """Stage 04's estimate (``estimate_evaluate`` of stage 02's metrics) as a row, when there is one."""
+    if ev.get("est_total_s") is None:
+        return []
+    return [("estimated evaluation time (stage 04)",
+             f"{ev['est_total_s'] / 60:.1f} min: {ev['rows']:,} of {ev['total_rows']:,} test rows + the generations")]
 
 
 def estimate_table(est, metrics: dict):

@@ -16,7 +16,7 @@ import time
 import torch
 
 from ftkit.core.config import ExperimentConfig
-from ftkit.core.files import read_jsonl, write_json
+from ftkit.core.files import write_json
 from ftkit.core.modeling import (
     count_parameters,
     load_tokenizer,
@@ -64,14 +64,11 @@ def run_training(cfg: ExperimentConfig, paths: RunPaths, recipe=None):
     pre = preflight(cfg, paths, lengths=lengths, check=recipe.check_fits)
     log.info("pre-flight: ~%.2f GB needed of %.1f GB free, ~%.0f s estimated", pre["total_gb"], pre["free_gb"],
              pre["est_train_seconds"])
-    if paths.tokens("test").exists():  # what stage 04 will cost after this training
-        from ftkit.core.eval_budget import before_training
-
-        evaluation = before_training(cfg, [len(r["input_ids"]) for r in read_jsonl(paths.tokens("test"))],
-                                     pre["train_tokens"], pre["est_train_seconds"])
-        pre["evaluate"] = evaluation.to_dict()
-        if evaluation.est_total_s is not None:
-            log.info("pre-flight: stage 04 ~%.0f s after it (%s)", evaluation.est_total_s, evaluation.reason)
+    # what stage 04 will cost after this training: stage 02 planned it from the same estimate
+    converted = paths.metrics("02_format_conversion")
+    evaluation = (paths.read_metrics("02_format_conversion").get("estimate_evaluate") if converted.exists() else None) or {}
+    if evaluation.get("est_total_s") is not None:
+        log.info("pre-flight: stage 04 ~%.0f s after it (%s)", evaluation["est_total_s"], evaluation["reason"])
     free = int(pre["free_gb"] * 1024**3)
     if cfg.train.max_memory_gb is not None and device.type == "cuda":
         # the budget enforced, not only planned for: going over it is an out-of-memory error
