@@ -66,6 +66,16 @@ $(REPORTS)/03_train.ipynb: $(REPORTS)/02_format_conversion.html
 $(REPORTS)/04_evaluate.ipynb: $(REPORTS)/03_train.html
 $(REPORTS)/05_host.ipynb: $(REPORTS)/04_evaluate.html
 
+# a run that starts from another experiment's adapter (train.init_adapter: experiment:NAME, as
+# parameters/demo-dpo.yaml does) has NAME's stages 01-03 made first
+INIT_EXP := $(shell sed -n 's/^ *init_adapter: *"\{0,1\}experiment:\([A-Za-z0-9_.-]*\).*/\1/p' $(PARAMS) 2>/dev/null)
+ifneq ($(INIT_EXP),)
+$(REPORTS)/03_train.ipynb: | init-adapter
+.PHONY: init-adapter
+init-adapter:
+	$(MAKE) 03 EXP=$(INIT_EXP) PARAMS=parameters/$(INIT_EXP).yaml OUTPUTS=$(OUTPUTS)
+endif
+
 $(STAGES): %: $(REPORTS)/%.html
 01: 01_data_prep
 02: 02_format_conversion

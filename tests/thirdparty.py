@@ -41,6 +41,10 @@ SOURCES = {
         "llamafactory==0.9.5", True, "llamafactory-0.9.5/data/kto_en_demo.json",
         "9891687dea7c00e54af2e39534085c151ce3462d073574eeff2af927cc56fb74",
         "LLaMA-Factory's KTO demo (OpenAI messages plus a 'label' column); package Apache-2.0"),
+    "llamafactory-dpo": (
+        "llamafactory==0.9.5", True, "llamafactory-0.9.5/data/dpo_en_demo.json",
+        "b949be2421cfa62744afcf1b479f95b299d643d1a4c1c97d1341b314a1aa5cb3",
+        "LLaMA-Factory's DPO demo (ShareGPT conversations with chosen and rejected replies); package Apache-2.0"),
     "llamafactory-c4": (
         "llamafactory==0.9.5", True, "llamafactory-0.9.5/data/c4_demo.jsonl",
         "f51528081ef22279f2840c02c4cd7cdfc372138be0817c5b8714d200af692b78",

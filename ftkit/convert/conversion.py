@@ -59,6 +59,8 @@ class ConversionResult:
     system_folded: dict[str, int] = field(default_factory=dict)
     """records whose system message went into the first user turn (the template has no system role)"""
     template_source: str = "the model's own"
+    preference: dict[str, dict] = field(default_factory=dict)
+    """preference data per split: pairs, KTO records, reply lengths, the chosen/rejected length ratio"""
 
     @property
     def example(self) -> Example | None:
@@ -80,7 +82,9 @@ class ConversionResult:
             }
         return {"records_in": self.records_in, "kept": self.kept, "quarantined": len(self.quarantined),
                 "quarantine_reasons": reasons, "max_seq_len": max_seq_len, "token_stats": stats,
-                "chat_template": self.template_source, "system_folded": self.system_folded}
+                "chat_template": self.template_source, "system_folded": self.system_folded,
+                **({"preference": self.preference} if any(v.get("pairs") or v.get("kto_records")
+                                                          for v in self.preference.values()) else {})}
 
 
 def build_text_example(tokenizer, text: str) -> Example:
@@ -167,7 +171,12 @@ def process_record(tokenizer, rec: dict, *, system_prompt: str | None, max_seq_l
                    eot_text: str, prefix: str = "") -> dict:
     """Convert one canonical record: ``{"ok": True, "chat", "tokens", "truncated", "turns"}`` or
     ``{"ok": False, "code", "reason"}``; ``tokens`` is a list (one example, or a split text's
-    pieces). Pure, so it can run in worker processes."""
+    pieces). Pure, so it can run in worker processes. Preference records: :mod:`ftkit.convert.pairs`."""
+    if "rejected" in rec or "label" in rec:
+        from ftkit.convert.pairs import process_preference
+
+        return process_preference(tokenizer, rec, process_record, system_prompt=system_prompt, max_seq_len=max_seq_len,
+                                  over_length=over_length, eot_text=eot_text, prefix=prefix)
     if "text" in rec and "messages" not in rec:
         messages, ex = None, build_text_example(tokenizer, rec["text"])
     else:
@@ -305,6 +314,9 @@ def convert(cfg: ExperimentConfig, paths: RunPaths, tokenizer) -> ConversionResu
                 out.total_tokens[name] += len(ex.input_ids)
                 if name == "train" and len(out.examples) < 3:
                     out.examples.append(ex)
+        from ftkit.convert.pairs import pair_metrics
+
+        out.preference[name] = pair_metrics(token_rows)
         write_jsonl(paths.chat(name), chat_rows)
         write_jsonl(paths.tokens(name), token_rows)
         write_jsonl(paths.openai_export(name), (to_openai(r) for r in chat_rows if "messages" in r))

@@ -29,6 +29,7 @@ from typing import Any, Literal
 import yaml
 
 DEMO_DATA = "demo"
+DEMO_PREFERENCE_DATA = "demo-preference"  # the demo's preference pairs (OpenAI DPO JSONL)
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_k_m")
 
 
@@ -77,9 +78,12 @@ class DataConfig:
     encoding: str = "utf-8"
     """Text encoding of the files, a Python codec name (utf-8, cp1252, latin-1, shift_jis…); UTF-8
     accepts a byte-order mark. A line whose bytes do not decode is quarantined, never patched."""
-    format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text", "columns"] = "auto"
+    format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text", "columns", "openai_dpo",
+                    "preference", "kto"] = "auto"
     columns: dict[str, str] = field(default_factory=dict)
-    """For tables: which column holds which role, e.g. {user: instruction, assistant: response, system: sys}."""
+    """For tables: which column holds which role, e.g. {user: instruction, assistant: response, system: sys};
+    preference pairs: {user: question, chosen: good_reply, rejected: bad_reply}; unpaired (KTO):
+    {user: question, assistant: reply, label: thumbs_up}."""
     conversation_column: str | None = None
     """Rows sharing this id form one multi-turn conversation (ordered by turn_column)."""
     turn_column: str | None = None
@@ -153,15 +157,41 @@ class LoraConfig:
 
 
 @dataclass
+class PreferenceConfig:
+    """Preference tuning (``train.objective`` dpo or kto), through TRL's trainers."""
+
+    beta: float = field(default=0.1, metadata={"slider": (0.01, 1.0, 0.01)})
+    """How far the tuned model may move from the reference (higher: closer to it)."""
+    loss_type: list[str] = field(default_factory=lambda: ["sigmoid"])
+    """DPO: TRL's loss variants, e.g. [sigmoid] (DPO), [ipo], [hinge], [robust], [sigmoid, sft] (RPO: DPO plus
+    the chosen replies' language-model loss); KTO: [kto] or [apo_zero_unpaired]. Several are summed."""
+    label_smoothing: float = 0.0
+    """Robust DPO: the share of pairs assumed mislabelled (0 to 0.5)."""
+    desirable_weight: float = 1.0
+    """KTO: weight of the good replies' loss (raise it when good replies are the fewer)."""
+    undesirable_weight: float = 1.0
+    """KTO: weight of the bad replies' loss."""
+
+
+@dataclass
 class TrainConfig:
     """Stage 03: fine-tuning."""
 
     method: Literal["lora", "qlora", "dora", "full"] = "lora"
     """`lora`; `qlora` (4-bit NF4 base with double quantisation, bitsandbytes; CPU too); `dora`
     (weight-decomposed LoRA); `full` (every weight trained)."""
-    objective: Literal["instruction", "completion"] = "instruction"
+    objective: Literal["instruction", "completion", "dpo", "kto"] = "instruction"
     """`instruction`: loss on assistant tokens only (end-of-turn included); `completion`: on every
-    token (for prompt/completion data the prompt too; plain text data is all completion anyway)."""
+    token (for prompt/completion data the prompt too; plain text data is all completion anyway);
+    `dpo`: preference pairs (chosen over rejected, TRL's DPOTrainer); `kto`: good/bad labelled replies,
+    paired or not (TRL's KTOTrainer). Preference objectives compare against the reference model: the
+    same weights with this run's adapter off (or, with `init_adapter`, a frozen copy of that adapter).
+    Preference data with `instruction` trains on the chosen replies (the SFT step before DPO)."""
+    init_adapter: str | None = None
+    """Start from an earlier run's adapter and train it on (its LoRA settings, not train.lora's); for
+    DPO/KTO it is also the reference. `experiment:NAME`: that experiment's adapter under outputs_dir
+    (`make run` trains NAME's stages 01-03 first); or a path to an adapter folder. null: a new adapter."""
+    preference: PreferenceConfig = field(default_factory=PreferenceConfig)
     num_processes: int = 1
     """>1: the notebook runs `accelerate launch` with this many processes (one per GPU)."""
     accelerate_config: str | None = None
@@ -626,6 +656,30 @@ def _type_problem(value: Any, hint: Any) -> str | None:
     return None
 
 
+DPO_LOSSES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot", "aot_unpaired",
+              "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
+KTO_LOSSES = ("kto", "apo_zero_unpaired")
+
+
+def _preference_checks(t: TrainConfig) -> list[str]:
+    p, errors = t.preference, []
+    if p.beta <= 0:
+        errors.append(f"train.preference.beta: must be positive, got {p.beta}")
+    if not 0 <= p.label_smoothing < 0.5:
+        errors.append(f"train.preference.label_smoothing: a share in [0, 0.5), got {p.label_smoothing}")
+    if t.objective in ("dpo", "kto"):
+        known = DPO_LOSSES if t.objective == "dpo" else KTO_LOSSES
+        if t.objective == "kto" and p.loss_type == ["sigmoid"]:
+            pass  # the DPO default: KTO reads it as kto
+        elif not p.loss_type or any(x not in known for x in p.loss_type):
+            errors.append(f"train.preference.loss_type: {p.loss_type!r} is not a {t.objective.upper()} loss; use "
+                          f"some of {', '.join(known)}")
+        if t.method == "full":
+            errors.append(f"train.method: full with objective {t.objective} would keep a second copy of the model as "
+                          "the reference; use lora, qlora or dora (the reference is the adapter switched off)")
+    return errors
+
+
 def _check_values(cfg: ExperimentConfig) -> list[str]:
     """Checks across fields, beyond types."""
     errors = []
@@ -635,12 +689,15 @@ def _check_values(cfg: ExperimentConfig) -> list[str]:
             f"data.val_fraction={d.val_fraction}, data.test_fraction={d.test_fraction}: each must be in "
             "[0, 1) and together below 1"
         )
-    if d.format == "columns" and not {"user", "assistant"} <= set(d.columns):
+    roles = set(d.columns)
+    if d.format == "columns" and not ({"user", "assistant"} <= roles or {"user", "chosen", "rejected"} <= roles):
         errors.append("data.columns: with data.format 'columns', map at least user and assistant, "
-                      "e.g. {user: instruction, assistant: response}")
-    bad_roles = set(d.columns) - {"system", "user", "assistant"}
+                      "e.g. {user: instruction, assistant: response} (preference pairs: user, chosen and rejected; "
+                      "unpaired preferences: user, assistant and label)")
+    bad_roles = roles - {"system", "user", "assistant", "chosen", "rejected", "label"}
     if bad_roles:
-        errors.append(f"data.columns: unknown role(s) {', '.join(sorted(bad_roles))}; use system, user, assistant")
+        errors.append(f"data.columns: unknown role(s) {', '.join(sorted(bad_roles))}; use system, user, assistant "
+                      "(preference data: chosen, rejected; or label)")
     bad_pii = set(d.pii_types) - {"email", "phone", "card", "order_id"}
     if bad_pii:
         errors.append(f"data.pii_types: unknown type(s) {', '.join(sorted(bad_pii))}; use email, phone, card, order_id")
@@ -674,6 +731,7 @@ def _check_values(cfg: ExperimentConfig) -> list[str]:
     tm = t.lora.target_modules
     if not (tm == "all-linear" or (isinstance(tm, list) and tm and all(isinstance(x, str) for x in tm))):
         errors.append(f"train.lora.target_modules: use 'all-linear' or a list of module names, got {tm!r}")
+    errors += _preference_checks(t)
     if cfg.convert.max_seq_len < 16:
         errors.append(f"convert.max_seq_len: must be at least 16, got {cfg.convert.max_seq_len}")
     e = cfg.evaluate
@@ -708,3 +766,13 @@ def _check_values(cfg: ExperimentConfig) -> list[str]:
     if not cfg.experiment or "/" in cfg.experiment:
         errors.append(f"experiment: must be a non-empty name without '/', got {cfg.experiment!r}")
     return errors
+
+
+def init_adapter_path(cfg: ExperimentConfig) -> str | None:
+    """``train.init_adapter`` as a folder: ``experiment:NAME`` is ``<outputs_dir>/NAME/adapter``."""
+    value = cfg.train.init_adapter
+    if value and value.startswith("experiment:"):
+        from pathlib import Path
+
+        return str(Path(cfg.outputs_dir) / value.split(":", 1)[1] / "adapter")
+    return value

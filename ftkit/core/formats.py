@@ -16,6 +16,9 @@ Input formats (``data.format``; ``auto`` detects and says why):
 ``columns``         any table, through ``data.columns`` (e.g. ``{user: instruction, assistant: response}``)
 ==================  ===========================================================================
 
+Preference data (``openai_dpo``, ``preference``, ``kto``, and tables with ``chosen``/``rejected`` columns):
+:mod:`ftkit.core.preference`.
+
 Every problem is a :class:`Problem` naming the field (``messages[2].content``) and the reason.
 """
 
@@ -27,7 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 ROLES = ("system", "user", "assistant", "tool")
-FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion", "text", "columns")
+FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion", "text", "columns", "openai_dpo", "preference", "kto")
 MESSAGE_KEYS = {"role", "content", "name", "weight", "tool_calls", "tool_call_id", "function_call"}
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "model": "assistant",
                   "chatgpt": "assistant", "bard": "assistant", "bing": "assistant", "system": "system",
@@ -82,7 +85,9 @@ def detect_format(records: Iterable[dict], columns: dict[str, str] | None = None
             raise FormatError([Problem("data.columns", f"column {missing[0]!r} is in none of the first {n} records; "
                                        f"columns seen: {', '.join(sorted(set().union(*keys)))}", "missing_field")])
         return Detection("columns", f"data.columns maps {_mapping_text(columns)}", dict(columns))
-    checks = [
+    from ftkit.core.preference import detection_checks
+
+    checks = [*detection_checks(),
         ("messages", lambda k, r: isinstance(r.get("messages"), list), "a 'messages' list (OpenAI chat format)"),
         ("sharegpt", lambda k, r: isinstance(r.get("conversations"), list), "a 'conversations' list (ShareGPT)"),
         ("alpaca", lambda k, r: "instruction" in k and "output" in k, "'instruction' and 'output' fields (Alpaca)"),
@@ -147,9 +152,18 @@ def to_canonical(record: dict, detection: Detection) -> dict:
         if not isinstance(text, str):
             raise FormatError([Problem("text", f"must be a string, got {type_name(text)}", "wrong_type")])
         return {"text": text, "meta": {k: v for k, v in record.items() if k != "text"}}
+    if fmt in ("openai_dpo", "preference", "kto") or (fmt == "columns" and preference_columns(detection.columns)):
+        from ftkit.core import preference
+
+        return preference.to_canonical(record, fmt, detection.columns)
     if fmt == "columns":
         return _from_columns(record, detection.columns or {})
     raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+
+
+def preference_columns(columns: dict | None) -> bool:
+    """A columns mapping of preference data: chosen and rejected replies, or a reply with a label (KTO)."""
+    return bool(columns) and ({"chosen", "rejected"} <= set(columns) or "label" in columns)
 
 
 def shorten(v: Any, n: int = 60) -> str:
@@ -285,5 +299,10 @@ def canonical_text(record: dict) -> str:
     """All content of a record as one string (for duplicate detection)."""
     if "text" in record:
         return record["text"]
+    rejected = record.get("rejected")
+    if isinstance(rejected, dict):  # pairs differ by their rejected reply too: not duplicates of each other
+        return canonical_text({**record, "rejected": None}) + f"\nrejected: {rejected.get('content')}"
+    if isinstance(record.get("label"), bool):
+        return canonical_text({k: v for k, v in record.items() if k != "label"}) + f"\nlabel: {record['label']}"
     return "\n".join(f"{m.get('role')}: {m.get('content') or json.dumps(m.get('tool_calls'), default=str)}"
                      if isinstance(m, dict) else json.dumps(m, default=str) for m in record["messages"])

@@ -60,6 +60,10 @@ class RunPaths:
     def raw_demo(self) -> Path:
         return self.data_dir / "raw" / "acmecorp_support.csv"
 
+    @property
+    def raw_demo_preference(self) -> Path:
+        return self.data_dir / "raw" / "acmecorp_preferences.jsonl"
+
     # stage 02
     @property
     def formatted_dir(self) -> Path:

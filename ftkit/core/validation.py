@@ -103,6 +103,10 @@ def validate(record: Any, *, alternate: bool = True, max_chars: int | None = Non
                                 "reply to learn", "bad_role_order"))
     if max_chars and total > max_chars:
         problems.append(Problem("messages", f"{total:,} characters > {max_chars:,}", "too_long"))
+    if not problems:
+        from ftkit.core.preference import validate_pair
+
+        problems += validate_pair(record)
     return problems
 
 

@@ -106,13 +106,19 @@ def map_contents(record: dict, fn: Callable[[str], str]) -> dict:
         return {**record, "text": fn(record["text"]) if isinstance(record["text"], str) else record["text"]}
     msgs = [({**m, "content": fn(m["content"])} if isinstance(m, dict) and isinstance(m.get("content"), str) else m)
             for m in record["messages"]] if isinstance(record.get("messages"), list) else record.get("messages")
-    return {**record, "messages": msgs}
+    out = {**record, "messages": msgs}
+    r = record.get("rejected")
+    if isinstance(r, dict) and isinstance(r.get("content"), str):  # a pair's rejected reply is cleaned alike
+        out["rejected"] = {**r, "content": fn(r["content"])}
+    return out
 
 
 def contents(record: dict) -> list[str]:
     if "text" in record and "messages" not in record:
         return [record["text"]] if isinstance(record["text"], str) else []
-    return [m["content"] for m in record.get("messages") or [] if isinstance(m, dict) and isinstance(m.get("content"), str)]
+    out = [m["content"] for m in record.get("messages") or [] if isinstance(m, dict) and isinstance(m.get("content"), str)]
+    r = record.get("rejected")
+    return out + [r["content"]] if isinstance(r, dict) and isinstance(r.get("content"), str) else out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ftkit.core import records
-from ftkit.core.config import DEMO_DATA, DataConfig
+from ftkit.core.config import DEMO_DATA, DEMO_PREFERENCE_DATA, DataConfig
 from ftkit.core.files import write_jsonl
 from ftkit.core.formats import Detection, FormatError, Problem, canonical_text
 from ftkit.core.paths import RunPaths
@@ -177,6 +177,8 @@ def resolve_sources(cfg: DataConfig, paths: RunPaths, seed: int) -> list[Path]:
     """The raw inputs: the user's ``data.path`` (file, folder, glob or list) or the demo export."""
     if cfg.path == DEMO_DATA:
         return [demo_data.write_csv(paths.raw_demo, n=cfg.demo_size, seed=seed)]
+    if cfg.path == DEMO_PREFERENCE_DATA:  # another seed than the demo's: new tickets, not the SFT run's
+        return [demo_data.write_preferences(paths.raw_demo_preference, n=cfg.demo_size, seed=seed + 1)]
     items = cfg.path if isinstance(cfg.path, list) else [cfg.path]
     return [Path(p).expanduser() for p in items]
 
@@ -301,8 +303,19 @@ def _build_conversations(cfg, row_index, rows: _Spool, convs: _Spool, quarantine
             turns = sum(1 for m in conv.get("messages", []) if m.get("role") == "assistant") or 1
             index.append({"offset": convs.add(conv), "id": conv["id"], "sources": conv["sources"], "chars": chars,
                           "turns": turns, "label": _label(conv, cfg.label_column),
-                          "group": str(_meta_value(conv, cfg.group_column) or conv["id"])})
+                          "group": _group(conv, cfg), "pair": "rejected" in conv or "label" in conv})
     return index
+
+
+def _group(conv: dict, cfg: DataConfig) -> str:
+    """What must stay in one split: ``group_column``'s value; for preference data without it, the prompt
+    (a prompt's pairs answer the same question: split apart, the test set would grade a prompt trained on)."""
+    from ftkit.core.preference import prompt_key
+
+    value = _meta_value(conv, cfg.group_column)
+    if value is None and ("rejected" in conv or "label" in conv):
+        return prompt_key(conv)
+    return str(value or conv["id"])
 
 
 def _label(conv: dict, column: str | None):
@@ -376,11 +389,12 @@ def _turn_key(turn):
 
 
 def split_records(index: list[dict], cfg: DataConfig, seed: int) -> dict[str, list[dict]]:
-    """Train/val/test: seeded; stratified by ``label_column``; grouped by ``group_column`` (scikit-learn)."""
+    """Train/val/test: seeded; stratified by ``label_column``; grouped by ``group_column`` (scikit-learn),
+    preference data by prompt."""
     n = len(index)
     idx = list(range(n))
     labels = [c["label"] for c in index] if cfg.label_column else None
-    groups = [c["group"] for c in index] if cfg.group_column else None
+    groups = [c["group"] for c in index] if cfg.group_column or any(c.get("pair") for c in index) else None
     test_idx = _take(idx, cfg.test_fraction, labels, groups, seed)
     in_test = set(test_idx)
     rest = [i for i in idx if i not in in_test]

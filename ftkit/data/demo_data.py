@@ -238,3 +238,58 @@ def write_csv(path: str | Path, n: int = 1000, seed: int = 0) -> Path:
         w.writeheader()
         w.writerows(rows)
     return path
+
+
+# ---------------------------------------------------------------------------------------------
+# preference pairs: the house voice against realistic near-misses (``data.path: demo-preference``)
+
+PADDING = ["I completely understand how frustrating this must be for you.",
+           "We always aim to give our customers the best possible experience.",
+           "Please don't hesitate to reach out if there is anything else at all.",
+           "Thank you for your patience while we look into this for you."]
+NEAR_MISSES = ("runs_long", "drops_order_number", "drops_sign_off")
+
+
+def near_miss(reply: str, order: str | None, kind: str, rng: random.Random) -> str:
+    """``reply`` (house voice, sign-off last) made wrong in one way a base model often is."""
+    body = reply.rsplit("\n", 1)[0]
+    if kind == "runs_long":  # past three sentences
+        return f"{rng.choice(PADDING[:2])} {body} {' '.join(rng.sample(PADDING[2:], 2))}\n{SIGN_OFF}"
+    if kind == "drops_order_number" and order:
+        return f"{body.replace(f'order {order}', 'your order').replace(order, 'your order')}\n{SIGN_OFF}"
+    return body  # drops the sign-off
+
+
+def generate_preferences(n: int = 600, seed: int = 1) -> list[dict]:
+    """About ``n`` OpenAI DPO records (``input.messages``, ``preferred_output``, ``non_preferred_output``):
+    the preferred reply in the house voice, the other a near miss — longer than three sentences, the
+    customer's order number dropped, or the sign-off missing (spread evenly; the order number only
+    where there is one). Deterministic for a seed."""
+    global _R
+    _R = random.Random(seed)
+    out = []
+    while len(out) < n:
+        intent = _R.choice(list(INTENTS))
+        _, reply_fn, p_order = INTENTS[intent]
+        product = _R.choice(PRODUCTS)
+        order = _order() if _R.random() < p_order else None
+        d = {"days": _R.randint(2, 14), "city": _R.choice(CITIES), "carrier": _R.choice(CARRIERS)}
+        reply = f"{reply_fn(order, product, d)}\n{SIGN_OFF}"
+        kinds = [k for k in NEAR_MISSES if k != "drops_order_number" or (order and order in reply)]
+        kind = kinds[len(out) % len(kinds)]
+        out.append({"input": {"messages": [{"role": "user", "content": _ticket(intent, product, order, d)}]},
+                    "preferred_output": [{"role": "assistant", "content": reply}],
+                    "non_preferred_output": [{"role": "assistant", "content": near_miss(reply, order, kind, _R)}],
+                    "near_miss": kind})
+    return out
+
+
+def write_preferences(path: str | Path, n: int = 600, seed: int = 1) -> Path:
+    """Write the demo preference pairs as OpenAI DPO JSONL (idempotent: same n and seed, same bytes)."""
+    import json
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in generate_preferences(n, seed)),
+                    encoding="utf-8")
+    return path

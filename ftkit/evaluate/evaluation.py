@@ -45,6 +45,7 @@ from ftkit.evaluate.metrics import (
     infer_task,
     length_stats,
 )
+from ftkit.evaluate.preference_eval import evaluate_preferences, reference_of, test_pairs
 from ftkit.evaluate.prompting import Prompting, choose_shots, prompted_row
 from ftkit.evaluate.replies import generate_with_progress
 from ftkit.evaluate.rules import check_rules, has_rules
@@ -153,10 +154,14 @@ def evaluate_run(cfg, paths) -> dict:
 
     test_rows = budget.rows  # the progress lines' total
     results, samples, per_rows, seconds = {}, {}, {}, {}
-    for name in MODELS if chat_data else ("base", "tuned"):
+    init_adapter = info.get("init_adapter") if not full else None
+    names = [n for n in MODELS if (chat_data or n in ("base", "tuned")) and (n != "sft" or init_adapter)]
+    for name in names:
         t0 = time.perf_counter()
-        m = model if name == "tuned" else base_model
-        with base_ctx() if name != "tuned" else contextlib.nullcontext():
+        m = model if name in ("tuned", "sft") else base_model
+        ctx = contextlib.nullcontext() if name == "tuned" else reference_of(model, init_adapter) if name == "sft" \
+            else base_ctx()
+        with ctx:
             rows = prompted_rows() if name == "prompted" else token_rows()
             with Progress(f"04_evaluate: {name} loss", test_rows, unit="rows") as progress:
                 sums, counts = example_losses(m, rows, tok.pad_token_id, e.batch_size, progress=progress)
@@ -188,6 +193,17 @@ def evaluate_run(cfg, paths) -> dict:
     forgetting = forgetting_check(cfg, tok, base_ctx, model, base_model, stop_ids)
     seconds["forgetting"] = time.perf_counter() - t0
 
+    preference = None
+    pairs = test_pairs(tokens_path, budget.rows)
+    if pairs and not full:  # preference data: the held-out pairs ranked by the tuned model against the reference
+        t0 = time.perf_counter()
+        preference = evaluate_preferences(
+            model, pairs, beta=cfg.train.preference.beta, init_adapter=init_adapter,
+            pad_token_id=tok.pad_token_id, batch_size=e.batch_size, resamples=e.bootstrap_samples,
+            confidence=e.confidence, seed=cfg.seed)
+        preference["objective"] = info.get("objective", "instruction")
+        seconds["preference"] = time.perf_counter() - t0
+
     judge = None
     if e.judge.enabled and chat_data:
         from ftkit.evaluate.judge import build_judge, compare
@@ -214,6 +230,7 @@ def evaluate_run(cfg, paths) -> dict:
         "verdict": verdict(deltas, e.confidence),
         "loss_reduction": 1 - results["tuned"]["loss"] / results["base"]["loss"],
         "forgetting": forgetting,
+        "preference": preference,
         "overfitting": overfitting,
         "judge": judge,
         "task": task,

@@ -20,10 +20,11 @@ from ftkit.evaluate.metrics import (
 )
 from ftkit.evaluate.rules import check_rules, has_rules
 
-MODELS = ("base", "prompted", "tuned")
+# ``sft``: the adapter a preference run started from (train.init_adapter), only when there is one
+MODELS = ("base", "prompted", "sft", "tuned")
 
 
-PAIRS = (("tuned", "base"), ("tuned", "prompted"), ("prompted", "base"))
+PAIRS = (("tuned", "base"), ("tuned", "prompted"), ("prompted", "base"), ("tuned", "sft"))
 
 
 LOWER_IS_BETTER = {"loss", "perplexity"}
@@ -106,7 +107,9 @@ def verdict(deltas: dict, confidence: float) -> list[str]:
     """Plain-words conclusions: for each headline metric, is fine-tuning ahead of prompting and of the base?"""
     lines = []
     level = f"{round(confidence * 100)}% CI"
-    for pair, rival in (("tuned_vs_prompted", "prompting"), ("tuned_vs_base", "the base model")):
+    for pair, rival in (("tuned_vs_prompted", "prompting"), ("tuned_vs_base", "the base model"),
+                        ("tuned_vs_sft", "the SFT model it started from")):
+        who = "Preference tuning" if pair == "tuned_vs_sft" else "Fine-tuning"
         for k in HEADLINE:
             d = deltas.get(pair, {}).get(k)
             if d is None:
@@ -117,11 +120,11 @@ def verdict(deltas: dict, confidence: float) -> list[str]:
             word = "lower" if d["delta"] < 0 else "higher"
             amount = f"{abs(d['delta']):.3g} {word} ({level} of the difference [{low:.3g}, {high:.3g}])"
             if d["delta"] == 0 and low == high == 0:
-                lines.append(f"Fine-tuning vs {rival} on {NAMES[k]}: identical on every prompt.")
+                lines.append(f"{who} vs {rival} on {NAMES[k]}: identical on every prompt.")
             elif not excludes_zero:
-                lines.append(f"Fine-tuning vs {rival} on {NAMES[k]}: no clear difference, {amount}.")
+                lines.append(f"{who} vs {rival} on {NAMES[k]}: no clear difference, {amount}.")
             elif better > 0:
-                lines.append(f"Fine-tuning beats {rival} on {NAMES[k]}: {amount}.")
+                lines.append(f"{who} beats {rival} on {NAMES[k]}: {amount}.")
             else:
-                lines.append(f"Fine-tuning trails {rival} on {NAMES[k]}: {amount}.")
+                lines.append(f"{who} trails {rival} on {NAMES[k]}: {amount}.")
     return lines

@@ -14,8 +14,19 @@ from ftkit.train.plan import DevicePlan, device_plan, prepare_for_device
 
 
 def add_lora(model, cfg: ExperimentConfig):
-    from peft import LoraConfig, get_peft_model
+    """A new adapter from ``train.lora``, or the one ``train.init_adapter`` names, trainable."""
+    from peft import LoraConfig, PeftModel, get_peft_model
 
+    if cfg.train.init_adapter:
+        from pathlib import Path
+
+        from ftkit.core.config import init_adapter_path
+
+        where = init_adapter_path(cfg)
+        if not (Path(where) / "adapter_config.json").is_file():
+            raise FileNotFoundError(f"train.init_adapter: {where} holds no adapter (adapter_config.json); run that "
+                                    "experiment's stage 03 first (make 03 EXP=<name>), or fix the path")
+        return PeftModel.from_pretrained(model, where, is_trainable=True)
     lc = cfg.train.lora
     peft_cfg = LoraConfig(
         r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=lc.target_modules,

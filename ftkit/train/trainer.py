@@ -24,6 +24,10 @@ from ftkit.train.plan import DevicePlan, device_plan
 def load_tokens(path: Path, limit: int | None = None, objective: str = "instruction") -> list[dict]:
     """Tokenised examples; with the ``completion`` objective every token after the first is trained."""
     rows = read_jsonl(path)[:limit] if limit else read_jsonl(path)
+    if objective in ("dpo", "kto"):
+        from ftkit.train.preference import preference_rows
+
+        return preference_rows(rows, objective)
     if objective == "completion":
         return [{"input_ids": r["input_ids"], "labels": [IGNORE_INDEX] + r["input_ids"][1:]} for r in rows]
     return [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows]
@@ -62,11 +66,28 @@ def build_trainer(cfg: ExperimentConfig, paths: RunPaths, model, tokenizer, trai
     from ftkit.train.recipe import DEFAULT
 
     recipe = recipe or DEFAULT
+    plan = plan or device_plan(cfg)
+    args = TrainingArguments(**training_arguments(cfg, paths, model, bool(val_rows), plan))
+    args.warmup_steps = planned_warmup(cfg, len(train_rows), plan, args.world_size)
+    trainer_class = LeanTrainer if plan.device == "cuda" and recipe.lean_trainer else Trainer
+    trainer = trainer_class(
+        model=model,
+        callbacks=callbacks(cfg),
+        args=args,
+        train_dataset=TokenizedDataset(train_rows),
+        eval_dataset=TokenizedDataset(val_rows) if val_rows else None,
+        data_collator=recipe.collator(tokenizer.pad_token_id, cfg.train.packing,
+                                      boundaries=plan.attention == "varlen",
+                                      trained_logits_only=bool(plan.applied and plan.applied.trained_logits_only)),
+    )
+    return recipe.trainer(quiet_when_headless(trainer))
 
+
+def training_arguments(cfg: ExperimentConfig, paths: RunPaths, model, has_val: bool, plan: DevicePlan) -> dict:
+    """The TrainingArguments of stage 03 as keywords (the preference trainers' configs take the same)."""
     t = cfg.train
     device = resolve_device(cfg.model)
-    plan = plan or device_plan(cfg)
-    args = TrainingArguments(
+    return dict(
         output_dir=str(paths.checkpoints_dir),
         per_device_train_batch_size=plan.micro_batch,
         per_device_eval_batch_size=t.batch_size,
@@ -80,7 +101,7 @@ def build_trainer(cfg: ExperimentConfig, paths: RunPaths, model, tokenizer, trai
         max_grad_norm=t.max_grad_norm,
         logging_steps=t.logging_steps,
         logging_first_step=True,
-        eval_strategy="steps" if t.eval_steps > 0 and val_rows else "no",
+        eval_strategy="steps" if t.eval_steps > 0 and has_val else "no",
         eval_steps=t.eval_steps or None,
         save_strategy="steps" if t.save_steps > 0 else "no",
         save_steps=t.save_steps or 500,
@@ -111,33 +132,35 @@ def build_trainer(cfg: ExperimentConfig, paths: RunPaths, model, tokenizer, trai
         # tqdm's bar would add carriage-return lines to a terminal log (ftkit run); interactive, it stays
         disable_tqdm=os.environ.get("FTKIT_HEADLESS", "") not in ("", "0"),
     )
-    # an int, worked out here: transformers 5 reads a float < 1 in warmup_steps as a ratio, 4.x as a
-    # number of steps (0), and neither has a ratio field it reads the same way
-    args.warmup_steps = warmup_steps(t.warmup_ratio, optimizer_steps(
-        len(train_rows), plan.micro_batch, plan.accumulation, args.world_size, t.epochs, t.max_steps))
+
+
+def planned_warmup(cfg: ExperimentConfig, examples: int, plan: DevicePlan, processes: int) -> int:
+    """Warm-up as a whole number of steps: an int, worked out here, since transformers 5 reads a float < 1
+    in warmup_steps as a ratio, 4.x as a number of steps (0), and neither has a ratio field read the same way."""
+    t = cfg.train
+    return warmup_steps(t.warmup_ratio, optimizer_steps(examples, plan.micro_batch, plan.accumulation, processes,
+                                                        t.epochs, t.max_steps))
+
+
+def callbacks(cfg: ExperimentConfig) -> list:
+    """Complete-checkpoint markers, the progress lines and early stopping when configured."""
     from transformers import EarlyStoppingCallback
 
     from ftkit.train.progress import TrainingProgress
 
-    callbacks = [CompleteCheckpointMarker(), TrainingProgress()]
-    if t.early_stopping_patience:
-        callbacks.append(EarlyStoppingCallback(early_stopping_patience=t.early_stopping_patience))
-    trainer_class = LeanTrainer if plan.device == "cuda" and recipe.lean_trainer else Trainer
-    trainer = trainer_class(
-        model=model,
-        callbacks=callbacks,
-        args=args,
-        train_dataset=TokenizedDataset(train_rows),
-        eval_dataset=TokenizedDataset(val_rows) if val_rows else None,
-        data_collator=recipe.collator(tokenizer.pad_token_id, cfg.train.packing,
-                                      boundaries=plan.attention == "varlen",
-                                      trained_logits_only=bool(plan.applied and plan.applied.trained_logits_only)),
-    )
-    if args.disable_tqdm:  # the Trainer then prints every log as a dict; the progress lines say it once per interval
+    out = [CompleteCheckpointMarker(), TrainingProgress()]
+    if cfg.train.early_stopping_patience:
+        out.append(EarlyStoppingCallback(early_stopping_patience=cfg.train.early_stopping_patience))
+    return out
+
+
+def quiet_when_headless(trainer):
+    """Headless, the Trainer would print every log as a dict; the progress lines say it once per interval."""
+    if trainer.args.disable_tqdm:
         from transformers import PrinterCallback
 
         trainer.remove_callback(PrinterCallback)
-    return recipe.trainer(trainer)
+    return trainer
 
 
 def optimizer_steps(examples: int, micro_batch: int, accumulation: int, processes: int, epochs: float,

@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from ftkit.core.config import ExperimentConfig
+from ftkit.core.config import ExperimentConfig, init_adapter_path
 from ftkit.core.files import write_json
 from ftkit.core.modeling import (
     count_parameters,
@@ -54,13 +54,22 @@ def run_training(cfg: ExperimentConfig, paths: RunPaths, recipe=None):
     base_path = resolve_model_path(cfg.model.name)
     tokenizer = load_tokenizer(paths.require(paths.tokenizer_dir, "02_format_conversion"), cfg.model)
     objective = cfg.train.objective
+    preference = objective in ("dpo", "kto")
     train_rows = load_tokens(paths.require(paths.tokens("train"), "02_format_conversion"), objective=objective)
     val_rows = load_tokens(paths.require(paths.tokens("val"), "02_format_conversion"), cfg.train.max_eval_examples,
                            objective=objective)
+    if preference:
+        from ftkit.train.preference import need_preference_data
+
+        need_preference_data(train_rows, objective, str(paths.tokens("train")))
     from ftkit.core.estimate import preflight
 
-    # before any weight is loaded: stops early if it clearly won't fit
-    lengths = [len(r["input_ids"]) for r in train_rows]
+    # before any weight is loaded: stops early if it clearly won't fit. A preference step runs every
+    # sequence through the policy (forward and backward) and the reference (forward): counted as 4/3 of
+    # its tokens trained
+    lengths = [len(r["input_ids"]) for r in train_rows] if not preference else \
+        [round(4 / 3 * (len(r["prompt_ids"]) + len(r[k]))) for r in train_rows
+         for k in ("chosen_ids", "rejected_ids", "completion_ids") if k in r]
     pre = preflight(cfg, paths, lengths=lengths, check=recipe.check_fits)
     log.info("pre-flight: ~%.2f GB needed of %.1f GB free, ~%.0f s estimated", pre["total_gb"], pre["free_gb"],
              pre["est_train_seconds"])
@@ -82,11 +91,16 @@ def run_training(cfg: ExperimentConfig, paths: RunPaths, recipe=None):
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     log.info("device plan: %s", choices.to_dict())
-    packing_leak_max = check_packing(model) if cfg.train.packing else None
+    packing_leak_max = check_packing(model) if cfg.train.packing and not preference else None
     trainable, total = count_parameters(model)
     log.info("trainable parameters: %s of %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
 
-    trainer = build_trainer(cfg, paths, model, tokenizer, train_rows, val_rows, choices, recipe)
+    if preference:
+        from ftkit.train.preference import build_preference_trainer
+
+        trainer = build_preference_trainer(cfg, paths, model, tokenizer, train_rows, val_rows, choices)
+    else:
+        trainer = build_trainer(cfg, paths, model, tokenizer, train_rows, val_rows, choices, recipe)
     start = time.perf_counter()
     resume_from = find_resume_checkpoint(paths.checkpoints_dir, cfg.train.resume)
     if resume_from:
@@ -108,7 +122,8 @@ def run_training(cfg: ExperimentConfig, paths: RunPaths, recipe=None):
     final_eval = _final_eval(trainer) if val_rows else {}
 
     save_adapter(trainer, tokenizer, paths, {"base_model": cfg.model.name, "base_path": base_path,
-                                             "method": cfg.train.method, "objective": cfg.train.objective})
+                                             "method": cfg.train.method, "objective": cfg.train.objective,
+                                             "init_adapter": init_adapter_path(cfg)})
     if trainer.is_world_process_zero():
         write_json(paths.train_log, trainer.state.log_history)
     if trainer.args.world_size > 1:  # every rank records what it ended with, so agreement can be checked
@@ -159,10 +174,24 @@ def run_training(cfg: ExperimentConfig, paths: RunPaths, recipe=None):
         "planned_steps": trainer.state.max_steps,
         "steps_this_run": steps - (int(resume_from.name.split("-")[-1]) if resume_from else 0),
         "preflight": pre,
-        "packing": cfg.train.packing,
+        "packing": cfg.train.packing and not preference,
+        "objective": objective,
+        "init_adapter": init_adapter_path(cfg),
+        **({"preference": preference_summary(history)} if preference else {}),
         "packing_leak_max_logit_diff": packing_leak_max,
         "device_plan": choices.to_dict(),
     }
+
+
+def preference_summary(history: list[dict]) -> dict:
+    """The last logged preference figures of training and of validation (TRL's rewards/… and logps/…)."""
+    out = {}
+    for prefix in ("", "eval_"):
+        last = next((h for h in reversed(history) if f"{prefix}rewards/margins" in h), None)
+        if last:
+            out["validation" if prefix else "train"] = {k[len(prefix):]: v for k, v in last.items()
+                                                        if k.startswith(f"{prefix}rewards/") or k.startswith(f"{prefix}logps/")}
+    return out
 
 
 def _final_eval(trainer) -> dict:

@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 import yaml
 
-from ftkit.core.config import DEMO_DATA, ConfigError, ExperimentConfig, load_config
+from ftkit.core.config import DEMO_DATA, DEMO_PREFERENCE_DATA, ConfigError, ExperimentConfig, load_config
 from ftkit.core.config_reference import attribute_docs
 from ftkit.core.session import project_root
 
@@ -253,7 +253,7 @@ class ParameterForm:
         self.estimate_line.value = self._estimate_text()
 
     def _path_note(self, f: Field, value: Any) -> str:
-        if not f.is_path or not isinstance(value, str) or not value or value == DEMO_DATA:
+        if not f.is_path or not isinstance(value, str) or not value or value in (DEMO_DATA, DEMO_PREFERENCE_DATA):
             return ""
         if f.key == "train.accelerate_config" and "/" not in value and not value.endswith((".yaml", ".yml")):
             return ""  # a shipped template name

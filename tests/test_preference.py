@@ -1,0 +1,228 @@
+"""Preference tuning: every preference format read and checked, pairs tokenised with the serving template,
+DPO's loss against a hand computation, the reference equal to the adapter-off model, KTO on unpaired
+labels, and SFT then DPO through the stages with the report's answer."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+
+from tests import thirdparty
+
+
+def _write(path: Path, rows: list[dict]) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return str(path)
+
+
+def _convert(path, fmt="auto", columns=None):
+    from ftkit.core import records
+    from ftkit.core.validation import validate
+
+    det = records.detect(path, fmt, columns)
+    ok, bad = [], []
+    for item in records.canonical(path, det):
+        problems = item.problems or validate(item.record)
+        (bad if problems else ok).append(f"{item.where}: {'; '.join(map(str, problems))}" if problems else item.record)
+    return det, ok, bad
+
+
+SAMPLES = {
+    "openai_dpo": [{"input": {"messages": [{"role": "user", "content": "Where is my order?"}]},
+                    "preferred_output": [{"role": "assistant", "content": "It ships today."}],
+                    "non_preferred_output": [{"role": "assistant", "content": "No idea."}]}],
+    "preference": [{"prompt": "2+2?", "chosen": "4", "rejected": "5"},
+                   {"prompt": [{"role": "user", "content": "Hi"}], "chosen": [{"role": "assistant", "content": "Hello!"}],
+                    "rejected": [{"role": "assistant", "content": "What."}]},
+                   {"chosen": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "good"}],
+                    "rejected": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "bad"}]},
+                   {"instruction": "Name a colour", "input": "", "chosen": "Blue.", "rejected": "Seven."}],
+    "kto": [{"prompt": "Q", "completion": "good", "label": True}, {"prompt": "Q", "completion": "bad", "label": False}],
+}
+
+
+@pytest.mark.parametrize("fmt", sorted(SAMPLES))
+def test_each_preference_format_converts_with_zero_errors(tmp_path, fmt):
+    det, ok, bad = _convert(_write(tmp_path / "p.jsonl", SAMPLES[fmt]))
+    assert det.format == fmt and not bad and len(ok) == len(SAMPLES[fmt])
+    for rec in ok:
+        assert rec["messages"][-1]["role"] == "assistant"
+        assert ("rejected" in rec) == (fmt != "kto") and ("label" in rec) == (fmt == "kto")
+    if fmt == "preference":  # the implicit prompt is the shared turns
+        assert ok[2]["messages"] == [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "good"}]
+        assert ok[2]["rejected"] == {"role": "assistant", "content": "bad"}
+
+
+def test_preference_columns_of_a_table(tmp_path):
+    p = tmp_path / "t.csv"
+    p.write_text("question,good,bad\nWhere is it?,On its way.,Dunno.\n", encoding="utf-8")
+    det, ok, bad = _convert(str(p), columns={"user": "question", "chosen": "good", "rejected": "bad"})
+    assert not bad and ok[0]["rejected"]["content"] == "Dunno." and ok[0]["messages"][-1]["content"] == "On its way."
+
+
+def test_malformed_pairs_get_path_line_reasons(tmp_path):
+    rows = [SAMPLES["openai_dpo"][0],
+            {**SAMPLES["openai_dpo"][0], "non_preferred_output": [{"role": "assistant", "content": "It ships today."}]},
+            {"input": {"messages": [{"role": "user", "content": "x"}]}, "preferred_output": [{"role": "assistant", "content": "a"}]},
+            {"input": {"messages": "not a list"}, "preferred_output": "a", "non_preferred_output": "b"}]
+    path = _write(tmp_path / "bad.jsonl", rows)
+    _, ok, bad = _convert(path)
+    assert len(ok) == 1 and len(bad) == 3
+    assert bad[0].startswith(f"{path}:2: rejected: the same text as the chosen reply")
+    assert bad[1].startswith(f"{path}:3: non_preferred_output: must be a string or an assistant message")
+    assert bad[2].startswith(f"{path}:4: input.messages: must be a list")
+
+
+def test_implicit_pair_with_different_prompts_is_refused(tmp_path):
+    row = {"chosen": [{"role": "user", "content": "Q1"}, {"role": "assistant", "content": "a"}],
+           "rejected": [{"role": "user", "content": "Q2"}, {"role": "assistant", "content": "b"}]}
+    _, ok, bad = _convert(_write(tmp_path / "i.jsonl", [row]))
+    assert not ok and "rejected[0]: chosen and rejected differ before their last reply" in bad[0]
+
+
+def test_llamafactory_preference_demos_convert():
+    dpo, kto = thirdparty.path("llamafactory-dpo"), thirdparty.path("llamafactory-kto")
+    if not dpo.exists() and not os.environ.get("FTKIT_REQUIRE_THIRDPARTY"):
+        pytest.skip("make thirdparty fetches LLaMA-Factory's demo files")
+    det, ok, bad = _convert(str(dpo))
+    assert det.format == "preference" and len(ok) == 300 and not bad
+    det, ok, bad = _convert(str(kto), "kto")  # OpenAI messages plus a label: KTO when asked for
+    assert len(ok) == 300 and not bad and {r["label"] for r in ok} == {True, False}
+
+
+def _prepare(tmp_path, rows, **data):
+    import ftkit
+    from ftkit.core.config import load_config
+
+    path = _write(tmp_path / "prefs.jsonl", rows)
+    cfg = load_config(experiment="p", outputs_dir=str(tmp_path / "out"), model={"name": "tiny-random"},
+                      data={"path": path, **data})
+    paths = ftkit.run_paths(cfg)
+    return cfg, paths, ftkit.data.run(cfg, paths)
+
+
+def test_splits_keep_a_prompts_pairs_together_and_count_every_record(tmp_path):
+    from ftkit.core.files import read_jsonl
+
+    rows = [{"prompt": f"question {i}", "chosen": f"good answer {i} variant {k}", "rejected": f"bad answer {i} v{k}"}
+            for i in range(60) for k in range(3)]
+    rows.append({"prompt": "q", "chosen": "same", "rejected": "same"})
+    cfg, paths, result = _prepare(tmp_path, rows, near_duplicate_threshold=None)
+    where = {}
+    for split in ("train", "val", "test"):
+        for r in read_jsonl(paths.split(split)):
+            where.setdefault(r["messages"][0]["content"], set()).add(split)
+    assert all(len(s) == 1 for s in where.values()) and len(where) == 60
+    m = result.metrics
+    assert m["rows_in"] == len(rows) and m["rows_kept"] + m["rows_quarantined"] == len(rows)
+    assert m["quarantine_reasons"] == {"same_reply": 1}
+
+
+def test_pairs_are_cut_at_the_last_reply_with_the_end_of_turn_trained(tmp_path):
+    import ftkit
+    from ftkit.core.files import read_jsonl
+    from ftkit.core.masking import end_of_turn_token_id
+
+    rows = SAMPLES["openai_dpo"] * 1 + [
+        {"input": {"messages": [{"role": "user", "content": f"Ticket {i}: my parcel is late"}]},
+         "preferred_output": [{"role": "assistant", "content": f"Sorry, parcel {i} ships today."}],
+         "non_preferred_output": [{"role": "assistant", "content": f"Parcel {i}? Wait."}]} for i in range(40)]
+    cfg, paths, _ = _prepare(tmp_path, rows)
+    converted = ftkit.convert.run(cfg, paths)
+    tok = converted.tokenizer
+    eot = end_of_turn_token_id(tok)
+    row = read_jsonl(paths.tokens("train"))[0]
+    chat = read_jsonl(paths.chat("train"))[0]
+    assert row["input_ids"][:len(row["prompt_ids"]) + len(row["chosen_ids"])] == row["prompt_ids"] + row["chosen_ids"]
+    assert row["chosen_ids"][-1] == eot and row["rejected_ids"][-1] == eot
+    assert tok.decode(row["chosen_ids"][:-1]).strip() == chat["messages"][-1]["content"]
+    assert tok.decode(row["rejected_ids"][:-1]).strip() == chat["rejected"]["content"]
+    # the prompt is what serving sends: the template's generation prompt
+    from ftkit.core.masking import encode_prompt
+
+    assert row["prompt_ids"] == encode_prompt(tok, chat["messages"][:-1])
+    pref = converted.metrics["preference"]["train"]
+    assert pref["pairs"] == converted.metrics["kept"]["train"] and pref["length_ratio_mean"] > 1
+
+
+def _tiny_dpo(tmp_path, objective="dpo", beta=0.1):
+    import torch
+
+    from ftkit.core.config import load_config
+    from ftkit.core.modeling import load_model, load_tokenizer, resolve_model_path
+    from ftkit.core.paths import RunPaths
+    from ftkit.train.loading import add_lora
+    from ftkit.train.plan import device_plan
+    from ftkit.train.preference import build_preference_trainer
+
+    torch.manual_seed(0)
+    cfg = load_config(experiment="d", outputs_dir=str(tmp_path), model={"name": "tiny-random"},
+                      train={"objective": objective, "batch_size": 2, "max_steps": 2, "eval_steps": 0,
+                             "preference": {"beta": beta}})
+    path = resolve_model_path("tiny-random")
+    tok, model = load_tokenizer(path), add_lora(load_model(path, cfg.model), cfg)
+    rows = [{"prompt_ids": [1, 5, 9, 11], "chosen_ids": [20, 21, 22], "rejected_ids": [30, 31]},
+            {"prompt_ids": [1, 7], "chosen_ids": [40, 41], "rejected_ids": [50, 51, 52, 53]}]
+    trainer = build_preference_trainer(cfg, RunPaths(tmp_path, "d"), model, tok, rows, [], device_plan(cfg))
+    return trainer, model, rows
+
+
+def _logp(model, prompt, reply):
+    import torch
+
+    ids = torch.tensor([prompt + reply])
+    logits = model(input_ids=ids).logits.float().log_softmax(-1)[0]
+    return float(sum(logits[len(prompt) - 1 + k, t] for k, t in enumerate(reply)))
+
+
+def test_dpo_loss_matches_a_hand_computation_and_the_reference_is_the_adapter_off_model(tmp_path):
+    import torch
+
+    beta = 1.0
+    trainer, model, rows = _tiny_dpo(tmp_path, beta=beta)
+    with torch.no_grad():  # move the policy away from its initial (reference) adapter
+        for name, p in model.named_parameters():
+            if "lora_B.default" in name:
+                p.normal_(0, 4.0)
+    batch = trainer.data_collator(rows)
+    model.eval()
+    with torch.no_grad():
+        loss = float(trainer.compute_loss(model, batch))
+        with model.disable_adapter():
+            ref = [(_logp(model, r["prompt_ids"], r["chosen_ids"]), _logp(model, r["prompt_ids"], r["rejected_ids"]))
+                   for r in rows]
+        pol = [(_logp(model, r["prompt_ids"], r["chosen_ids"]), _logp(model, r["prompt_ids"], r["rejected_ids"]))
+               for r in rows]
+        trl_ref = trainer.compute_ref_log_probs(model, batch)
+    by_hand = [-math.log(1 / (1 + math.exp(-beta * ((pc - rc) - (pr - rr))))) for (pc, pr), (rc, rr) in zip(pol, ref, strict=True)]
+    assert loss == pytest.approx(sum(by_hand) / len(by_hand), rel=1e-4, abs=1e-5)
+    assert abs(pol[0][0] - ref[0][0]) > 0.01 and abs(sum(by_hand) / 2 - math.log(2)) > 1e-3  # it did move
+    # TRL's reference (a frozen copy of the adapter as it started) equals the adapter-off model
+    ref_chosen, ref_rejected = (t.tolist() for t in trl_ref)
+    assert ref_chosen == pytest.approx([c for c, _ in ref], abs=1e-4)
+    assert ref_rejected == pytest.approx([r for _, r in ref], abs=1e-4)
+
+
+def test_kto_trains_on_unpaired_labels(tmp_path):
+    import ftkit
+
+    rows = [{"prompt": f"Where is parcel {i}?", "completion": f"Parcel {i} ships today." if i % 2 else "No.",
+             "label": bool(i % 2)} for i in range(48)]
+    cfg, paths, _ = _prepare(tmp_path, rows)
+    from ftkit.core.config import load_config
+
+    cfg = load_config(experiment="p", outputs_dir=str(tmp_path / "out"), model={"name": "tiny-random"},
+                      data={"path": str(tmp_path / "prefs.jsonl")},
+                      train={"objective": "kto", "max_steps": 4, "batch_size": 4, "eval_steps": 0,
+                             "learning_rate": 1e-3})
+    ftkit.convert.run(cfg, paths)
+    metrics = ftkit.train.run(cfg, paths).metrics
+    assert metrics["steps"] == 4 and math.isfinite(metrics["train_loss"])
+    from safetensors.torch import load_file
+
+    weights = load_file(str(paths.adapter_dir / "adapter_model.safetensors"))
+    assert any(float(v.abs().sum()) > 0 for k, v in weights.items() if "lora_B" in k)  # the adapter moved
