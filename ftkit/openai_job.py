@@ -3,7 +3,8 @@
 Reads the job object (``client.fine_tuning.jobs.retrieve(...)`` as JSON) or the body sent to
 ``client.fine_tuning.jobs.create``: ``model``, ``training_file``, ``validation_file``, ``suffix``,
 ``seed`` and the hyperparameters (``n_epochs``, ``batch_size``, ``learning_rate_multiplier``), under
-``method.supervised.hyperparameters`` or the older top-level ``hyperparameters``. Writes a YAML file
+``method.supervised.hyperparameters`` (DPO jobs: ``method.dpo.hyperparameters``, ``beta`` included) or the
+older top-level ``hyperparameters``. Writes a YAML file
 with a comment on each choice: what was mapped and how, what "auto" leaves at ftkit's default, and
 every field that was not used, so nothing is dropped without a word.
 """
@@ -32,22 +33,22 @@ class JobError(ValueError):
 
 
 def hyperparameters(job: dict) -> tuple[dict, list[str]]:
-    """The supervised hyperparameters of ``job`` and notes on where they came from. Refuses DPO and
-    reinforcement fine-tuning, which ftkit does not do yet."""
+    """The hyperparameters of ``job`` (supervised or DPO; ``_method`` says which) and notes on where they
+    came from. Refuses reinforcement fine-tuning, which ftkit does not do."""
     method = job.get("method") or {}
     kind = method.get("type", "supervised")
-    if kind in ("dpo", "reinforcement"):
-        raise JobError(f"method.type {kind!r}: ftkit does not support {'DPO' if kind == 'dpo' else 'reinforcement'} "
-                       "fine-tuning yet, only supervised fine-tuning (method.type 'supervised')")
-    if kind != "supervised":
-        raise JobError(f"method.type {kind!r}: unknown; ftkit imports supervised fine-tuning jobs only")
+    if kind == "reinforcement":
+        raise JobError(f"method.type {kind!r}: ftkit does not support reinforcement fine-tuning, only supervised "
+                       "fine-tuning and DPO (method.type 'supervised' or 'dpo')")
+    if kind not in ("supervised", "dpo"):
+        raise JobError(f"method.type {kind!r}: unknown; ftkit imports supervised and DPO fine-tuning jobs")
     notes = []
     legacy = job.get("hyperparameters") or {}
-    params = ((method.get("supervised") or {}).get("hyperparameters")) or {}
+    params = ((method.get(kind) or {}).get("hyperparameters")) or {}
     if params and legacy and any(legacy.get(k, "auto") != params.get(k, "auto") for k in HYPERPARAMETERS):
-        notes.append(f"top-level hyperparameters {json.dumps(legacy)} differ from method.supervised's; "
+        notes.append(f"top-level hyperparameters {json.dumps(legacy)} differ from method.{kind}'s; "
                      "OpenAI uses method's, and so does this file")
-    return dict(params or legacy), notes
+    return {**(params or legacy), "_method": kind}, notes
 
 
 def _number(params: dict, key: str, kind: type):
@@ -118,7 +119,7 @@ def to_parameters(job: dict, training_file: str | None, validation_file: str | N
                 "  # (data.val_fraction, data.test_fraction); list it under data.path to add its records to the pool"]
 
     out += ["train:", *_train_lines(params, default)]
-    unknown_hp = sorted(set(params) - set(HYPERPARAMETERS))
+    unknown_hp = sorted(set(params) - set(HYPERPARAMETERS) - {"_method", "beta"})
     if unknown_hp:
         notes.append("hyperparameters not mapped (no ftkit equivalent): " +
                      ", ".join(f"{k}={_short(params[k])}" for k in unknown_hp))
@@ -135,6 +136,13 @@ def to_parameters(job: dict, training_file: str | None, validation_file: str | N
 
 def _train_lines(params: dict, default: TrainConfig) -> list[str]:
     lines = []
+    if params.get("_method") == "dpo":
+        lines.append("  objective: dpo  # method.type dpo: OpenAI's DPO JSONL (input, preferred_output, "
+                     "non_preferred_output) is read as it is")
+        beta = _number(params, "beta", float)
+        lines.append(f"  preference:\n    beta: {_yaml_value(beta)}  # beta" if beta else
+                     f"  # beta auto: ftkit's default train.preference.beta ({default.preference.beta:g}) is kept")
+        lines.append("  # init_adapter: experiment:<your SFT run>  # DPO usually starts from a supervised adapter")
     epochs = _number(params, "n_epochs", int)
     lines.append(f"  epochs: {epochs}  # n_epochs" if epochs else
                  f"  # n_epochs auto: ftkit's default train.epochs ({default.epochs:g}) is kept")

@@ -161,6 +161,29 @@ def test_forgetting_guard_self_distillation(tmp_path):
     assert res.metrics()["general_mix"]["source"] == "self-distillation (base model)"
 
 
+def test_forgetting_guard_repeats_a_small_pool_to_the_configured_share(tmp_path):
+    """Fewer usable general answers than the mix asks for: each is repeated in turn, and the report says how many
+    were distinct."""
+    from ftkit.core.config import load_config
+    from ftkit.core.replay import general_prompts, mix_general
+
+    cfg = load_config(experiment="g", outputs_dir=str(tmp_path), model={"name": "tiny-random"},
+                      data={"demo_size": 100, "general_mix": 0.2})
+    paths = RunPaths(tmp_path, "g")
+    res = prepare(cfg.data, paths, cfg.seed)
+    n_train = res.split_sizes["train"]
+    paths.replay_cache.parent.mkdir(parents=True, exist_ok=True)
+    paths.replay_cache.write_text("\n".join(json.dumps(
+        {"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": f"Answer {k}."}],
+         "meta": {"source": "replay", "model": "tiny-random", "system_prompt": None, "asked": len(general_prompts())}})
+        for k, p in enumerate(general_prompts()[:3])) + "\n")
+    info = mix_general(cfg, paths, res)
+    replay = [r for r in read_jsonl(paths.split("train")) if r["meta"].get("source") == "replay"]
+    assert info["wanted"] == info["added"] == len(replay) == round(0.2 * n_train) > 3 and info["distinct"] == 3
+    counts = [sum(1 for r in replay if r["messages"][-1]["content"] == f"Answer {k}.") for k in range(3)]
+    assert max(counts) - min(counts) <= 1  # repeated in turn, not one of them over and over
+
+
 def test_forgetting_guard_generates_with_base_model(tmp_path):
     from ftkit.core.config import load_config
     from ftkit.core.replay import self_distilled

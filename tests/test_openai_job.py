@@ -56,12 +56,22 @@ def test_auto_and_create_body_keep_ftkit_defaults(tmp_path):
     assert set(read_yaml(tmp_path / "parameters" / "from-create.yaml")) == {"experiment", "data", "train"}
 
 
-@pytest.mark.parametrize("kind", ["dpo", "reinforcement"])
-def test_dpo_and_reinforcement_are_refused(tmp_path, capsys, kind):
-    job = {**JOB, "method": {"type": kind, kind: {"hyperparameters": {"beta": 0.1}}}}
+def test_reinforcement_is_refused(tmp_path, capsys):
+    job = {**JOB, "method": {"type": "reinforcement", "reinforcement": {"hyperparameters": {}}}}
     code, text = _import(tmp_path, job, "--training-file", "t.jsonl")
     assert code == 2 and text == ""
-    assert f"method.type {kind!r}: ftkit does not support" in capsys.readouterr().err
+    assert "method.type 'reinforcement': ftkit does not support" in capsys.readouterr().err
+
+
+def test_a_dpo_job_becomes_a_dpo_run(tmp_path):
+    from ftkit.core.config import load_config
+
+    job = {**JOB, "method": {"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.25, "n_epochs": 2}}}}
+    code, text = _import(tmp_path, job, "--training-file", "t.jsonl")
+    assert code == 0 and "objective: dpo" in text and "beta: 0.25" in text
+    params = read_yaml(next((tmp_path / "parameters").glob("*.yaml")))
+    cfg = load_config(**params)
+    assert cfg.train.objective == "dpo" and cfg.train.preference.beta == 0.25 and cfg.train.epochs == 2
 
 
 def test_file_id_without_a_local_training_file_is_refused(tmp_path, capsys):

@@ -16,6 +16,7 @@ EXPECTED = {  # name -> (detected format, records)
     "llamafactory-alpaca": ("alpaca", 999),
     "llamafactory-identity": ("alpaca", 91),
     "llamafactory-kto": ("messages", 300),
+    "llamafactory-dpo": ("preference", 300),
     "llamafactory-c4": ("text", 300),
     "llama-stack-squad": ("prompt_completion", 720),
     "aiperf-shakespeare": ("text", 1),
@@ -65,6 +66,9 @@ def test_openai_export_passes_the_format_check(capsys, tmp_path, chat_dataset):
     code, lines, _ = run(capsys, "convert", str(p), "--to", "openai", "-o", str(out))
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     assert code == 0 and lines == [] and len(rows) == n
+    if EXPECTED[name][0] == "preference":  # pairs export as OpenAI's DPO lines: the prompt is a chat to check
+        assert all(set(r) == {"input", "preferred_output", "non_preferred_output"} for r in rows)
+        rows = [{"messages": r["input"]["messages"] + r["preferred_output"]} for r in rows]
     assert [e for r in rows if (e := openai_format_errors(r))] == []
 
 

@@ -284,9 +284,14 @@ def with_system_prompt(messages: list[dict], system_prompt: str | None) -> list[
 
 
 def to_openai(record: dict) -> dict:
-    """OpenAI fine-tuning JSONL line: only ``messages`` with the keys OpenAI accepts."""
+    """OpenAI fine-tuning JSONL line: only ``messages`` with the keys OpenAI accepts; a preference pair as
+    OpenAI's DPO line (``input.messages``, ``preferred_output``, ``non_preferred_output``)."""
     keep = ("role", "content", "name", "weight", "tool_calls", "tool_call_id")
-    return {"messages": [{k: m[k] for k in keep if k in m} for m in record["messages"]]}
+    messages = [{k: m[k] for k in keep if k in m} for m in record["messages"]]
+    if isinstance(record.get("rejected"), dict):
+        return {"input": {"messages": messages[:-1]}, "preferred_output": [messages[-1]],
+                "non_preferred_output": [{"role": "assistant", "content": record["rejected"]["content"]}]}
+    return {"messages": messages}
 
 
 def to_sharegpt(record: dict) -> dict:

@@ -88,11 +88,16 @@ def mix_general(cfg, paths: RunPaths, result) -> dict:
     else:
         pool, source = self_distilled(cfg, want, paths.replay_cache), "self-distillation (base model)"
     random.Random(cfg.seed).shuffle(pool)
+    # fewer distinct records than the mix asks for (self-distillation keeps only the answers that stop):
+    # each is repeated, in turn, so the share of general data in train is the one configured
+    chosen = [pool[i % len(pool)] for i in range(want)] if pool else []
     added = [{**r, "id": f"general-{i}", "sources": [r.get("meta", {}).get("source", "general")]}
-             for i, r in enumerate(pool[:want])]
-    if len(added) < want:
-        log.warning("general mix: wanted %d records, %d available from %s", want, len(added), source)
+             for i, r in enumerate(chosen)]
+    distinct = min(len(pool), want)
+    if distinct < want:
+        log.warning("general mix: wanted %d records, %d distinct available from %s; each repeated to reach %d",
+                    want, distinct, source, len(added))
     write_jsonl(paths.split("train"), train + added)
     result.general = {"general_mix": d.general_mix, "source": source, "wanted": want, "added": len(added),
-                      "skipped": len(skipped), "skipped_examples": skipped[:5]}
+                      "distinct": distinct, "skipped": len(skipped), "skipped_examples": skipped[:5]}
     return result.general

@@ -212,7 +212,7 @@ def evaluate_run(cfg, paths) -> dict:
         jdg = build_judge(cfg)
         n = min(e.judge.max_pairs, len(sample))
         judge = {}
-        for rival in ("base", "prompted"):
+        for rival in (r for r in ("base", "prompted", "sft") if r in per_rows):
             items = [{"prompt": prompt_texts[i], "reference": refs[i], "first": per_rows["tuned"][i]["text"],
                       "second": per_rows[rival][i]["text"]} for i in range(n)]
             judge[f"tuned_vs_{rival}"] = compare(jdg, items, resamples=e.bootstrap_samples,

@@ -63,6 +63,8 @@ def forgetting_check(cfg, tok, base_ctx, tuned_model, base_model, stop_ids: list
     if stop_drop > f.max_stop_rate_drop:
         reasons.append(f"stop rate on general questions fell by {100 * stop_drop:.0f} points "
                        f"(limit {100 * f.max_stop_rate_drop:.0f})")
+    if reasons and cfg.data.general_mix <= 0:  # the remedy, named where the problem is reported
+        reasons.append("the forgetting guard is off: data.general_mix: 0.1 mixes general answers into train")
     return {**out, "loss_delta": loss_delta, "relative_loss_increase": rel, "stop_rate_drop": stop_drop,
             "flag": bool(reasons), "reason": "; ".join(reasons) or "no degradation beyond the configured limits",
             "examples": len(rows), "source": f.path or "ftkit/resources/general_eval.jsonl"}

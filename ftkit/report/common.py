@@ -263,6 +263,26 @@ def template_note(metrics: dict) -> None:
     display(Markdown(" ".join(parts)))
 
 
+def preference_note(metrics: dict) -> None:
+    """Preference data only: pairs and labelled replies per split, reply lengths and the length ratio."""
+    from IPython.display import Markdown, display
+
+    pref = metrics.get("preference")
+    if not pref:
+        return
+    lines = []
+    for split, p in pref.items():
+        if p.get("pairs"):
+            lines.append(f"- {split}: {p['pairs']} pairs; prompt {p['prompt_tokens_mean']:.0f} tokens, chosen "
+                         f"{p['chosen_tokens_mean']:.0f}, rejected {p['rejected_tokens_mean']:.0f} on average; chosen/"
+                         f"rejected length ratio {p['length_ratio_mean']:.2f}, chosen the longer in "
+                         f"{100 * p['chosen_longer_share']:.0f}% of pairs")
+        if p.get("kto_records"):
+            lines.append(f"- {split}: {p['kto_records']} labelled replies, {100 * p['kto_desirable_share']:.0f}% good")
+    display(Markdown("**Preference data.** A length gap between chosen and rejected is the easiest thing for DPO "
+                     "to learn (length bias): compare the ratio with 1.\n\n" + "\n".join(lines)))
+
+
 def token_stats_table(metrics: dict):
     rows = [{"split": s, "in": metrics["records_in"][s], "kept": metrics["kept"][s], **st}
             for s, st in metrics["token_stats"].items()]

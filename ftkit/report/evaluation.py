@@ -36,7 +36,9 @@ def comparison_table(metrics: dict):
         row = {"metric": NAMES.get(k, k) + (" ↓" if k in LOWER_IS_BETTER else "")}
         for m in _models(metrics):
             row[m] = _ci(metrics[m].get("ci", {}).get(k)) if k in metrics[m].get("ci", {}) else _fmt(metrics[m].get(k))
-        for pair in ("tuned_vs_prompted", "tuned_vs_base"):
+        for pair in ("tuned_vs_prompted", "tuned_vs_base", "tuned_vs_sft"):
+            if pair not in metrics["deltas"]:
+                continue
             a, b = pair.split("_vs_")
             row[f"{a} − {b} [{level}% CI]"] = _ci(metrics["deltas"].get(pair, {}).get(k), "delta")
         rows.append(row)
@@ -158,3 +160,27 @@ def forgetting_table(metrics: dict):
         {"": "token F1 vs reference", "base": _fmt(f["base"]["token_f1"]), "tuned": _fmt(f["tuned"]["token_f1"]),
          "tuned − base [CI]": _fmt(f["tuned"]["token_f1"] - f["base"]["token_f1"])},
     ]).set_index("")
+
+
+def preference_table(metrics: dict):
+    """Held-out pairs: preference accuracy and reward margins of the tuned model against its reference, and
+    how often each ranks the chosen reply above the rejected one by likelihood (None without pairs)."""
+    import pandas as pd
+    from IPython.display import Markdown, display
+
+    p = metrics.get("preference")
+    if not p:
+        display(Markdown("No held-out preference pairs in the test split: nothing to rank."))
+        return None
+    level = round(metrics["confidence"] * 100)
+    display(Markdown(f"{p['pairs']} held-out pairs; implicit reward β × (log p tuned − log p reference), β = "
+                     f"{p['beta']}, reference: {p['reference']}. Accuracy 0.5 is chance."))
+    rows = [("preference accuracy (reward: chosen above rejected)", p["accuracy"]),
+            ("reward margin, chosen − rejected", p["margin"]),
+            ("reward of the chosen reply", p["reward_chosen"]),
+            ("reward of the rejected reply", p["reward_rejected"]),
+            ("chosen more likely than rejected: reference", p["ranked_by_reference"]),
+            ("chosen more likely than rejected: tuned", p["ranked_by_tuned"])]
+    out = [{"": name, f"value [{level}% CI]": _ci(d)} for name, d in rows]
+    out.append({"": "… tuned − reference (paired)", f"value [{level}% CI]": _ci(p["ranked_tuned_vs_reference"], "delta")})
+    return pd.DataFrame(out).set_index("")

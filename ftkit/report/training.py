@@ -54,6 +54,12 @@ def training_summary(metrics: dict):
     rows.append({"what": "weights loaded from", "value": (
         "safetensors, or pickle files (model.allow_pickle_weights: true)" if metrics.get("allow_pickle_weights")
         else "safetensors only (pickle checkpoints refused)")})
+    if metrics.get("objective") in ("dpo", "kto"):
+        rows.append({"what": "objective", "value": f"{metrics['objective']} (TRL), starting from "
+                     f"{metrics.get('init_adapter') or 'a new adapter'}"})
+        for split, figures in (metrics.get("preference") or {}).items():  # TRL's last logged figures
+            rows.append({"what": f"preference, {split}", "value": "\n".join(
+                f"{k}: {v:.4g}" for k, v in figures.items())})
     rows.append({"what": "overfitting", "value": metrics["overfitting"]["reason"]})
     rows.append({"what": "checkpoints", "value": "\n".join(metrics.get("checkpoints") or []) or "none (train.save_steps: 0)"})
     from ftkit.report.common import _frame

@@ -44,7 +44,9 @@ def need_preference_data(rows: list[dict], objective: str, where: str) -> None:
                          "instruction")
 
 
-def _pass_through(trainer_class):
+def pretokenised(trainer_class):
+    """``trainer_class`` (a TRL trainer) taking rows that are already token ids, as stage 02 wrote them."""
+
     class Pretokenised(trainer_class):
         def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
             return dataset
@@ -53,8 +55,10 @@ def _pass_through(trainer_class):
     return Pretokenised
 
 
-def build_preference_trainer(cfg, paths, model, tokenizer, train_rows, val_rows, plan):
-    """A TRL trainer for ``cfg.train.objective`` (dpo or kto) with stage 03's arguments."""
+def build_preference_trainer(cfg, paths, model, tokenizer, train_rows, val_rows, plan, recipe=None):
+    """A TRL trainer for ``cfg.train.objective`` (dpo or kto) with stage 03's arguments; ``recipe``'s
+    ``trainer`` hook sees it last, as for supervised training."""
+    from ftkit.train.recipe import DEFAULT
     from ftkit.train.trainer import callbacks, planned_warmup, quiet_when_headless, training_arguments
 
     t, p = cfg.train, cfg.train.preference
@@ -85,10 +89,10 @@ def build_preference_trainer(cfg, paths, model, tokenizer, train_rows, val_rows,
     args.warmup_steps = planned_warmup(cfg, len(train_rows), plan, args.world_size)
     from datasets import Dataset
 
-    trainer = _pass_through(trainer_class)(
+    trainer = pretokenised(trainer_class)(
         model=model, ref_model=None, args=args, processing_class=tokenizer, callbacks=callbacks(cfg),
         train_dataset=Dataset.from_list(train_rows), eval_dataset=Dataset.from_list(val_rows) if val_rows else None)
-    return quiet_when_headless(trainer)
+    return (recipe or DEFAULT).trainer(quiet_when_headless(trainer))
 
 
 def _with_kl_completions(rows: list[dict], batch: int) -> list[dict]:

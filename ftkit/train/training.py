@@ -98,7 +98,7 @@ def run_training(cfg: ExperimentConfig, paths: RunPaths, recipe=None):
     if preference:
         from ftkit.train.preference import build_preference_trainer
 
-        trainer = build_preference_trainer(cfg, paths, model, tokenizer, train_rows, val_rows, choices)
+        trainer = build_preference_trainer(cfg, paths, model, tokenizer, train_rows, val_rows, choices, recipe)
     else:
         trainer = build_trainer(cfg, paths, model, tokenizer, train_rows, val_rows, choices, recipe)
     start = time.perf_counter()
