@@ -23,8 +23,9 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--max-tokens-cap", type=int, default=512, help="largest max_tokens a request may ask for")
     s.add_argument("--max-prompt-tokens", type=int, default=None,
                    help="refuse longer prompts (default: the model's context)")
-    s.add_argument("--kv-cache-tokens", type=int, default=16384,
-                   help="KV cache pool shared by concurrent requests, in tokens (bounds memory)")
+    s.add_argument("--kv-cache-tokens", type=int, default=None,
+                   help="KV cache pool shared by concurrent requests, in tokens (bounds memory; default: 16,384 "
+                        "on a CPU, sized from free memory on a GPU)")
     s.add_argument("--threads", type=int, default=None, help="CPU threads for the model (default: one less than the cores)")
     s.add_argument("--read-timeout", type=float, default=None,
                    help="seconds a client may stay silent mid-request or idle before its connection is closed (default 10)")

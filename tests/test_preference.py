@@ -226,3 +226,63 @@ def test_kto_trains_on_unpaired_labels(tmp_path):
 
     weights = load_file(str(paths.adapter_dir / "adapter_model.safetensors"))
     assert any(float(v.abs().sum()) > 0 for k, v in weights.items() if "lora_B" in k)  # the adapter moved
+
+
+def test_sft_then_dpo_through_the_stages_answers_did_it_help(tmp_path):
+    """Preference pairs through stages 01-04 on the tiny model: SFT on the chosen replies, then DPO from that
+    adapter; stage 04 compares the DPO model with the SFT model it started from and ranks the held-out pairs."""
+    import ftkit
+    from ftkit.core.config import load_config
+
+    rows = [{"input": {"messages": [{"role": "user", "content": f"Where is my order AC-{100000 + i}?"}]},
+             "preferred_output": [{"role": "assistant", "content": f"Order AC-{100000 + i} ships today.\n— Support"}],
+             "non_preferred_output": [{"role": "assistant", "content": "Your order ships today."}]} for i in range(60)]
+    data = _write(tmp_path / "pairs.jsonl", rows)
+    common = dict(outputs_dir=str(tmp_path / "out"), model={"name": "tiny-random"}, data={"path": data},
+                  evaluate={"num_generations": 4, "max_new_tokens": 8, "bootstrap_samples": 200,
+                            "rules": {"required_phrases": ["— Support"]}})
+    sft = load_config(experiment="sft", train={"max_steps": 3, "batch_size": 4, "eval_steps": 0}, **common)
+    paths = ftkit.run_paths(sft)
+    for stage in (ftkit.data, ftkit.convert, ftkit.train):
+        stage.run(sft, paths)
+    dpo = load_config(experiment="dpo", train={"objective": "dpo", "init_adapter": "experiment:sft", "max_steps": 3,
+                                               "batch_size": 4, "eval_steps": 0, "learning_rate": 1e-3}, **common)
+    dpaths = ftkit.run_paths(dpo)
+    for stage in (ftkit.data, ftkit.convert, ftkit.train):
+        stage.run(dpo, dpaths)
+    m = ftkit.evaluate.run(dpo, dpaths).metrics
+    assert {"base", "prompted", "sft", "tuned"} <= set(m) and "rule_pass_rate" in m["deltas"]["tuned_vs_sft"]
+    assert any(v.startswith("Preference tuning") for v in m["verdict"])
+    p = m["preference"]
+    assert p["pairs"] == len([1 for _ in open(dpaths.tokens("test"))]) > 0
+    assert p["reference"].startswith("the adapter training started from")
+    assert 0 <= p["accuracy"]["value"] <= 1 and p["margin"]["ci_low"] <= p["margin"]["value"] <= p["margin"]["ci_high"]
+    assert p["margin"]["value"] != 0  # DPO moved the policy away from its reference
+
+
+def test_a_dpo_run_resumes_where_it_stopped(tmp_path):
+    """Three steps, then a second run to six resumes from the checkpoint (not from scratch) and ends where
+    an uninterrupted six-step run ends (constant learning rate: the schedule does not depend on max_steps)."""
+    import shutil
+
+    import ftkit
+    from ftkit.core.config import load_config
+
+    rows = [{"prompt": f"Where is parcel {i}?", "chosen": f"Parcel {i} ships today.", "rejected": "No idea."}
+            for i in range(40)]
+    _prepare(tmp_path, rows)
+    base = dict(model={"name": "tiny-random"}, data={"path": str(tmp_path / "prefs.jsonl")})
+    train = {"objective": "dpo", "batch_size": 4, "eval_steps": 0, "learning_rate": 1e-3, "save_steps": 3,
+             "lr_scheduler": "constant", "warmup_ratio": 0.0, "logging_steps": 1}
+    runs = {}
+    for name in ("whole", "split"):
+        cfg = load_config(experiment="p", outputs_dir=str(tmp_path / name), train={**train, "max_steps": 6}, **base)
+        shutil.copytree(tmp_path / "out" / "p", tmp_path / name / "p")
+        ftkit.convert.run(cfg, ftkit.run_paths(cfg))
+        runs[name] = cfg
+    first = load_config(experiment="p", outputs_dir=str(tmp_path / "split"), train={**train, "max_steps": 3}, **base)
+    assert ftkit.train.run(first, ftkit.run_paths(first)).metrics["steps"] == 3
+    resumed = ftkit.train.run(runs["split"], ftkit.run_paths(runs["split"])).metrics
+    whole = ftkit.train.run(runs["whole"], ftkit.run_paths(runs["whole"])).metrics
+    assert resumed["resumed_from"].endswith("checkpoint-3") and resumed["steps_this_run"] == 3
+    assert resumed["train_loss_last"] == pytest.approx(whole["train_loss_last"], abs=1e-4)

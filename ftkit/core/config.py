@@ -379,8 +379,9 @@ class HostConfig:
     max_tokens_cap: int = 512
     max_prompt_tokens: int | None = None
     """Refuse longer prompts with a 400; None: the model's context."""
-    kv_cache_tokens: int = 16384
-    """KV cache pool of the continuous-batching engine, in tokens, shared by concurrent requests."""
+    kv_cache_tokens: int | None = None
+    """KV cache pool of the continuous-batching engine, in tokens, shared by concurrent requests;
+    None: 16,384 on a CPU, sized from free memory on a GPU (30%, at most 262,144 tokens)."""
     threads: int | None = None
     """CPU threads for the served model; None: one less than the cores (at least 1), leaving a core for the
     HTTP threads and the load generator; threads waiting for a busy core spin (measured 10x slower)."""
@@ -752,7 +753,7 @@ def _check_values(cfg: ExperimentConfig) -> list[str]:
     h = cfg.host
     for name in ("max_tokens_cap", "kv_cache_tokens", "consistency_examples", "consistency_max_tokens",
                  "load_requests_per_client", "load_max_tokens", "requests_per_day", "tokens_per_request"):
-        if getattr(h, name) < 1:
+        if getattr(h, name) is not None and getattr(h, name) < 1:
             errors.append(f"host.{name}: must be at least 1, got {getattr(h, name)}")
     if not 0 <= h.min_stop_rate <= 1:
         errors.append(f"host.min_stop_rate: a share in [0, 1], got {h.min_stop_rate}")

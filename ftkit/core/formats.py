@@ -152,9 +152,9 @@ def to_canonical(record: dict, detection: Detection) -> dict:
         if not isinstance(text, str):
             raise FormatError([Problem("text", f"must be a string, got {type_name(text)}", "wrong_type")])
         return {"text": text, "meta": {k: v for k, v in record.items() if k != "text"}}
-    if fmt in ("openai_dpo", "preference", "kto") or (fmt == "columns" and preference_columns(detection.columns)):
-        from ftkit.core import preference
+    from ftkit.core import preference
 
+    if fmt in preference.PREFERENCE_FORMATS or (fmt == "columns" and preference_columns(detection.columns)):
         return preference.to_canonical(record, fmt, detection.columns)
     if fmt == "columns":
         return _from_columns(record, detection.columns or {})

@@ -81,7 +81,9 @@ def start_server(cfg, paths: RunPaths):
     """``ftkit serve`` on the merged model in the background, with the host section's limits; waits for health."""
     from ftkit.host.server_process import ServerProcess
 
-    args = ["--max-tokens-cap", str(cfg.host.max_tokens_cap), "--kv-cache-tokens", str(cfg.host.kv_cache_tokens)]
+    args = ["--max-tokens-cap", str(cfg.host.max_tokens_cap)]
+    if cfg.host.kv_cache_tokens:
+        args += ["--kv-cache-tokens", str(cfg.host.kv_cache_tokens)]
     if cfg.host.max_prompt_tokens:
         args += ["--max-prompt-tokens", str(cfg.host.max_prompt_tokens)]
     if cfg.host.threads:

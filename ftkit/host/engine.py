@@ -38,7 +38,11 @@ class Generator:
     SmolLM2-135M ran ~4x the tokens/s of one at a time; README, "Serving, exports and cost"). Greedy requests
     (``temperature`` 0, the default) go to one manager; sampled requests go to a second one, created
     on first use, with per-request temperature and top-p. The KV cache is a fixed pool of
-    ``kv_cache_tokens`` tokens: requests wait for room, and one that could never fit is refused up front.
+    ``kv_cache_tokens`` tokens (None: 16,384 on a CPU, sized from free memory on a GPU): requests wait for
+    room, and one that could never fit is refused up front. On a CUDA GPU the engine also takes 2,048
+    tokens a step, bf16, PyTorch's variable-length flash attention on the paged cache, CUDA graphs and
+    double-buffering (:mod:`ftkit.host.gpu_engine`; ``attention``, ``cuda_graphs``, ``async_batching`` and
+    ``max_batch_tokens`` override them).
 
     Admission: each request holds the KV blocks its prompt plus ``max_tokens`` could fill (blocks of
     :data:`KV_PAGE_TOKENS`) from the moment it is queued until it ends. Requests are admitted while the
@@ -48,8 +52,9 @@ class Generator:
     """
 
     def __init__(self, model_dir: str | Path, *, name: str | None = None, max_tokens_cap: int = 512,
-                 max_prompt_tokens: int | None = None, kv_cache_tokens: int = 16384, max_batch_tokens: int = 512,
-                 device: str = "auto", threads: int | None = None):
+                 max_prompt_tokens: int | None = None, kv_cache_tokens: int | None = None,
+                 max_batch_tokens: int | None = None, device: str = "auto", threads: int | None = None,
+                 attention: str = "auto", cuda_graphs: bool | None = None, async_batching: bool | None = None):
         from transformers import AutoModelForCausalLM
 
         dev = resolve_device(ModelConfig(device=device))
@@ -72,6 +77,20 @@ class Generator:
             self.model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype="auto",
                                                               **weights_kwargs(model_dir))
         self.model = self.model.to(dev).eval()
+        self.engine_extra: dict = {}  # further ContinuousBatchingConfig fields (GPU settings)
+        if dev.type == "cuda":
+            from ftkit.host.gpu_engine import gpu_setup
+
+            if self.model.dtype == torch.float32 and torch.cuda.is_bf16_supported():
+                self.model = self.model.to(torch.bfloat16)
+            plan = gpu_setup(self.model, kv_cache_tokens=kv_cache_tokens, max_batch_tokens=max_batch_tokens,
+                             attention=attention, cuda_graphs=cuda_graphs, page_tokens=KV_PAGE_TOKENS,
+                             async_batching=async_batching)
+            kv_cache_tokens, max_batch_tokens, self.engine_extra = (plan["kv_cache_tokens"], plan["max_batch_tokens"],
+                                                                    plan["extra"])
+        kv_cache_tokens, max_batch_tokens = kv_cache_tokens or 16384, max_batch_tokens or 512
+        self.settings = {"kv_cache_tokens": kv_cache_tokens, "max_batch_tokens": max_batch_tokens,
+                         "attention": self.model.config._attn_implementation, **self.engine_extra}
         self.stop_ids = stop_token_ids(self.tokenizer)
         self.reasoning = reasoning.markers_for(self.tokenizer)
         self.context_len = getattr(self.model.config, "max_position_embeddings", 2048)
@@ -131,7 +150,8 @@ class Generator:
             try:
                 cb = ContinuousBatchingConfig(**engine_config_kwargs(
                     ContinuousBatchingConfig, kv_cache_tokens=self.kv_cache_tokens,
-                    max_batch_tokens=self.max_batch_tokens, per_request_processors=kind == "sample"))
+                    max_batch_tokens=self.max_batch_tokens, per_request_processors=kind == "sample",
+                    extra=self.engine_extra))
             except EngineConfigError as e:
                 if kind == "sample":  # the greedy engine still serves temperature 0
                     raise APIError(400, f"sampling is not available on this server: {e}; send temperature 0",
@@ -270,6 +290,10 @@ class Generator:
         reply, finish = self._split(tokens)
         done.update(finish_reason=finish, token_ids=tokens[:len(reply) + (finish == "stop")])
 
+    def engine_config(self, kind: str = "greedy"):
+        """The resolved ``ContinuousBatchingConfig`` of an engine that has started (benchmarks, logs)."""
+        return self._engines[kind].continuous_batching_config
+
     @property
     def in_flight(self) -> int:
         return len(self._queues)
@@ -323,7 +347,7 @@ def _config_fields(cls) -> set[str]:
 
 
 def engine_config_kwargs(cls, *, kv_cache_tokens: int, max_batch_tokens: int, per_request_processors: bool,
-                         page_tokens: int = KV_PAGE_TOKENS) -> dict:
+                         page_tokens: int = KV_PAGE_TOKENS, extra: dict | None = None) -> dict:
     """Keyword arguments for transformers' ``ContinuousBatchingConfig`` (``cls``) under the names this
     version takes: the tokens per KV block are ``page_size`` from 5.24 (``block_size`` there is a
     deprecated alias) and ``block_size`` before (5.17: ``page_size`` is a TypeError).
@@ -332,6 +356,7 @@ def engine_config_kwargs(cls, *, kv_cache_tokens: int, max_batch_tokens: int, pe
     memory, and ``per_request_processors`` is what applies each request's temperature and top-p: a
     version without one of those raises :class:`EngineConfigError` rather than serving something
     else. ``per_request_processors=False`` is the engine's default, so it is only passed when True.
+    ``extra`` (the GPU settings: CUDA graphs, KV padding) are optimisations, passed where the version has them.
     """
     fields = _config_fields(cls)
     size = next((n for n in ("page_size", "block_size") if n in fields), None)
@@ -350,4 +375,5 @@ def engine_config_kwargs(cls, *, kv_cache_tokens: int, max_batch_tokens: int, pe
     # without the setting has no such path to turn off
     if "max_blocks_per_request" in fields:
         kw["max_blocks_per_request"] = 0
+    kw.update({k: v for k, v in (extra or {}).items() if k in fields})
     return kw

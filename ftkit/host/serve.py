@@ -364,12 +364,12 @@ def is_loopback(host: str) -> bool:
 
 def make_server(model_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
                 max_tokens_cap: int = 512, name: str | None = None, *, max_prompt_tokens: int | None = None,
-                kv_cache_tokens: int = 16384, threads: int | None = None,
-                read_timeout: float = READ_TIMEOUT_S) -> ThreadingHTTPServer:
+                kv_cache_tokens: int | None = None, threads: int | None = None,
+                read_timeout: float = READ_TIMEOUT_S, **engine) -> ThreadingHTTPServer:
     if not is_loopback(host) and not api_key:
         raise ValueError(f"refusing to bind to {host} without an API key: pass --api-key (or bind to 127.0.0.1)")
     gen = Generator(model_dir, name=name, max_tokens_cap=max_tokens_cap, max_prompt_tokens=max_prompt_tokens,
-                    kv_cache_tokens=kv_cache_tokens, threads=threads)
+                    kv_cache_tokens=kv_cache_tokens, threads=threads, **engine)  # attention, cuda_graphs, ...
     handler = type("BoundHandler", (Handler,), {"gen": gen, "api_key": api_key, "timeout": read_timeout})
     try:
         server = Server((host, port), handler)

@@ -87,14 +87,15 @@ def plot_metrics(metrics: dict, keys=("loss", "rule_pass_rate", "rougeL", "chrF"
 
     keys = [k for k in keys if all(k in metrics[m].get("ci", {}) for m in _models(metrics))]
     fig, axes = plt.subplots(1, len(keys), figsize=(2.6 * len(keys), 3.2), squeeze=False)
-    palette = sns.color_palette("deep", 3)
+    deep = sns.color_palette("deep", len(MODELS))  # one colour per model, the same in every plot
     for ax, k in zip(axes[0], keys, strict=True):
         models = _models(metrics)
         cis = [metrics[m]["ci"][k] for m in models]
         values = [c["value"] for c in cis]
         err = [[v - c["ci_low"] for v, c in zip(values, cis, strict=True)],
                [c["ci_high"] - v for v, c in zip(values, cis, strict=True)]]
-        sns.barplot(x=models, y=values, hue=models, palette=palette[: len(models)], legend=False, ax=ax)
+        sns.barplot(x=models, y=values, hue=models, palette={m: deep[MODELS.index(m)] for m in models}, legend=False,
+                    ax=ax)
         ax.errorbar(range(len(models)), values, yerr=err, fmt="none", ecolor="black", capsize=4)
         ax.set_title(NAMES.get(k, k) + (" (lower is better)" if k in LOWER_IS_BETTER else ""), fontsize=9)
         ax.tick_params(axis="x", labelsize=8)
@@ -110,7 +111,7 @@ def plot_lengths(rows: list[dict], models=MODELS):
 
     data = [{"who": "reference", "words": len(r["reference"].split())} for r in rows]
     data += [{"who": m, "words": len(r[m].split())} for r in rows for m in models if m in r]
-    deep = sns.color_palette("deep", 3)
+    deep = sns.color_palette("deep", len(MODELS))
     palette = {"reference": "0.5", **{m: deep[i] for i, m in enumerate(MODELS)}}  # same colours as plot_metrics
     order = ["reference"] + [m for m in models if any(d["who"] == m for d in data)]
     ax = sns.histplot(pd.DataFrame(data), x="words", hue="who", hue_order=order, palette=palette, element="step",
