@@ -105,7 +105,7 @@ def run_trl(arch, tok, rows, batch, lr, warmup, steps, seed, out) -> dict:
     return res
 
 
-def run_ftkit(model_dir, tok_dir, rows, batch, lr, warmup, steps, seed, out) -> dict:
+def run_ftkit(model_dir, tok_dir, rows, batch, lr, warmup, steps, seed, out, max_memory_gb=None) -> dict:
     from ftkit.core.config import load_config
     from ftkit.core.files import write_jsonl
     from ftkit.core.paths import RunPaths
@@ -116,16 +116,16 @@ def run_ftkit(model_dir, tok_dir, rows, batch, lr, warmup, steps, seed, out) -> 
     cfg = load_config(experiment="dpo-bench", seed=seed, outputs_dir=str(out), model={"name": str(model_dir)},
                       train={"objective": "dpo", "batch_size": batch, "learning_rate": lr, "compile": True,
                              "max_steps": warmup + steps, "logging_steps": 10_000, "eval_steps": 0,
-                             "save_steps": 0, "resume": "never", "lora": LORA})
+                             "save_steps": 0, "resume": "never", "lora": LORA, "max_memory_gb": max_memory_gb})
     paths = RunPaths(Path(out), cfg.experiment)
+    import shutil
+
+    shutil.rmtree(paths.root, ignore_errors=True)  # a run of its own, never a resumed one
     paths.formatted_dir.mkdir(parents=True, exist_ok=True)
     write_jsonl(paths.tokens("train"), [{"input_ids": r["prompt_ids"] + r["chosen_ids"], "labels": [], **r}
                                         for r in rows])
     write_jsonl(paths.tokens("val"), [])
-    if not paths.tokenizer_dir.exists():
-        import shutil
-
-        shutil.copytree(tok_dir, paths.tokenizer_dir)
+    shutil.copytree(tok_dir, paths.tokenizer_dir)
     timer = Timer(rows, batch, warmup, steps)
 
     class Timed(Recipe):
@@ -145,6 +145,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8, help="pairs per micro-batch")
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--steps", type=int, default=15)
+    ap.add_argument("--max-memory-gb", type=float, nargs="*", default=[],
+                    help="also run stage 03 planned for these memory budgets (train.max_memory_gb)")
     ap.add_argument("--work", default="/tmp/dpo-bench")
     ap.add_argument("--out", default=".")
     args = ap.parse_args()
@@ -163,6 +165,10 @@ def main() -> None:
     model_dir = model_dir_for(args.arch, tok, work)
     free_gpu()
     result["ftkit"] = run_ftkit(model_dir, args.tokenizer, rows, args.batch, 1e-5, args.warmup, args.steps, 0, work)
+    for gb in args.max_memory_gb:
+        result[f"ftkit, max_memory_gb {gb:g}"] = run_ftkit(model_dir, args.tokenizer, rows, args.batch, 1e-5, args.warmup,
+                                                           args.steps, 0, work, max_memory_gb=gb)
+        torch.cuda.set_per_process_memory_fraction(1.0)  # the cap stage 03 set stays with the process
     result["trl"] = run_trl(args.arch, tok, rows, args.batch, 1e-5, args.warmup, args.steps, 0, work)
     result["ratio_tokens_per_second"] = result["ftkit"]["tokens_per_second"] / result["trl"]["tokens_per_second"]
     result["ratio_peak_memory"] = result["ftkit"]["peak_memory_gb"] / result["trl"]["peak_memory_gb"]

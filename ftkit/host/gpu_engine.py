@@ -26,9 +26,9 @@ HTTP threads that share the interpreter; ``ftkit serve --engine vllm`` is the pa
 
 from __future__ import annotations
 
-import inspect
-
 import torch
+
+from ftkit.core.varlen import kernel_options, run_kernel
 
 PAGED_VARLEN = "paged|ftkit_varlen"
 KV_POOL_FRACTION = 0.3
@@ -58,13 +58,6 @@ def auto_kv_cache_tokens(config, dtype: torch.dtype, free_bytes: int, page_token
     return max(page_tokens, tokens)
 
 
-def _accepts(fn, name: str) -> bool:
-    try:
-        return name in inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
-
-
 def paged_varlen_attention(kernel):
     """An attention function for transformers' continuous batching (``paged|...``): writes the step's keys
     and values into the paged cache, reads each sequence's keys back (``cache.update``, as transformers'
@@ -72,8 +65,7 @@ def paged_varlen_attention(kernel):
     packed queries and keys with the batch's cumulative lengths: each sequence attends causally to its own
     keys only, the queries aligned to the end of its keys (a sequence's new tokens come after its cached ones).
     Without ``kernel`` (CPU, fp32) each sequence goes through SDPA on its own, with the same alignment."""
-    causal = {"is_causal": True} if kernel is not None and _accepts(kernel, "is_causal") else {"window_size": (-1, 0)}
-    gqa = kernel is not None and _accepts(kernel, "enable_gqa")
+    options = kernel_options(kernel) if kernel is not None else None
 
     def forward(module, query, key, value, attention_mask, cache=None, cu_seq_lens_q=None, cu_seq_lens_k=None,
                 max_seqlen_q=None, max_seqlen_k=None, scaling=None, dropout=0.0, **kwargs):
@@ -87,14 +79,8 @@ def paged_varlen_attention(kernel):
         k, v = k.contiguous(), v.contiguous()
         if kernel is None or q.device.type != "cuda" or q.dtype not in (torch.bfloat16, torch.float16):
             return per_sequence_attention(q, k, v, cu_seq_lens_q, cu_seq_lens_k, scaling), None
-        kw = {"scale": scaling, **causal}
-        if q.shape[1] != k.shape[1]:  # grouped-query attention
-            if gqa:
-                kw["enable_gqa"] = True
-            else:
-                k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
-        return kernel(q, k, v, cu_seq_lens_q.to(torch.int32), cu_seq_lens_k.to(torch.int32), int(max_seqlen_q),
-                      int(max_seqlen_k), **kw), None
+        return run_kernel(kernel, options, q, k, v, cu_seq_lens_q.to(torch.int32), cu_seq_lens_k.to(torch.int32),
+                          int(max_seqlen_q), int(max_seqlen_k), scaling), None
 
     return forward
 

@@ -31,8 +31,9 @@ def varlen_attention(fn):
     """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    causal = {"is_causal": True} if _accepts(fn, "is_causal") else {"window_size": (-1, 0)}
-    gqa = _accepts(fn, "enable_gqa")
+    from ftkit.core.varlen import kernel_options, run_kernel
+
+    options = kernel_options(fn)
 
     def forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
                 is_causal: bool | None = None, **kwargs):
@@ -60,21 +61,9 @@ def varlen_attention(fn):
                 outs.append(sdpa_attention_forward(module, qs, ks, vs, None, dropout=dropout, scaling=scaling,
                                                    is_causal=True)[0][0])
             return torch.cat(outs).unsqueeze(0), None
-        kw = {"scale": scaling, **causal}
-        if q.shape[1] != k.shape[1]:  # grouped-query attention
-            if gqa:
-                kw["enable_gqa"] = True
-            else:
-                k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
-        return fn(q, k, v, cu, cu, longest, longest, **kw).unsqueeze(0), None
+        return run_kernel(fn, options, q, k, v, cu, cu, longest, longest, scaling).unsqueeze(0), None
 
     return forward
-
-
-def _accepts(fn, name: str) -> bool:
-    import inspect
-
-    return name in inspect.signature(fn).parameters
 
 
 def register_varlen_attention(traced: bool = False) -> bool:
