@@ -158,12 +158,17 @@ def gpu_setup(model, *, kv_cache_tokens: int | None, max_batch_tokens: int | Non
         if register_paged_varlen():
             try:  # transformers 5.17's continuous batching takes a registered paged| attention; 5.24's does not
                 model.set_attn_implementation(PAGED_VARLEN)
-                impl = PAGED_VARLEN
+                if model.config._attn_implementation == PAGED_VARLEN:
+                    impl = PAGED_VARLEN
+                else:  # 5.24 drops the paged| prefix: what is left (training's packed attention, when a
+                    # training in this process registered it) is no paged attention
+                    why = (f"this transformers renames it {model.config._attn_implementation!r}: its continuous "
+                           "batching takes no registered paged| attention")
             except (ValueError, KeyError) as e:
                 why = f"this transformers' continuous batching does not take it ({str(e)[:80]})"
     if attention == "varlen" and impl != PAGED_VARLEN:
         raise ValueError(f"attention 'varlen' is not available: {why}")
-    if impl == "sdpa" and model.config._attn_implementation == PAGED_VARLEN:
+    if impl == "sdpa" and model.config._attn_implementation in (PAGED_VARLEN, PAGED_VARLEN.split("|", 1)[1]):
         model.set_attn_implementation("sdpa")  # transformers' engine makes it its paged SDPA
     graphs = cuda_graphs if cuda_graphs is not None else impl == PAGED_VARLEN
     extra: dict = {"use_cuda_graph": graphs}
