@@ -227,7 +227,7 @@ def evaluate_run(cfg, paths) -> dict:
         **results,
         "reference": reference,
         "deltas": deltas,
-        "verdict": verdict(deltas, e.confidence),
+        "verdict": verdict(deltas, e.confidence, info.get("objective", "instruction")),
         "loss_reduction": 1 - results["tuned"]["loss"] / results["base"]["loss"],
         "forgetting": forgetting,
         "preference": preference,

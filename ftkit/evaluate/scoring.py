@@ -103,13 +103,16 @@ NAMES = {"loss": "held-out loss", "perplexity": "perplexity", "rule_pass_rate": 
 HEADLINE = ("loss", "rule_pass_rate", "rougeL", "chrF", "token_f1", "accuracy", "json_valid_rate", "stop_rate")
 
 
-def verdict(deltas: dict, confidence: float) -> list[str]:
-    """Plain-words conclusions: for each headline metric, is fine-tuning ahead of prompting and of the base?"""
+def verdict(deltas: dict, confidence: float, objective: str = "instruction") -> list[str]:
+    """Plain-words conclusions: for each headline metric, is fine-tuning ahead of prompting and of the base
+    (and, for a run that started from an earlier adapter, of that adapter)?"""
     lines = []
     level = f"{round(confidence * 100)}% CI"
+    preference = objective in ("dpo", "kto")
+    start = "the SFT model it started from" if preference else "the adapter it started from"
     for pair, rival in (("tuned_vs_prompted", "prompting"), ("tuned_vs_base", "the base model"),
-                        ("tuned_vs_sft", "the SFT model it started from")):
-        who = "Preference tuning" if pair == "tuned_vs_sft" else "Fine-tuning"
+                        ("tuned_vs_sft", start)):
+        who = ("Preference tuning" if preference else "Further tuning") if pair == "tuned_vs_sft" else "Fine-tuning"
         for k in HEADLINE:
             d = deltas.get(pair, {}).get(k)
             if d is None:

@@ -14,7 +14,8 @@ def plot_training(history: list[dict], overfit: dict | None = None):
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.4))
     if rows:
         sns.lineplot(pd.DataFrame(rows), x="step", y="loss", hue="split", marker="o", ax=axes[0])
-    title = "Loss per trained token"
+    # TRL's preference losses are per pair (or per reply), not per token
+    title = "Preference loss" if any("rewards/margins" in h for h in history) else "Loss per trained token"
     if overfit and overfit.get("flag"):
         title += " (overfitting flagged)"
         axes[0].axvline(overfit["best_step"], color="red", linestyle="--", label="best val")
