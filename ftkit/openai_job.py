@@ -32,9 +32,9 @@ class JobError(ValueError):
     """The job cannot be imported (unsupported method, wrong values, no local training file)."""
 
 
-def hyperparameters(job: dict) -> tuple[dict, list[str]]:
-    """The hyperparameters of ``job`` (supervised or DPO; ``_method`` says which) and notes on where they
-    came from. Refuses reinforcement fine-tuning, which ftkit does not do."""
+def hyperparameters(job: dict) -> tuple[str, dict, list[str]]:
+    """The method (``supervised`` or ``dpo``), the hyperparameters of ``job`` and notes on where they came
+    from. Refuses reinforcement fine-tuning, which ftkit does not do."""
     method = job.get("method") or {}
     kind = method.get("type", "supervised")
     if kind == "reinforcement":
@@ -48,7 +48,7 @@ def hyperparameters(job: dict) -> tuple[dict, list[str]]:
     if params and legacy and any(legacy.get(k, "auto") != params.get(k, "auto") for k in HYPERPARAMETERS):
         notes.append(f"top-level hyperparameters {json.dumps(legacy)} differ from method.{kind}'s; "
                      "OpenAI uses method's, and so does this file")
-    return {**(params or legacy), "_method": kind}, notes
+    return kind, dict(params or legacy), notes
 
 
 def _number(params: dict, key: str, kind: type):
@@ -78,7 +78,7 @@ def to_parameters(job: dict, training_file: str | None, validation_file: str | N
         raise JobError(f"expected one fine-tuning job (a JSON object), got {type(job).__name__}")
     if job.get("object") == "list":
         raise JobError("this is a list of jobs: save one job (client.fine_tuning.jobs.retrieve(ID)) and import that")
-    params, notes = hyperparameters(job)
+    method, params, notes = hyperparameters(job)
     default = TrainConfig()
     remote = job.get("training_file")
     if training_file is None:
@@ -118,8 +118,8 @@ def to_parameters(job: dict, training_file: str | None, validation_file: str | N
         out += [f"  # validation file {val!r}: ftkit draws its validation and test splits from data.path",
                 "  # (data.val_fraction, data.test_fraction); list it under data.path to add its records to the pool"]
 
-    out += ["train:", *_train_lines(params, default)]
-    unknown_hp = sorted(set(params) - set(HYPERPARAMETERS) - {"_method", "beta"})
+    out += ["train:", *_train_lines(method, params, default)]
+    unknown_hp = sorted(set(params) - set(HYPERPARAMETERS) - ({"beta"} if method == "dpo" else set()))
     if unknown_hp:
         notes.append("hyperparameters not mapped (no ftkit equivalent): " +
                      ", ".join(f"{k}={_short(params[k])}" for k in unknown_hp))
@@ -134,9 +134,9 @@ def to_parameters(job: dict, training_file: str | None, validation_file: str | N
     return "\n".join(out) + "\n"
 
 
-def _train_lines(params: dict, default: TrainConfig) -> list[str]:
+def _train_lines(method: str, params: dict, default: TrainConfig) -> list[str]:
     lines = []
-    if params.get("_method") == "dpo":
+    if method == "dpo":
         lines.append("  objective: dpo  # method.type dpo: OpenAI's DPO JSONL (input, preferred_output, "
                      "non_preferred_output) is read as it is")
         beta = _number(params, "beta", float)

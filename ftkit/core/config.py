@@ -671,7 +671,7 @@ def _preference_checks(t: TrainConfig) -> list[str]:
     if t.objective in ("dpo", "kto"):
         known = DPO_LOSSES if t.objective == "dpo" else KTO_LOSSES
         if t.objective == "kto" and p.loss_type == ["sigmoid"]:
-            pass  # the DPO default: KTO reads it as kto
+            pass  # the DPO default: KTO reads it as kto (kto_loss)
         elif not p.loss_type or any(x not in known for x in p.loss_type):
             errors.append(f"train.preference.loss_type: {p.loss_type!r} is not a {t.objective.upper()} loss; use "
                           f"some of {', '.join(known)}")
@@ -777,3 +777,8 @@ def init_adapter_path(cfg: ExperimentConfig) -> str | None:
 
         return str(Path(cfg.outputs_dir) / value.split(":", 1)[1] / "adapter")
     return value
+
+
+def kto_loss(p: PreferenceConfig) -> str:
+    """KTO's loss: the first one named, or ``kto`` for the default (DPO's ``[sigmoid]``)."""
+    return p.loss_type[0] if p.loss_type and p.loss_type[0] in KTO_LOSSES else "kto"

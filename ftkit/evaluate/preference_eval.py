@@ -31,12 +31,14 @@ def test_pairs(tokens_path, limit: int | None = None) -> list[dict]:
     return pairs[:limit] if limit else pairs
 
 
-def reply_logps(model, pairs: list[dict], key: str, pad_token_id: int, batch_size: int) -> np.ndarray:
-    """Summed log-probability of each pair's ``key`` reply given its prompt."""
-    rows = [{"input_ids": p["prompt_ids"] + p[key], "labels": [IGNORE_INDEX] * len(p["prompt_ids"]) + p[key]}
-            for p in pairs]
+def reply_logps(model, pairs: list[dict], pad_token_id: int, batch_size: int) -> dict[str, np.ndarray]:
+    """Summed log-probability of each pair's chosen and rejected reply given its prompt, in one loss pass."""
+    keys = ("chosen_ids", "rejected_ids")
+    rows = [{"input_ids": p["prompt_ids"] + p[k], "labels": [IGNORE_INDEX] * len(p["prompt_ids"]) + p[k]}
+            for k in keys for p in pairs]
     sums, _ = example_losses(model, rows, pad_token_id, batch_size)
-    return -np.asarray(sums, dtype=float)
+    logps = -np.asarray(sums, dtype=float)
+    return {k: logps[i * len(pairs):(i + 1) * len(pairs)] for i, k in enumerate(keys)}
 
 
 @contextlib.contextmanager
@@ -60,8 +62,8 @@ def evaluate_preferences(model, pairs: list[dict], *, beta: float, init_adapter:
                          batch_size: int, resamples: int, confidence: float, seed: int) -> dict:
     """Preference accuracy, reward margins and likelihood ranking on ``pairs``, with intervals."""
     with reference_of(model, init_adapter):
-        ref = {k: reply_logps(model, pairs, k, pad_token_id, batch_size) for k in ("chosen_ids", "rejected_ids")}
-    tuned = {k: reply_logps(model, pairs, k, pad_token_id, batch_size) for k in ("chosen_ids", "rejected_ids")}
+        ref = reply_logps(model, pairs, pad_token_id, batch_size)
+    tuned = reply_logps(model, pairs, pad_token_id, batch_size)
     reward_c = beta * (tuned["chosen_ids"] - ref["chosen_ids"])
     reward_r = beta * (tuned["rejected_ids"] - ref["rejected_ids"])
     margins = reward_c - reward_r

@@ -73,7 +73,9 @@ def build_preference_trainer(cfg, paths, model, tokenizer, train_rows, val_rows,
     else:
         from trl import KTOConfig, KTOTrainer
 
-        loss = p.loss_type[0] if p.loss_type and p.loss_type[0] in ("kto", "apo_zero_unpaired") else "kto"
+        from ftkit.core.config import kto_loss
+
+        loss = kto_loss(p)
         # KTO's KL term pairs each reply with its neighbour's prompt in a fixed order: the rows are
         # shuffled here, seeded, and read in order
         kwargs["train_sampling_strategy"] = "sequential"
