@@ -98,7 +98,7 @@ _OFF = {"attention": "sdpa", "kernels": "none", "optimizer": "adamw_torch", "mer
         "compile": False}
 # ablation keys that are not ftkit config: run_ftkit switches these around ftkit.train.training.run_training
 BENCH_SWITCHES = ("compiled_loss", "non_blocking", "traced_attention", "whole_decoder", "cuda_graphs",
-                  "extra_warmup", "expandable_segments", "manual_gc", "stock_walks", "cpp_wrapper")
+                  "extra_warmup", "expandable_segments", "manual_gc", "stock_walks", "cpp_wrapper", "fused_lora_a")
 ABLATIONS = {
     "packed-sdpa (ftkit before)": _OFF,
     "+ varlen attention": {**_OFF, "attention": "varlen"},
@@ -138,6 +138,9 @@ ABLATIONS = {
     # the compiled layers launching their kernels from Inductor's Python wrapper (ftkit uses its C++
     # wrapper on a GPU: the 1.5B Bitext step leaves the GPU idle while the host launches ~3,000 kernels)
     "ftkit, Python wrapper": {"cpp_wrapper": False},
+    # the LoRA A projections that read the same input (q/k/v; gate/up) as separate products, as PEFT runs
+    # them (ftkit fuses each group into one: ftkit.train.lora_fusion)
+    "ftkit, LoRA A not fused": {"fused_lora_a": False},
     # memory budgets (train.max_memory_gb): the plan for a 48 or 24 GB card, the allocator capped at it
     "ftkit, max_memory_gb 48": {"max_memory_gb": 48},
     "ftkit, max_memory_gb 24": {"max_memory_gb": 24},
@@ -463,6 +466,9 @@ def run_ftkit(model_dir, tok_dir, rows, arch, method, batch, lr, warmup, steps, 
         def add_adapters(self, model, c):
             set_seed(seed)  # the same adapter initialisation as the baselines
             return stock.add_adapters(model, c)
+
+        def fuse_lora_a(self, model):
+            return 0 if switches.get("fused_lora_a") is False else stock.fuse_lora_a(model)
 
         def register_attention(self):
             if switches.get("traced_attention"):

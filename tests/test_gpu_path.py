@@ -23,7 +23,7 @@ def test_cpu_plan():
     plan = planning.device_plan(load_config(model={"device": "cpu"}))
     assert plan.to_dict() == {"device": "cpu", "optimizer": "adamw_torch", "gradient_checkpointing": False,
                     "attention": "varlen", "kernels": "none", "compile": False, "merge_accumulation": False,
-                    "trained_logits_only": True, "micro_batch": 4, "accumulation": 1}
+                    "trained_logits_only": True, "micro_batch": 4, "accumulation": 1, "fused_lora_a": True}
     unpacked = planning.device_plan(load_config(model={"device": "cpu"}, train={"packing": False}))
     assert (unpacked.attention, unpacked.trained_logits_only) == ("sdpa", False)
     assert planning.device_plan(load_config(model={"device": "cpu"}, train={"method": "qlora"})).gradient_checkpointing \
@@ -49,7 +49,7 @@ def test_cuda_plan(monkeypatch):
     plan = planning.device_plan(load_config(model={"device": "cuda"}))
     assert plan.to_dict() == {"device": "cuda", "optimizer": "adamw_torch_fused", "gradient_checkpointing": False,
                     "attention": "varlen", "kernels": "none", "compile": True, "merge_accumulation": False,
-                    "trained_logits_only": True, "micro_batch": 4, "accumulation": 1}
+                    "trained_logits_only": True, "micro_batch": 4, "accumulation": 1, "fused_lora_a": True}
     # Liger's kernels where the layers stay eager: compile switched off, or a run too short
     # to win back the compile time
     cuda = load_config(model={"device": "cuda"})
@@ -322,6 +322,29 @@ def test_memory_budget_turns_checkpointing_on_only_where_needed(monkeypatch):
     assert tight.gradient_checkpointing is True and (tight.micro_batch, tight.accumulation) == (16, 2)
     assert plan(6, gradient_checkpointing=False).gradient_checkpointing is False  # the user's choice stands
     assert plan(6, gradient_checkpointing=False).micro_batch == 8
+
+
+def test_preflight_under_a_budget_counts_the_checkpointing_the_plan_would_turn_on():
+    """A budget that fits only with checkpointing: left to auto, the pre-flight judges the checkpointed run
+    (what the device plan then runs) and lets it start; an explicit false is refused."""
+    from ftkit.core.estimate import PreflightError, estimate, preflight
+    from ftkit.core.modeling import resolve_model_path
+
+    lengths = [400] * 64
+
+    def est(**train):
+        cfg = load_config(model={"device": "cpu"}, train={"batch_size": 32, **train})
+        return estimate(cfg, resolve_model_path(cfg.model.name), sum(lengths), len(lengths), 400).total_gb
+
+    eager, checkpointed = est(), est(gradient_checkpointing=True)
+    assert checkpointed < eager
+    budget = (eager + checkpointed) / 2
+    auto = load_config(model={"device": "cpu"}, train={"batch_size": 32, "max_memory_gb": budget})
+    assert preflight(auto, None, free_bytes=64 * 1024**3, lengths=lengths)["total_gb"] == pytest.approx(checkpointed)
+    off = load_config(model={"device": "cpu"}, train={"batch_size": 32, "max_memory_gb": budget,
+                                                      "gradient_checkpointing": False})
+    with pytest.raises(PreflightError, match="train.max_memory_gb allows"):
+        preflight(off, None, free_bytes=64 * 1024**3, lengths=lengths)
 
 
 def test_memory_budget_caps_the_preflight_and_says_so(tmp_path):

@@ -149,6 +149,18 @@ def test_pairs_are_cut_at_the_last_reply_with_the_end_of_turn_trained(tmp_path):
     assert pref["pairs"] == converted.metrics["kept"]["train"] and pref["length_ratio_mean"] > 1
 
 
+def test_a_pair_is_sized_as_the_two_sequences_a_step_puts_through_the_model():
+    """The pre-flight and the micro-batch fold size a pair as TRL batches it (chosen and rejected side by
+    side, each padded to the longer) and time DPO/KTO's reference forward, ORPO's not."""
+    from ftkit.core.preference import reference_time_factor, step_tokens
+
+    assert step_tokens({"prompt_ids": [1] * 10, "chosen_ids": [2] * 5, "rejected_ids": [3] * 8}) == 2 * (10 + 8)
+    assert step_tokens({"prompt_ids": [1] * 10, "completion_ids": [2] * 5, "label": True}) == 15
+    assert step_tokens({"input_ids": [1] * 7, "labels": [1] * 7}) == 7
+    assert reference_time_factor("dpo") == reference_time_factor("kto") == 4 / 3
+    assert reference_time_factor("orpo") == reference_time_factor("instruction") == 1.0
+
+
 def _tiny_dpo(tmp_path, objective="dpo", beta=0.1):
     import torch
 
@@ -207,6 +219,71 @@ def test_dpo_loss_matches_a_hand_computation_and_the_reference_is_the_adapter_of
     assert ref_rejected == pytest.approx([r for _, r in ref], abs=1e-4)
 
 
+def test_orpo_loss_is_the_replys_language_model_loss_plus_the_odds_ratio_term(tmp_path):
+    """ORPO (reference-free): the chosen reply's mean negative log-likelihood (prompt tokens not trained) minus
+    beta x log sigmoid(log odds(chosen) - log odds(rejected)), odds from each reply's mean token probability."""
+    import torch
+
+    beta = 0.5
+    trainer, model, rows = _tiny_dpo(tmp_path, objective="orpo", beta=beta)
+    assert not hasattr(trainer, "ref_model") or trainer.ref_model is None
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B.default" in name:
+                p.normal_(0, 4.0)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(rows))])
+    model.eval()
+    with torch.no_grad():
+        loss = float(trainer.compute_loss(model, batch))
+        sums = [(_logp(model, r["prompt_ids"], r["chosen_ids"]), _logp(model, r["prompt_ids"], r["rejected_ids"]))
+                for r in rows]
+    nll = -sum(c for c, _ in sums) / sum(len(r["chosen_ids"]) for r in rows)
+    terms = []
+    for (c, rj), r in zip(sums, rows, strict=True):
+        mc, mr = c / len(r["chosen_ids"]), rj / len(r["rejected_ids"])
+        log_odds = (mc - mr) - (math.log1p(-math.exp(mc)) - math.log1p(-math.exp(mr)))
+        terms.append(-math.log1p(math.exp(-log_odds)))  # log sigmoid
+    assert loss == pytest.approx(nll - beta * sum(terms) / len(terms), rel=1e-4, abs=1e-5)
+
+
+def test_full_dpo_takes_its_reference_from_the_starting_weights_without_a_copy(tmp_path):
+    """method: full under DPO: no reference model is kept; the reference log-probabilities TRL computed before
+    the first step are the starting model's; training moves the weights."""
+    import torch
+
+    import ftkit
+    from ftkit.core.config import load_config
+
+    rows = [{"prompt": f"Where is parcel {i}?", "chosen": f"Parcel {i} ships today.", "rejected": "No idea."}
+            for i in range(16)]
+    _prepare(tmp_path, rows)
+    cfg = load_config(experiment="p", outputs_dir=str(tmp_path / "out"), model={"name": "tiny-random"},
+                      data={"path": str(tmp_path / "prefs.jsonl")},
+                      train={"objective": "dpo", "method": "full", "max_steps": 2, "batch_size": 4, "eval_steps": 0,
+                             "learning_rate": 1e-3})
+    paths = ftkit.run_paths(cfg)
+    ftkit.convert.run(cfg, paths)
+    from ftkit.core.modeling import load_model, load_tokenizer, resolve_model_path
+    from ftkit.train.plan import device_plan
+    from ftkit.train.preference import build_preference_trainer
+    from ftkit.train.trainer import load_tokens
+
+    path = resolve_model_path("tiny-random")
+    model, tok = load_model(path, cfg.model), load_tokenizer(path)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    train_rows = load_tokens(paths.tokens("train"), objective="dpo")
+    trainer = build_preference_trainer(cfg, paths, model, tok, train_rows, [], device_plan(cfg))
+    assert trainer.ref_model is None and trainer.precompute_ref_logps
+    first = trainer.train_dataset[0]
+    model.eval()
+    with torch.no_grad():
+        assert first["ref_chosen_logps"] == pytest.approx(_logp(model, first["prompt_ids"], first["chosen_ids"]), abs=1e-4)
+        assert first["ref_rejected_logps"] == pytest.approx(
+            _logp(model, first["prompt_ids"], first["rejected_ids"]), abs=1e-4)
+    trainer.train()
+    assert any(not torch.equal(v, model.state_dict()[k]) for k, v in start.items())
+
+
 def test_kto_trains_on_unpaired_labels(tmp_path):
     import ftkit
 
@@ -258,6 +335,30 @@ def test_sft_then_dpo_through_the_stages_answers_did_it_help(tmp_path):
     assert p["reference"].startswith("the adapter training started from")
     assert 0 <= p["accuracy"]["value"] <= 1 and p["margin"]["ci_low"] <= p["margin"]["value"] <= p["margin"]["ci_high"]
     assert p["margin"]["value"] != 0  # DPO moved the policy away from its reference
+
+
+def test_full_orpo_through_the_stages_ranks_the_held_out_pairs_against_the_base(tmp_path):
+    """ORPO with every weight trained, stages 01-04 on the tiny model: no reference in training; stage 04 ranks
+    the held-out pairs with the base model as the reference, and says so."""
+    import ftkit
+    from ftkit.core.config import load_config
+
+    rows = [{"prompt": f"Where is parcel {i}?", "chosen": f"Parcel {i} ships today.", "rejected": "No idea."}
+            for i in range(40)]
+    data = _write(tmp_path / "pairs.jsonl", rows)
+    cfg = load_config(experiment="orpo", outputs_dir=str(tmp_path / "out"), model={"name": "tiny-random"},
+                      data={"path": data}, evaluate={"num_generations": 2, "max_new_tokens": 4, "bootstrap_samples": 100},
+                      train={"objective": "orpo", "method": "full", "max_steps": 3, "batch_size": 4, "eval_steps": 0,
+                             "learning_rate": 1e-3})
+    paths = ftkit.run_paths(cfg)
+    for stage in (ftkit.data, ftkit.convert):
+        stage.run(cfg, paths)
+    trained = ftkit.train.run(cfg, paths).metrics
+    assert trained["objective"] == "orpo" and trained["method"] == "full" and math.isfinite(trained["train_loss"])
+    m = ftkit.evaluate.run(cfg, paths).metrics
+    p = m["preference"]
+    assert p["reference"] == "the base model" and p["pairs"] > 0
+    assert p["margin"]["value"] != 0  # the tuned weights differ from the base's
 
 
 def test_a_dpo_run_resumes_where_it_stopped(tmp_path):

@@ -30,6 +30,7 @@ from ftkit.core.masking import (
     turn_prefix,
 )
 from ftkit.core.paths import RunPaths
+from ftkit.core.preference import is_preference
 
 log = logging.getLogger("ftkit")
 SPLITS = ("train", "val", "test")
@@ -172,7 +173,7 @@ def process_record(tokenizer, rec: dict, *, system_prompt: str | None, max_seq_l
     """Convert one canonical record: ``{"ok": True, "chat", "tokens", "truncated", "turns"}`` or
     ``{"ok": False, "code", "reason"}``; ``tokens`` is a list (one example, or a split text's
     pieces). Pure, so it can run in worker processes. Preference records: :mod:`ftkit.convert.pairs`."""
-    if "rejected" in rec or "label" in rec:
+    if is_preference(rec):
         from ftkit.convert.pairs import process_preference
 
         return process_preference(tokenizer, rec, process_record, system_prompt=system_prompt, max_seq_len=max_seq_len,

@@ -147,7 +147,10 @@ class ConvertConfig:
 class LoraConfig:
     r: int = 16
     alpha: int = 32
-    dropout: float = field(default=0.05, metadata={"slider": (0.0, 0.5, 0.01)})
+    dropout: float = field(default=0.0, metadata={"slider": (0.0, 0.5, 0.01)})
+    """Dropout on the adapter's input. 0 (PEFT's, LLaMA-Factory's and Unsloth's default) lets the A
+    projections that share an input run as one product and skips a copy of every layer input: faster on
+    CPU and GPU (docs/gpu.md); raise it (0.05-0.1) when a small data set overfits."""
     target_modules: Any = "all-linear"
     """`all-linear` or a list of module names such as [q_proj, v_proj]."""
     rslora: bool = False
@@ -158,10 +161,11 @@ class LoraConfig:
 
 @dataclass
 class PreferenceConfig:
-    """Preference tuning (``train.objective`` dpo or kto), through TRL's trainers."""
+    """Preference tuning (``train.objective`` dpo, kto or orpo), through TRL's trainers."""
 
     beta: float = field(default=0.1, metadata={"slider": (0.01, 1.0, 0.01)})
-    """How far the tuned model may move from the reference (higher: closer to it)."""
+    """DPO/KTO: how far the tuned model may move from the reference (higher: closer to it); ORPO: the weight
+    of the odds-ratio term beside the chosen replies' language-model loss (the paper's lambda)."""
     loss_type: list[str] = field(default_factory=lambda: ["sigmoid"])
     """DPO: TRL's loss variants, e.g. [sigmoid] (DPO), [ipo], [hinge], [robust], [sigmoid, sft] (RPO: DPO plus
     the chosen replies' language-model loss); KTO: [kto] or [apo_zero_unpaired]. Several are summed."""
@@ -180,12 +184,14 @@ class TrainConfig:
     method: Literal["lora", "qlora", "dora", "full"] = "lora"
     """`lora`; `qlora` (4-bit NF4 base with double quantisation, bitsandbytes; CPU too); `dora`
     (weight-decomposed LoRA); `full` (every weight trained)."""
-    objective: Literal["instruction", "completion", "dpo", "kto"] = "instruction"
+    objective: Literal["instruction", "completion", "dpo", "kto", "orpo"] = "instruction"
     """`instruction`: loss on assistant tokens only (end-of-turn included); `completion`: on every
     token (for prompt/completion data the prompt too; plain text data is all completion anyway);
     `dpo`: preference pairs (chosen over rejected, TRL's DPOTrainer); `kto`: good/bad labelled replies,
-    paired or not (TRL's KTOTrainer). Preference objectives compare against the reference model: the
-    same weights with this run's adapter off (or, with `init_adapter`, a frozen copy of that adapter).
+    paired or not (TRL's KTOTrainer); `orpo`: pairs, reference-free (the chosen replies' language-model loss
+    plus beta x the odds-ratio loss; SFT and preference in one run). DPO and KTO compare against the
+    reference model: the same weights with this run's adapter off (with `init_adapter`, a frozen copy of
+    that adapter; with method full, its log-probabilities computed once before training).
     Preference data with `instruction` trains on the chosen replies (the SFT step before DPO)."""
     init_adapter: str | None = None
     """Start from an earlier run's adapter and train it on (its LoRA settings, not train.lora's); for
@@ -657,6 +663,7 @@ def _type_problem(value: Any, hint: Any) -> str | None:
     return None
 
 
+PREFERENCE_OBJECTIVES = ("dpo", "kto", "orpo")
 DPO_LOSSES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot", "aot_unpaired",
               "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
 KTO_LOSSES = ("kto", "apo_zero_unpaired")
@@ -668,6 +675,9 @@ def _preference_checks(t: TrainConfig) -> list[str]:
         errors.append(f"train.preference.beta: must be positive, got {p.beta}")
     if not 0 <= p.label_smoothing < 0.5:
         errors.append(f"train.preference.label_smoothing: a share in [0, 0.5), got {p.label_smoothing}")
+    if t.objective == "orpo" and p.loss_type != ["sigmoid"]:
+        errors.append(f"train.preference.loss_type: {p.loss_type!r} does not apply to ORPO (its loss is fixed); "
+                      "leave it out, or use objective dpo for DPO's loss variants")
     if t.objective in ("dpo", "kto"):
         known = DPO_LOSSES if t.objective == "dpo" else KTO_LOSSES
         if t.objective == "kto" and p.loss_type == ["sigmoid"]:
@@ -675,9 +685,6 @@ def _preference_checks(t: TrainConfig) -> list[str]:
         elif not p.loss_type or any(x not in known for x in p.loss_type):
             errors.append(f"train.preference.loss_type: {p.loss_type!r} is not a {t.objective.upper()} loss; use "
                           f"some of {', '.join(known)}")
-        if t.method == "full":
-            errors.append(f"train.method: full with objective {t.objective} would keep a second copy of the model as "
-                          "the reference; use lora, qlora or dora (the reference is the adapter switched off)")
     return errors
 
 

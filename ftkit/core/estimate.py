@@ -14,6 +14,8 @@ stage 03 reports the measured figures.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import time
 from dataclasses import asdict, dataclass
 
@@ -40,6 +42,12 @@ class Estimate:
 
 def count_parameters_from_config(model_path: str, target_modules="all-linear", r: int = 16) -> tuple[int, int, object]:
     """(total, LoRA-trainable, config) without loading weights."""
+    targets = target_modules if isinstance(target_modules, str) else tuple(target_modules)
+    return _count_parameters(model_path, targets, r)
+
+
+@functools.lru_cache(maxsize=32)  # the parameter form re-estimates on every change: the meta build once per model
+def _count_parameters(model_path: str, target_modules, r: int) -> tuple[int, int, object]:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(model_path)
@@ -55,6 +63,7 @@ def count_parameters_from_config(model_path: str, target_modules="all-linear", r
     return total, trainable, config
 
 
+@functools.lru_cache(maxsize=8)  # a device's rate, measured once per process (the form asks on every change)
 def matmul_gflops(device: torch.device, n: int = 1024, repeats: int = 5, dtype: torch.dtype = torch.float32) -> float:
     """The rate of an ``n`` x ``n`` matrix product in ``dtype`` on ``device``, GFLOP/s."""
     a = torch.randn(n, n, device=device, dtype=dtype)
@@ -136,13 +145,23 @@ def estimate(cfg, model_path: str, train_tokens_per_epoch: int, n_train: int, me
                     gflops, secs, tokens / 1e6 * cfg.convert.hosted_price_per_million_tokens)
 
 
-def for_run(cfg, result) -> Estimate:
-    """The estimate for stage 02's result (train split token counts) and the configured model."""
+def for_run(cfg, result, paths=None) -> Estimate:
+    """The estimate for stage 02's result (train split token counts) and the configured model; for a
+    preference objective the train rows' step sizes (a pair's two sequences) from ``paths``' tokens file
+    and the reference's forward passes."""
+    from ftkit.core.config import PREFERENCE_OBJECTIVES
     from ftkit.core.modeling import resolve_model_path
 
-    lens = result.lengths["train"]
+    lens, factor = result.lengths["train"], 1.0
+    if paths is not None and cfg.train.objective in PREFERENCE_OBJECTIVES:
+        from ftkit.core.files import iter_jsonl
+        from ftkit.core.preference import reference_time_factor, step_tokens
+
+        lens = [step_tokens(r) for r in iter_jsonl(paths.tokens("train")) if "prompt_ids" in r] or lens
+        factor = reference_time_factor(cfg.train.objective)
     mean = sum(lens) / max(len(lens), 1)
-    return estimate(cfg, resolve_model_path(cfg.model.name), sum(lens), len(lens), mean)
+    est = estimate(cfg, resolve_model_path(cfg.model.name), sum(lens), len(lens), mean)
+    return dataclasses.replace(est, est_train_seconds=est.est_train_seconds * factor)
 
 
 class PreflightError(RuntimeError):
@@ -157,21 +176,30 @@ def free_memory_bytes(device: torch.device) -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def preflight(cfg, paths, free_bytes: int | None = None, lengths: list[int] | None = None, check=None) -> dict:
+def preflight(cfg, paths, free_bytes: int | None = None, lengths: list[int] | None = None, check=None,
+              time_factor: float = 1.0) -> dict:
     """Estimate before any weight is loaded; stop with concrete suggestions when it will not fit.
 
-    ``lengths``: token counts of the training examples when the caller has them already loaded.
+    ``lengths``: token counts of the training examples when the caller has them already loaded;
+    ``time_factor``: passes beyond the trained one (a preference reference's forward: 4/3), time only.
     """
     from ftkit.core.files import read_jsonl
     from ftkit.core.modeling import resolve_device, resolve_model_path
 
     lens = lengths if lengths is not None else [len(r["input_ids"]) for r in read_jsonl(paths.tokens("train"))]
-    est = estimate(cfg, resolve_model_path(cfg.model.name), sum(lens), len(lens), sum(lens) / max(len(lens), 1))
+    path, t = resolve_model_path(cfg.model.name), cfg.train
+    est = estimate(cfg, path, sum(lens), len(lens), sum(lens) / max(len(lens), 1))
     free = free_bytes if free_bytes is not None else free_memory_bytes(resolve_device(cfg.model))
-    if cfg.train.max_memory_gb is not None:  # the budget, where it is below what the device has free
-        free = min(free, int(cfg.train.max_memory_gb * 1024**3))
+    if t.max_memory_gb is not None:  # the budget, where it is below what the device has free
+        free = min(free, int(t.max_memory_gb * 1024**3))
+        if t.gradient_checkpointing is None and est.total_gb * 1024**3 > free:
+            # the device plan turns checkpointing on when a budget needs it (ftkit.train.plan): judged so
+            est = estimate(dataclasses.replace(cfg, train=dataclasses.replace(t, gradient_checkpointing=True)), path,
+                           sum(lens), len(lens), sum(lens) / max(len(lens), 1))
     (check or check_fits)(est, cfg, free)
-    return {**est.to_dict(), "free_gb": free / 1024**3}
+    out = {**est.to_dict(), "free_gb": free / 1024**3}
+    out["est_train_seconds"] = est.est_train_seconds * time_factor
+    return out
 
 
 def check_fits(est: Estimate, cfg, free_bytes: int) -> None:

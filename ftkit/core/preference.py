@@ -38,6 +38,27 @@ def is_kto(record: dict) -> bool:
     return isinstance(record, dict) and "label" in record and "rejected" not in record
 
 
+def is_preference(record: dict) -> bool:
+    """A canonical pair or KTO record (not a demonstration)."""
+    return is_pair(record) or is_kto(record)
+
+
+def step_tokens(row: dict) -> int:
+    """Tokens a stage-02 row puts through the model in one training step: its sequence; a pair's two
+    sequences (each padded to the longer, as TRL batches them); a labelled reply's prompt and reply."""
+    if "input_ids" in row and "prompt_ids" not in row:
+        return len(row["input_ids"])
+    if "rejected_ids" in row:
+        return 2 * (len(row["prompt_ids"]) + max(len(row["chosen_ids"]), len(row["rejected_ids"])))
+    return len(row["prompt_ids"]) + len(row["completion_ids"])
+
+
+def reference_time_factor(objective: str) -> float:
+    """DPO and KTO also run every sequence through the reference, forward only: 4/3 of the trained passes'
+    time (no activations kept); ORPO and supervised objectives have no reference."""
+    return 4 / 3 if objective in ("dpo", "kto") else 1.0
+
+
 def detection_checks() -> list[tuple]:
     """(format, predicate(keys, record), what) for :func:`ftkit.core.formats.detect_format`, tried before
     the demonstration formats (a pair file also has ``prompt`` or ``conversations``)."""

@@ -30,6 +30,7 @@ from ftkit.core.config import DEMO_DATA, DEMO_PREFERENCE_DATA, DataConfig
 from ftkit.core.files import write_jsonl
 from ftkit.core.formats import Detection, FormatError, Problem, canonical_text
 from ftkit.core.paths import RunPaths
+from ftkit.core.preference import is_preference
 from ftkit.core.validation import validate
 from ftkit.data import cleaning, demo_data
 
@@ -303,7 +304,7 @@ def _build_conversations(cfg, row_index, rows: _Spool, convs: _Spool, quarantine
             turns = sum(1 for m in conv.get("messages", []) if m.get("role") == "assistant") or 1
             index.append({"offset": convs.add(conv), "id": conv["id"], "sources": conv["sources"], "chars": chars,
                           "turns": turns, "label": _label(conv, cfg.label_column),
-                          "group": _group(conv, cfg), "pair": "rejected" in conv or "label" in conv})
+                          "group": _group(conv, cfg), "pair": is_preference(conv)})
     return index
 
 
@@ -313,7 +314,7 @@ def _group(conv: dict, cfg: DataConfig) -> str:
     from ftkit.core.preference import prompt_key
 
     value = _meta_value(conv, cfg.group_column)
-    if value is None and ("rejected" in conv or "label" in conv):
+    if value is None and is_preference(conv):
         return prompt_key(conv)
     return str(value or conv["id"])
 

@@ -45,7 +45,7 @@ from ftkit.evaluate.metrics import (
     infer_task,
     length_stats,
 )
-from ftkit.evaluate.preference_eval import evaluate_preferences, reference_of, test_pairs
+from ftkit.evaluate.preference_eval import evaluate_preferences, starting_adapter, test_pairs
 from ftkit.evaluate.prompting import Prompting, choose_shots, prompted_row
 from ftkit.evaluate.replies import generate_with_progress
 from ftkit.evaluate.rules import check_rules, has_rules
@@ -159,7 +159,7 @@ def evaluate_run(cfg, paths) -> dict:
     for name in names:
         t0 = time.perf_counter()
         m = model if name in ("tuned", "sft") else base_model
-        ctx = contextlib.nullcontext() if name == "tuned" else reference_of(model, init_adapter) if name == "sft" \
+        ctx = contextlib.nullcontext() if name == "tuned" else starting_adapter(model, init_adapter) if name == "sft" \
             else base_ctx()
         with ctx:
             rows = prompted_rows() if name == "prompted" else token_rows()
@@ -195,10 +195,12 @@ def evaluate_run(cfg, paths) -> dict:
 
     preference = None
     pairs = test_pairs(tokens_path, budget.rows)
-    if pairs and not full:  # preference data: the held-out pairs ranked by the tuned model against the reference
+    if pairs:  # preference data: the held-out pairs ranked by the tuned model against the reference
         t0 = time.perf_counter()
+        ref_arm = (model, lambda: starting_adapter(model, init_adapter)) if init_adapter else (base_model, base_ctx)
         preference = evaluate_preferences(
-            model, pairs, beta=cfg.train.preference.beta, init_adapter=init_adapter,
+            model, pairs, reference=ref_arm, beta=cfg.train.preference.beta,
+            reference_name="the adapter training started from (train.init_adapter)" if init_adapter else "the base model",
             pad_token_id=tok.pad_token_id, batch_size=e.batch_size, resamples=e.bootstrap_samples,
             confidence=e.confidence, seed=cfg.seed)
         preference["objective"] = info.get("objective", "instruction")

@@ -1,8 +1,9 @@
 """Stage 04 on held-out preference pairs: does the tuned model rank the chosen reply above the rejected one?
 
 For each test pair the summed log-probability of each reply (its end-of-turn token included) is taken
-under the tuned model and under the reference (the adapter off; with ``train.init_adapter``, that
-adapter, the SFT model). The **implicit reward** of a reply is ``beta x (log p_tuned - log p_ref)`` — what
+under the tuned model and under the reference (the base model; with ``train.init_adapter``, that
+adapter, the SFT model; ORPO trains without a reference, and its rewards here are measured against the
+same one). The **implicit reward** of a reply is ``beta x (log p_tuned - log p_ref)`` — what
 DPO optimises — and
 
 * **preference accuracy**: the share of pairs whose chosen reply gets the higher reward;
@@ -42,12 +43,8 @@ def reply_logps(model, pairs: list[dict], pad_token_id: int, batch_size: int) ->
 
 
 @contextlib.contextmanager
-def reference_of(model, init_adapter: str | None):
-    """The reference DPO compared against: the adapter off, or the adapter training started from."""
-    if not init_adapter:
-        with model.disable_adapter():
-            yield
-        return
+def starting_adapter(model, init_adapter: str):
+    """The adapter training started from (``train.init_adapter``) active in ``model`` for the block."""
     if "reference" not in model.peft_config:
         model.load_adapter(init_adapter, adapter_name="reference")
     active = model.active_adapter
@@ -58,11 +55,13 @@ def reference_of(model, init_adapter: str | None):
         model.set_adapter(active)
 
 
-def evaluate_preferences(model, pairs: list[dict], *, beta: float, init_adapter: str | None, pad_token_id: int,
+def evaluate_preferences(model, pairs: list[dict], *, reference, reference_name: str, beta: float, pad_token_id: int,
                          batch_size: int, resamples: int, confidence: float, seed: int) -> dict:
-    """Preference accuracy, reward margins and likelihood ranking on ``pairs``, with intervals."""
-    with reference_of(model, init_adapter):
-        ref = reply_logps(model, pairs, pad_token_id, batch_size)
+    """Preference accuracy, reward margins and likelihood ranking on ``pairs``, with intervals; ``reference`` is
+    (the model, a context manager factory that makes it the reference: the adapter off, or the starting one)."""
+    ref_model, ref_context = reference
+    with ref_context():
+        ref = reply_logps(ref_model, pairs, pad_token_id, batch_size)
     tuned = reply_logps(model, pairs, pad_token_id, batch_size)
     reward_c = beta * (tuned["chosen_ids"] - ref["chosen_ids"])
     reward_r = beta * (tuned["rejected_ids"] - ref["rejected_ids"])
@@ -72,7 +71,7 @@ def evaluate_preferences(model, pairs: list[dict], *, beta: float, init_adapter:
     ranked_tuned = Sample.of((tuned["chosen_ids"] > tuned["rejected_ids"]).astype(float))
     return {
         "pairs": len(pairs), "beta": beta,
-        "reference": "the adapter training started from (train.init_adapter)" if init_adapter else "the base model",
+        "reference": reference_name,
         "accuracy": bootstrap_ci(Sample.of((margins > 0).astype(float)), **ci),
         "margin": bootstrap_ci(Sample.of(margins), **ci),
         "reward_chosen": bootstrap_ci(Sample.of(reward_c), **ci),

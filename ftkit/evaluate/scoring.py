@@ -3,7 +3,7 @@ the verdict written from the intervals."""
 
 from __future__ import annotations
 
-from ftkit.core.config import RulesConfig
+from ftkit.core.config import PREFERENCE_OBJECTIVES, RulesConfig
 from ftkit.evaluate.metrics import (
     Sample,
     bleu,
@@ -108,7 +108,7 @@ def verdict(deltas: dict, confidence: float, objective: str = "instruction") -> 
     (and, for a run that started from an earlier adapter, of that adapter)?"""
     lines = []
     level = f"{round(confidence * 100)}% CI"
-    preference = objective in ("dpo", "kto")
+    preference = objective in PREFERENCE_OBJECTIVES
     start = "the SFT model it started from" if preference else "the adapter it started from"
     for pair, rival in (("tuned_vs_prompted", "prompting"), ("tuned_vs_base", "the base model"),
                         ("tuned_vs_sft", start)):

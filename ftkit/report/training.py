@@ -55,9 +55,13 @@ def training_summary(metrics: dict):
     rows.append({"what": "weights loaded from", "value": (
         "safetensors, or pickle files (model.allow_pickle_weights: true)" if metrics.get("allow_pickle_weights")
         else "safetensors only (pickle checkpoints refused)")})
-    if metrics.get("objective") in ("dpo", "kto"):
+    from ftkit.core.config import PREFERENCE_OBJECTIVES
+
+    if metrics.get("objective") in PREFERENCE_OBJECTIVES:
+        start = metrics.get("init_adapter") or ("the base model's weights" if metrics.get("method") == "full"
+                                                 else "a new adapter")
         rows.append({"what": "objective", "value": f"{metrics['objective']} (TRL), starting from "
-                     f"{metrics.get('init_adapter') or 'a new adapter'}"})
+                     f"{start}"})
         for split, figures in (metrics.get("preference") or {}).items():  # TRL's last logged figures
             rows.append({"what": f"preference, {split}", "value": "\n".join(
                 f"{k}: {v:.4g}" for k, v in figures.items())})

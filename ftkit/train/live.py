@@ -28,7 +28,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from ftkit.core.progress import duration
+from ftkit.core.progress import duration, eta
 
 log = logging.getLogger("ftkit")
 
@@ -151,16 +151,14 @@ class LiveView(TrainerCallback):
     # drawing -----------------------------------------------------------------------------------
     def _stats(self, state, done: bool = False) -> None:
         elapsed = time.perf_counter() - (self._start or time.perf_counter())
-        steps = state.global_step - self._first_step
-        left = max(state.max_steps - state.global_step, 0)
-        eta = elapsed / steps * left if steps else float("nan")
+        left = eta(elapsed, state.global_step - self._first_step, state.max_steps - self._first_step)
         tokens = getattr(state, "num_input_tokens_seen", 0) or 0
         loss = f" · loss {self.train[-1][1]:.4f}" if self.train else ""
         val = f" · val {self.val[-1][1]:.4f}" if self.val else ""
         head = "finished" if done else "step"
         self.stats.value = (f"{head} {state.global_step}/{state.max_steps}{loss}{val} · "
                             f"{tokens / elapsed if elapsed else 0:,.0f} tokens/s · {duration(elapsed)} elapsed"
-                            + ("" if done or eta != eta else f" · ETA {duration(eta)}"))
+                            + ("" if done or left is None else f" · ETA {duration(left)}"))
 
     def draw(self) -> None:
         """Redraw the curves into the image widget (one PNG: no flicker, no growing output)."""

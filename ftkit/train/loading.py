@@ -3,6 +3,8 @@ figures reported around it."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from ftkit.core.config import ExperimentConfig
@@ -91,7 +93,10 @@ def load_for_training(cfg: ExperimentConfig, base_path: str, plan: DevicePlan | 
         for p in model.parameters():
             p.requires_grad_(True)
         return model.train(), applied
-    return recipe.add_adapters(model, cfg), applied
+    model = recipe.add_adapters(model, cfg)
+    if plan.fused_lora_a:
+        applied = dataclasses.replace(applied, fused_lora_a=recipe.fuse_lora_a(model))
+    return model, applied
 
 
 def free_leftovers(device: torch.device) -> float | None:

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from ftkit.core.batches import TokenizedDataset
-from ftkit.core.config import ExperimentConfig
+from ftkit.core.config import PREFERENCE_OBJECTIVES, ExperimentConfig
 from ftkit.core.files import read_jsonl
 from ftkit.core.masking import IGNORE_INDEX
 from ftkit.core.modeling import (
@@ -24,7 +24,7 @@ from ftkit.train.plan import DevicePlan, device_plan
 def load_tokens(path: Path, limit: int | None = None, objective: str = "instruction") -> list[dict]:
     """Tokenised examples; with the ``completion`` objective every token after the first is trained."""
     rows = read_jsonl(path)[:limit] if limit else read_jsonl(path)
-    if objective in ("dpo", "kto"):
+    if objective in PREFERENCE_OBJECTIVES:
         from ftkit.train.preference import preference_rows
 
         return preference_rows(rows, objective)

@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from ftkit.core.config import ExperimentConfig, init_adapter_path
+from ftkit.core.config import PREFERENCE_OBJECTIVES, ExperimentConfig, init_adapter_path
 from ftkit.core.files import write_json
 from ftkit.core.modeling import (
     count_parameters,
@@ -24,6 +24,7 @@ from ftkit.core.modeling import (
     resolve_model_path,
 )
 from ftkit.core.paths import RunPaths
+from ftkit.core.preference import reference_time_factor, step_tokens
 from ftkit.core.trained import TRAIN_INFO
 from ftkit.train.checkpoints import find_resume_checkpoint
 from ftkit.train.history import overfitting, write_log_csv
@@ -54,7 +55,7 @@ def run_training(cfg: ExperimentConfig, paths: RunPaths, recipe=None):
     base_path = resolve_model_path(cfg.model.name)
     tokenizer = load_tokenizer(paths.require(paths.tokenizer_dir, "02_format_conversion"), cfg.model)
     objective = cfg.train.objective
-    preference = objective in ("dpo", "kto")
+    preference = objective in PREFERENCE_OBJECTIVES
     train_rows = load_tokens(paths.require(paths.tokens("train"), "02_format_conversion"), objective=objective)
     val_rows = load_tokens(paths.require(paths.tokens("val"), "02_format_conversion"), cfg.train.max_eval_examples,
                            objective=objective)
@@ -64,13 +65,11 @@ def run_training(cfg: ExperimentConfig, paths: RunPaths, recipe=None):
         need_preference_data(train_rows, objective, str(paths.tokens("train")))
     from ftkit.core.estimate import preflight
 
-    # before any weight is loaded: stops early if it clearly won't fit. A preference step runs every
-    # sequence through the policy (forward and backward) and the reference (forward): counted as 4/3 of
-    # its tokens trained
-    lengths = [len(r["input_ids"]) for r in train_rows] if not preference else \
-        [round(4 / 3 * (len(r["prompt_ids"]) + len(r[k]))) for r in train_rows
-         for k in ("chosen_ids", "rejected_ids", "completion_ids") if k in r]
-    pre = preflight(cfg, paths, lengths=lengths, check=recipe.check_fits)
+    # before any weight is loaded: stops early if it clearly won't fit. A preference row goes through the
+    # policy as one (a pair: its chosen and rejected sequences, side by side in the batch); DPO and KTO
+    # also run it through the reference, forward only: time for 4/3 of its tokens, no activations kept
+    lengths = [step_tokens(r) for r in train_rows]
+    pre = preflight(cfg, paths, lengths=lengths, check=recipe.check_fits, time_factor=reference_time_factor(objective))
     log.info("pre-flight: ~%.2f GB needed of %.1f GB free, ~%.0f s estimated", pre["total_gb"], pre["free_gb"],
              pre["est_train_seconds"])
     # what stage 04 will cost after this training: stage 02 planned it from the same estimate
@@ -138,7 +137,7 @@ def run_training(cfg: ExperimentConfig, paths: RunPaths, recipe=None):
     batch = cfg.train.batch_size * cfg.train.gradient_accumulation_steps
     seen = min(steps * batch, len(train_rows) * math.ceil(max(cfg.train.epochs, 1)))
     tokens = int(getattr(trainer.state, "num_input_tokens_seen", 0) or
-                 sum(len(r["input_ids"]) for r in train_rows) * seen / max(len(train_rows), 1))
+                 sum(map(step_tokens, train_rows)) * seen / max(len(train_rows), 1))
     losses = [h["loss"] for h in history if "loss" in h]
     train_peak = peak_memory_mb(device)
     if trainer.is_world_process_zero():
@@ -239,3 +238,4 @@ def checkpoint_bytes(model, checkpoints_dir) -> int:
         return sum(f.stat().st_size for f in newest.rglob("*") if f.is_file())
     trained = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     return trained + 2 * sum(p.numel() * 4 for p in model.parameters() if p.requires_grad)
+
