@@ -147,6 +147,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=15)
     ap.add_argument("--max-memory-gb", type=float, nargs="*", default=[],
                     help="also run stage 03 planned for these memory budgets (train.max_memory_gb)")
+    ap.add_argument("--budgets-only", action="store_true", help="only the --max-memory-gb runs (no unbounded, no TRL)")
     ap.add_argument("--work", default="/tmp/dpo-bench")
     ap.add_argument("--out", default=".")
     args = ap.parse_args()
@@ -164,14 +165,16 @@ def main() -> None:
               "device": torch.cuda.get_device_name(0), "torch": torch.__version__}
     model_dir = model_dir_for(args.arch, tok, work)
     free_gpu()
-    result["ftkit"] = run_ftkit(model_dir, args.tokenizer, rows, args.batch, 1e-5, args.warmup, args.steps, 0, work)
+    if not args.budgets_only:
+        result["ftkit"] = run_ftkit(model_dir, args.tokenizer, rows, args.batch, 1e-5, args.warmup, args.steps, 0, work)
     for gb in args.max_memory_gb:
         result[f"ftkit, max_memory_gb {gb:g}"] = run_ftkit(model_dir, args.tokenizer, rows, args.batch, 1e-5, args.warmup,
                                                            args.steps, 0, work, max_memory_gb=gb)
         torch.cuda.set_per_process_memory_fraction(1.0)  # the cap stage 03 set stays with the process
-    result["trl"] = run_trl(args.arch, tok, rows, args.batch, 1e-5, args.warmup, args.steps, 0, work)
-    result["ratio_tokens_per_second"] = result["ftkit"]["tokens_per_second"] / result["trl"]["tokens_per_second"]
-    result["ratio_peak_memory"] = result["ftkit"]["peak_memory_gb"] / result["trl"]["peak_memory_gb"]
+    if not args.budgets_only:
+        result["trl"] = run_trl(args.arch, tok, rows, args.batch, 1e-5, args.warmup, args.steps, 0, work)
+        result["ratio_tokens_per_second"] = result["ftkit"]["tokens_per_second"] / result["trl"]["tokens_per_second"]
+        result["ratio_peak_memory"] = result["ftkit"]["peak_memory_gb"] / result["trl"]["peak_memory_gb"]
     print(json.dumps(result, indent=1))
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / f"dpo-{args.arch}.json").write_text(json.dumps(result, indent=1))
