@@ -68,3 +68,4 @@ def test_only_plain_lora_without_dropout_is_fused():
     assert device_plan(load_config()).fused_lora_a  # the default: LoRA, dropout 0
     assert not device_plan(load_config(train={"lora": {"dropout": 0.05}})).fused_lora_a
     assert not device_plan(load_config(train={"method": "dora"})).fused_lora_a
+    assert not device_plan(load_config(train={"num_processes": 2})).fused_lora_a  # ZeRO-3 shards per module

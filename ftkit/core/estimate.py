@@ -63,9 +63,10 @@ def _count_parameters(model_path: str, target_modules, r: int) -> tuple[int, int
     return total, trainable, config
 
 
-@functools.lru_cache(maxsize=8)  # a device's rate, measured once per process (the form asks on every change)
 def matmul_gflops(device: torch.device, n: int = 1024, repeats: int = 5, dtype: torch.dtype = torch.float32) -> float:
-    """The rate of an ``n`` x ``n`` matrix product in ``dtype`` on ``device``, GFLOP/s."""
+    """The rate of an ``n`` x ``n`` matrix product in ``dtype`` on ``device``, GFLOP/s. Measured at every
+    call, not cached: its random operands draw from the global generator after stage 03 seeds it, so a
+    cached rate would change the adapter's initialisation between a notebook run and a one-process run."""
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     a @ b

@@ -30,7 +30,8 @@ from dataclasses import dataclass
 from typing import Any
 
 ROLES = ("system", "user", "assistant", "tool")
-FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion", "text", "columns", "openai_dpo", "preference", "kto")
+PREFERENCE_FORMATS = ("openai_dpo", "preference", "kto")  # read by ftkit.core.preference
+FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion", "text", "columns", *PREFERENCE_FORMATS)
 MESSAGE_KEYS = {"role", "content", "name", "weight", "tool_calls", "tool_call_id", "function_call"}
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "model": "assistant",
                   "chatgpt": "assistant", "bard": "assistant", "bing": "assistant", "system": "system",
@@ -154,7 +155,7 @@ def to_canonical(record: dict, detection: Detection) -> dict:
         return {"text": text, "meta": {k: v for k, v in record.items() if k != "text"}}
     from ftkit.core import preference
 
-    if fmt in preference.PREFERENCE_FORMATS or (fmt == "columns" and preference_columns(detection.columns)):
+    if fmt in PREFERENCE_FORMATS or (fmt == "columns" and preference_columns(detection.columns)):
         return preference.to_canonical(record, fmt, detection.columns)
     if fmt == "columns":
         return _from_columns(record, detection.columns or {})

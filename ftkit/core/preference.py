@@ -25,7 +25,6 @@ from __future__ import annotations
 
 from ftkit.core.formats import SHAREGPT_ROLES, FormatError, Problem, type_name
 
-PREFERENCE_FORMATS = ("openai_dpo", "preference", "kto")
 _TRUE = {"true", "1", "yes", "good", "thumbs_up", "up"}
 _FALSE = {"false", "0", "no", "bad", "thumbs_down", "down"}
 

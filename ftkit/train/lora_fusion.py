@@ -7,7 +7,9 @@ take their slice: the same maths, fewer and larger kernels for a step whose host
 them. Measured on an H200 (bench/README.md): Qwen2.5-1.5B shape +7%, Llama-3.1-8B shape +2%.
 
 Only plain LoRA layers without dropout are fused (each layer's dropout draws its own mask; DoRA and
-4-bit layers have their own forward). The adapter's weights, saving and merging are unchanged.
+4-bit layers have their own forward), in one process (the device plan's ``fused_lora_a``: DeepSpeed
+ZeRO-3 gathers a layer's weights only when that layer's module runs). The adapter's weights, saving and
+merging are unchanged.
 """
 
 from __future__ import annotations

@@ -121,8 +121,9 @@ def device_plan(cfg: ExperimentConfig, est_train_seconds: float | None = None) -
                       accumulation=t.gradient_accumulation_steps,
                       # measured on an H200 (1.5B shape +7%, 8B +2%: bench/README.md) and on 2 CPU cores
                       # (SmolLM2-135M step ~6%); plain LoRA without dropout only (each layer's dropout draws
-                      # its own mask)
-                      fused_lora_a=t.method == "lora" and t.lora.dropout == 0)
+                      # its own mask); one process only: DeepSpeed ZeRO-3 gathers a layer's weights when
+                      # that layer's module runs, and a fused group reads its neighbours' A matrices
+                      fused_lora_a=t.method == "lora" and t.lora.dropout == 0 and t.num_processes <= 1)
 
 
 def fold_accumulation(cfg: ExperimentConfig, plan: DevicePlan, lengths: list[int], free_bytes: int,
