@@ -28,3 +28,40 @@ def test_two_process_ddp_on_cpu(tmp_path):
     log = json.loads(paths.train_log.read_text())
     losses = [h["loss"] for h in log if "loss" in h]
     assert losses[-1] < losses[0]
+
+
+def test_shipped_accelerate_templates_are_what_accelerate_reads(caplog):
+    """Each template, read by accelerate's own launcher: the distributed type and sharding it asks for (FSDP2's
+    plugin built from the environment accelerate would hand the processes); on CPU a template is not used,
+    and the run says so rather than silently training another way."""
+    import os
+
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    from ftkit.train.launch import TEMPLATES, accelerate_config_path, launch_command
+
+    want = {"ddp": "MULTI_GPU", "fsdp": "FSDP", "deepspeed-zero2": "DEEPSPEED", "deepspeed-zero3": "DEEPSPEED"}
+    for name in TEMPLATES:
+        args = launch_command_parser().parse_args(["--config_file", str(accelerate_config_path(name)),
+                                                   "--num_processes", "2", "x.py"])
+        args, _, _ = _validate_launch_command(args)
+        assert args.mixed_precision == "bf16", name
+        assert bool(args.use_fsdp) == (want[name] == "FSDP") and bool(args.use_deepspeed) == (want[name] == "DEEPSPEED")
+        if name.startswith("deepspeed"):
+            assert args.zero_stage == int(name[-1])
+        if name == "fsdp":
+            env = prepare_multi_gpu_env(args)
+            saved = dict(os.environ)
+            try:
+                os.environ.update(env)
+                plugin = FullyShardedDataParallelPlugin()
+            finally:
+                os.environ.clear()
+                os.environ.update(saved)
+            assert plugin.fsdp_version == 2 and plugin.reshard_after_forward is True
+    cfg = load_config(model={"device": "cpu"}, train={"num_processes": 2, "accelerate_config": "fsdp"})
+    with caplog.at_level("WARNING", logger="ftkit"):
+        cmd = launch_command(cfg, "train_config.yaml")
+    assert "--config_file" not in cmd and "is not used on CPU" in caplog.text

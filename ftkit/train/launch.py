@@ -7,6 +7,7 @@ streams into the notebook, and the metrics come back through ``metrics/03_train.
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 from importlib import resources
@@ -17,6 +18,7 @@ import yaml
 from ftkit.core.paths import RunPaths
 
 TEMPLATES = ("ddp", "fsdp", "deepspeed-zero2", "deepspeed-zero3")
+log = logging.getLogger("ftkit")
 
 
 def accelerate_config_path(spec: str) -> Path:
@@ -35,6 +37,11 @@ def launch_command(cfg, config_file: Path) -> list[str]:
     t = cfg.train
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(t.num_processes)]
     if resolve_device(cfg.model).type == "cpu":  # torchrun processes with gloo (accelerate's --cpu runs one)
+        if t.accelerate_config:
+            # accelerate sets up FSDP and DeepSpeed only on accelerators: on a CPU-only machine a config
+            # asking for them runs independent, undistributed processes (checked with accelerate 1.16)
+            log.warning("train.accelerate_config: %s is not used on CPU: the %d processes run as DDP over gloo "
+                        "(accelerate shards with FSDP or DeepSpeed only on GPUs)", t.accelerate_config, t.num_processes)
         cmd += ["--multi_gpu", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
     elif t.accelerate_config:
         cmd += ["--config_file", str(accelerate_config_path(t.accelerate_config))]
