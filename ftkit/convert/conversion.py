@@ -30,7 +30,7 @@ from ftkit.core.masking import (
     turn_prefix,
 )
 from ftkit.core.paths import RunPaths
-from ftkit.core.preference import is_preference
+from ftkit.core.preference import is_preference, step_tokens
 
 log = logging.getLogger("ftkit")
 SPLITS = ("train", "val", "test")
@@ -50,6 +50,8 @@ class ConversionResult:
     """plain-text records cut into max_seq_len pieces (``convert.over_length: split``), per split"""
     quarantined: list[dict] = field(default_factory=list)
     lengths: dict[str, list[int]] = field(default_factory=dict)
+    step_lengths: dict[str, list[int]] = field(default_factory=dict)
+    """tokens each preference row puts through the model in a training step (core.preference.step_tokens)"""
     trained_share: dict[str, list[float]] = field(default_factory=dict)
     turns: dict[str, list[int]] = field(default_factory=dict)
     trained_tokens: dict[str, int] = field(default_factory=dict)
@@ -286,7 +288,7 @@ def convert(cfg: ExperimentConfig, paths: RunPaths, tokenizer) -> ConversionResu
     for name in SPLITS:
         records = read_jsonl(paths.require(paths.split(name), "01_data_prep"))
         out.records_in[name] = len(records)
-        chat_rows, token_rows, lens, shares, turns = [], [], [], [], []
+        chat_rows, token_rows, lens, shares, turns, steps = [], [], [], [], [], []
         out.trained_tokens[name] = out.total_tokens[name] = out.truncated[name] = out.split[name] = 0
         out.per_reply[name] = 0
         results = process_many(tokenizer, records, label=f"02_format_conversion: {name}", **kw)
@@ -308,6 +310,8 @@ def convert(cfg: ExperimentConfig, paths: RunPaths, tokenizer) -> ConversionResu
             for piece in res["tokens"]:
                 ex = Example(piece["input_ids"], piece["labels"])
                 token_rows.append(piece)
+                if "prompt_ids" in piece:
+                    steps.append(step_tokens(piece))
                 lens.append(len(ex.input_ids))
                 shares.append(ex.n_trained / len(ex.input_ids))
                 turns.append(res["turns"])
@@ -325,6 +329,7 @@ def convert(cfg: ExperimentConfig, paths: RunPaths, tokenizer) -> ConversionResu
         out.system_folded[name] = sum(1 for r in chat_rows if "messages" in r and r["messages"][0]["role"] == "system") \
             if folded else 0
         out.lengths[name], out.trained_share[name], out.turns[name] = lens, shares, turns
+        out.step_lengths[name] = steps
     write_jsonl(paths.format_quarantine, out.quarantined)
     return out
 

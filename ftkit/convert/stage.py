@@ -31,7 +31,7 @@ def run(cfg: ExperimentConfig, paths: RunPaths) -> ConvertResult:
         metrics = result.metrics(cfg.convert.max_seq_len)
         metrics["end_of_turn_token"] = tokenizer.decode(end_of_turn_token_id(tokenizer))
         metrics["pad_token"] = tokenizer.pad_token
-        est = estimate.for_run(cfg, result, paths)
+        est = estimate.for_run(cfg, result)
         metrics["estimate"] = est.to_dict()
         from ftkit.core.eval_budget import before_training
 

@@ -131,7 +131,11 @@ def estimate(cfg, model_path: str, train_tokens_per_epoch: int, n_train: int, me
     gflops = (matmul_gflops(device, n=4096, dtype=dtype) if device.type == "cuda" and bytes_per == 2
               else matmul_gflops(device))
     efficiency = 0.25 if device.type == "cpu" else 0.4
-    secs = 4 * total * tokens / (efficiency * gflops * 1e9) if gflops else float("nan")
+    from ftkit.core.preference import reference_time_factor
+
+    # DPO/KTO also run every sequence through the reference, forward only (time, no activations)
+    secs = 4 * total * tokens * reference_time_factor(t.objective) / (efficiency * gflops * 1e9) if gflops \
+        else float("nan")
     gb = 1024**3
     # full: gradients at the weights' dtype + two fp32 AdamW moments; adapters: fp32 param, grad, 2 moments
     state_bytes = (bytes_per + 8) if t.method == "full" else 16
@@ -146,23 +150,17 @@ def estimate(cfg, model_path: str, train_tokens_per_epoch: int, n_train: int, me
                     gflops, secs, tokens / 1e6 * cfg.convert.hosted_price_per_million_tokens)
 
 
-def for_run(cfg, result, paths=None) -> Estimate:
-    """The estimate for stage 02's result (train split token counts) and the configured model; for a
-    preference objective the train rows' step sizes (a pair's two sequences) from ``paths``' tokens file
-    and the reference's forward passes."""
+def for_run(cfg, result) -> Estimate:
+    """The estimate for stage 02's result (train split token counts; for a preference objective, each row's
+    step size: a pair's two sequences) and the configured model."""
     from ftkit.core.config import PREFERENCE_OBJECTIVES
     from ftkit.core.modeling import resolve_model_path
 
-    lens, factor = result.lengths["train"], 1.0
-    if paths is not None and cfg.train.objective in PREFERENCE_OBJECTIVES:
-        from ftkit.core.files import iter_jsonl
-        from ftkit.core.preference import reference_time_factor, step_tokens
-
-        lens = [step_tokens(r) for r in iter_jsonl(paths.tokens("train")) if "prompt_ids" in r] or lens
-        factor = reference_time_factor(cfg.train.objective)
+    lens = result.lengths["train"]
+    if cfg.train.objective in PREFERENCE_OBJECTIVES and result.step_lengths.get("train"):
+        lens = result.step_lengths["train"]
     mean = sum(lens) / max(len(lens), 1)
-    est = estimate(cfg, resolve_model_path(cfg.model.name), sum(lens), len(lens), mean)
-    return dataclasses.replace(est, est_train_seconds=est.est_train_seconds * factor)
+    return estimate(cfg, resolve_model_path(cfg.model.name), sum(lens), len(lens), mean)
 
 
 class PreflightError(RuntimeError):
@@ -177,30 +175,31 @@ def free_memory_bytes(device: torch.device) -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def preflight(cfg, paths, free_bytes: int | None = None, lengths: list[int] | None = None, check=None,
-              time_factor: float = 1.0) -> dict:
+def preflight(cfg, paths, free_bytes: int | None = None, lengths: list[int] | None = None, check=None) -> dict:
     """Estimate before any weight is loaded; stop with concrete suggestions when it will not fit.
 
-    ``lengths``: token counts of the training examples when the caller has them already loaded;
-    ``time_factor``: passes beyond the trained one (a preference reference's forward: 4/3), time only.
+    ``lengths``: token counts of the training examples when the caller has them already loaded.
     """
     from ftkit.core.files import read_jsonl
     from ftkit.core.modeling import resolve_device, resolve_model_path
 
     lens = lengths if lengths is not None else [len(r["input_ids"]) for r in read_jsonl(paths.tokens("train"))]
     path, t = resolve_model_path(cfg.model.name), cfg.train
-    est = estimate(cfg, path, sum(lens), len(lens), sum(lens) / max(len(lens), 1))
+    data = (sum(lens), len(lens), sum(lens) / max(len(lens), 1))
+    est = estimate(cfg, path, *data)
     free = free_bytes if free_bytes is not None else free_memory_bytes(resolve_device(cfg.model))
     if t.max_memory_gb is not None:  # the budget, where it is below what the device has free
         free = min(free, int(t.max_memory_gb * 1024**3))
         if t.gradient_checkpointing is None and est.total_gb * 1024**3 > free:
             # the device plan turns checkpointing on when a budget needs it (ftkit.train.plan): judged so
-            est = estimate(dataclasses.replace(cfg, train=dataclasses.replace(t, gradient_checkpointing=True)), path,
-                           sum(lens), len(lens), sum(lens) / max(len(lens), 1))
+            est = estimate(checkpointed(cfg), path, *data)
     (check or check_fits)(est, cfg, free)
-    out = {**est.to_dict(), "free_gb": free / 1024**3}
-    out["est_train_seconds"] = est.est_train_seconds * time_factor
-    return out
+    return {**est.to_dict(), "free_gb": free / 1024**3}
+
+
+def checkpointed(cfg):
+    """``cfg`` with gradient checkpointing on: what a memory budget that needs it runs (pre-flight, device plan)."""
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, gradient_checkpointing=True))
 
 
 def check_fits(est: Estimate, cfg, free_bytes: int) -> None:

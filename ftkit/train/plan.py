@@ -167,7 +167,7 @@ def _checkpointing_for_budget(cfg: ExperimentConfig, plan: DevicePlan, lengths: 
     """Under ``train.max_memory_gb``, with checkpointing left to ``auto`` and off: on, when the configured
     micro-batch does not fit the budget without it (the method and the micro-batch stay; only
     activations are recomputed). Returns the config and plan to fold with."""
-    from ftkit.core.estimate import estimate
+    from ftkit.core.estimate import checkpointed, estimate
 
     t = cfg.train
     if t.gradient_checkpointing is not None or plan.gradient_checkpointing or t.max_memory_gb is None:
@@ -177,8 +177,7 @@ def _checkpointing_for_budget(cfg: ExperimentConfig, plan: DevicePlan, lengths: 
                    _largest(lengths, size) / size, compiled=plan.compile)
     if est.total_gb * 1024**3 <= headroom * free_bytes:
         return cfg, plan
-    return (dataclasses.replace(cfg, train=dataclasses.replace(t, gradient_checkpointing=True)),
-            dataclasses.replace(plan, gradient_checkpointing=True))
+    return checkpointed(cfg), dataclasses.replace(plan, gradient_checkpointing=True)
 
 
 def _largest(lengths: list[int], size: int) -> int:

@@ -24,7 +24,7 @@ from ftkit.core.modeling import (
     resolve_model_path,
 )
 from ftkit.core.paths import RunPaths
-from ftkit.core.preference import reference_time_factor, step_tokens
+from ftkit.core.preference import step_tokens
 from ftkit.core.trained import TRAIN_INFO
 from ftkit.train.checkpoints import find_resume_checkpoint
 from ftkit.train.history import overfitting, write_log_csv
@@ -66,10 +66,10 @@ def run_training(cfg: ExperimentConfig, paths: RunPaths, recipe=None):
     from ftkit.core.estimate import preflight
 
     # before any weight is loaded: stops early if it clearly won't fit. A preference row goes through the
-    # policy as one (a pair: its chosen and rejected sequences, side by side in the batch); DPO and KTO
-    # also run it through the reference, forward only: time for 4/3 of its tokens, no activations kept
+    # policy as one (a pair: its chosen and rejected sequences, side by side in the batch); the estimate
+    # adds the time of DPO's and KTO's reference forward
     lengths = [step_tokens(r) for r in train_rows]
-    pre = preflight(cfg, paths, lengths=lengths, check=recipe.check_fits, time_factor=reference_time_factor(objective))
+    pre = preflight(cfg, paths, lengths=lengths, check=recipe.check_fits)
     log.info("pre-flight: ~%.2f GB needed of %.1f GB free, ~%.0f s estimated", pre["total_gb"], pre["free_gb"],
              pre["est_train_seconds"])
     # what stage 04 will cost after this training: stage 02 planned it from the same estimate
@@ -137,7 +137,7 @@ def run_training(cfg: ExperimentConfig, paths: RunPaths, recipe=None):
     batch = cfg.train.batch_size * cfg.train.gradient_accumulation_steps
     seen = min(steps * batch, len(train_rows) * math.ceil(max(cfg.train.epochs, 1)))
     tokens = int(getattr(trainer.state, "num_input_tokens_seen", 0) or
-                 sum(map(step_tokens, train_rows)) * seen / max(len(train_rows), 1))
+                 sum(lengths) * seen / max(len(train_rows), 1))
     losses = [h["loss"] for h in history if "loss" in h]
     train_peak = peak_memory_mb(device)
     if trainer.is_world_process_zero():
