@@ -98,8 +98,7 @@ _OFF = {"attention": "sdpa", "kernels": "none", "optimizer": "adamw_torch", "mer
         "compile": False}
 # ablation keys that are not ftkit config: run_ftkit switches these around ftkit.train.training.run_training
 BENCH_SWITCHES = ("compiled_loss", "non_blocking", "traced_attention", "whole_decoder", "cuda_graphs",
-                  "extra_warmup", "expandable_segments", "manual_gc", "stock_walks", "cpp_wrapper", "fused_lora_a",
-                  "fused_base")
+                  "extra_warmup", "expandable_segments", "manual_gc", "stock_walks", "cpp_wrapper", "fused_lora_a")
 ABLATIONS = {
     "packed-sdpa (ftkit before)": _OFF,
     "+ varlen attention": {**_OFF, "attention": "varlen"},
@@ -142,9 +141,6 @@ ABLATIONS = {
     # the LoRA A projections that read the same input (q/k/v; gate/up) as separate products, as PEFT runs
     # them (ftkit fuses each group into one: ftkit.train.lora_fusion)
     "ftkit, LoRA A not fused": {"fused_lora_a": False},
-    # the frozen base projections of a group (q/k/v; gate/up) as separate products, with the LoRA A
-    # products still fused (ftkit fuses both: one base product per group, the weights one tensor)
-    "ftkit, base products not fused": {"fused_base": False},
     # memory budgets (train.max_memory_gb): the plan for a 48 or 24 GB card, the allocator capped at it
     "ftkit, max_memory_gb 48": {"max_memory_gb": 48},
     "ftkit, max_memory_gb 24": {"max_memory_gb": 24},
@@ -472,9 +468,7 @@ def run_ftkit(model_dir, tok_dir, rows, arch, method, batch, lr, warmup, steps, 
             return stock.add_adapters(model, c)
 
         def fuse_lora_a(self, model):
-            if switches.get("fused_lora_a") is False:
-                return 0
-            return stock.fuse_lora_a(model, base=switches.get("fused_base") is not False)
+            return 0 if switches.get("fused_lora_a") is False else stock.fuse_lora_a(model)
 
         def register_attention(self):
             if switches.get("traced_attention"):

@@ -31,12 +31,11 @@ class Recipe:
 
         return add_lora(model, cfg)
 
-    def fuse_lora_a(self, model, base: bool = True) -> int:
-        """One product for the LoRA A projections sharing an input, and one for their frozen base
-        projections (:func:`ftkit.train.lora_fusion.fuse_lora_a`)."""
+    def fuse_lora_a(self, model) -> int:
+        """One product for the LoRA A projections sharing an input (:func:`ftkit.train.lora_fusion.fuse_lora_a`)."""
         from ftkit.train.lora_fusion import fuse_lora_a
 
-        return fuse_lora_a(model, base=base)
+        return fuse_lora_a(model)
 
     def register_attention(self) -> bool:
         """The varlen attention for packed examples (:func:`ftkit.train.kernels.register_varlen_attention`)."""
