@@ -138,7 +138,7 @@ def test_unsupported_input_is_a_clear_error(tmp_path):
 def test_forgetting_guard_self_distillation(tmp_path):
     """The base model's own answers to shipped general prompts join train only, marked as replay."""
     from ftkit.core.config import load_config
-    from ftkit.core.replay import general_prompts, mix_general
+    from ftkit.core.replay import cache_key, general_prompts, mix_general
 
     cfg = load_config(experiment="g", outputs_dir=str(tmp_path), model={"name": "tiny-random"},
                       data={"demo_size": 100, "general_mix": 0.1})
@@ -150,7 +150,7 @@ def test_forgetting_guard_self_distillation(tmp_path):
     cache.parent.mkdir(parents=True, exist_ok=True)
     cache.write_text("\n".join(json.dumps({"messages": [{"role": "user", "content": p},
                                                         {"role": "assistant", "content": "An answer."}],
-                                           "meta": {"source": "replay", "model": "tiny-random", "system_prompt": None,
+                                           "meta": {"source": "replay", **cache_key(cfg),
                                                     "asked": len(general_prompts())}})
                                for p in general_prompts()) + "\n")
     info = mix_general(cfg, paths, res)
@@ -165,7 +165,7 @@ def test_forgetting_guard_repeats_a_small_pool_to_the_configured_share(tmp_path)
     """Fewer usable general answers than the mix asks for: each is repeated in turn, and the report says how many
     were distinct."""
     from ftkit.core.config import load_config
-    from ftkit.core.replay import general_prompts, mix_general
+    from ftkit.core.replay import cache_key, general_prompts, mix_general
 
     cfg = load_config(experiment="g", outputs_dir=str(tmp_path), model={"name": "tiny-random"},
                       data={"demo_size": 100, "general_mix": 0.2})
@@ -175,7 +175,7 @@ def test_forgetting_guard_repeats_a_small_pool_to_the_configured_share(tmp_path)
     paths.replay_cache.parent.mkdir(parents=True, exist_ok=True)
     paths.replay_cache.write_text("\n".join(json.dumps(
         {"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": f"Answer {k}."}],
-         "meta": {"source": "replay", "model": "tiny-random", "system_prompt": None, "asked": len(general_prompts())}})
+         "meta": {"source": "replay", **cache_key(cfg), "asked": len(general_prompts())}})
         for k, p in enumerate(general_prompts()[:3])) + "\n")
     info = mix_general(cfg, paths, res)
     replay = [r for r in read_jsonl(paths.split("train")) if r["meta"].get("source") == "replay"]
@@ -224,6 +224,14 @@ def test_self_distilled_answers_are_cached(tmp_path, monkeypatch):
     self_distilled(load_config(model={"name": "tiny-random"}, convert={"system_prompt": "Be brief."}), 3, cache)
     self_distilled(cfg, 4, cache)
     assert calls == [3, 3, 4]
+    longer = load_config(model={"name": "tiny-random"}, data={"general_max_new_tokens": 8})
+    self_distilled(longer, 4, cache)  # another token cap: other answers
+    assert calls == [3, 3, 4, 4]
+    from ftkit.core import replay
+
+    monkeypatch.setattr(replay, "_prompts_text", lambda: '{"prompt": "What is 2 + 2?"}\n')
+    self_distilled(longer, 4, cache)  # other shipped prompts (an upgrade): asked again
+    assert calls == [3, 3, 4, 4, 1]
 
 
 def test_unusable_general_records_are_named_not_dropped(tmp_path):

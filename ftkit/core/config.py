@@ -112,6 +112,9 @@ class DataConfig:
     general_path: str | None = None
     """General data to mix in (any supported format); null: the base model's own answers to the
     general prompts shipped with ftkit (self-distillation)."""
+    general_max_new_tokens: int = 160
+    """Self-distillation: the longest answer generated, in tokens; answers not ended by then are left
+    out, never cut (each prompt costs up to this many generated tokens, once: they are cached)."""
     min_chars: int = 1
     max_chars: int | None = None
     val_fraction: float = field(default=0.1, metadata={"slider": (0.0, 0.5, 0.01)})
@@ -713,6 +716,8 @@ def _check_values(cfg: ExperimentConfig) -> list[str]:
         errors.append("data.pii_types: 'order_id' needs data.order_id_pattern (a regex such as 'AC-\\d{6}')")
     if not 0 <= d.general_mix <= 1:
         errors.append(f"data.general_mix: a share of the training split in [0, 1], got {d.general_mix}")
+    if d.general_max_new_tokens < 1:
+        errors.append(f"data.general_max_new_tokens: a number of tokens, at least 1, got {d.general_max_new_tokens}")
     if d.near_duplicate_threshold is not None and not 0 < d.near_duplicate_threshold <= 1:
         errors.append(f"data.near_duplicate_threshold: must be in (0, 1] or null, got {d.near_duplicate_threshold}")
     if not isinstance(d.path, str) and not (isinstance(d.path, list) and d.path and all(isinstance(p, str) for p in d.path)):

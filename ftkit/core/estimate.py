@@ -63,21 +63,22 @@ def _count_parameters(model_path: str, target_modules, r: int) -> tuple[int, int
     return total, trainable, config
 
 
-def matmul_gflops(device: torch.device, n: int = 1024, repeats: int = 5, dtype: torch.dtype = torch.float32) -> float:
-    """The rate of an ``n`` x ``n`` matrix product in ``dtype`` on ``device``, GFLOP/s. Measured at every
-    call, not cached: its random operands draw from the global generator after stage 03 seeds it, so a
-    cached rate would change the adapter's initialisation between a notebook run and a one-process run."""
+def matmul_gflops(device: torch.device, n: int = 1024, repeats: int = 7, dtype: torch.dtype = torch.float32) -> float:
+    """The rate of an ``n`` x ``n`` matrix product in ``dtype`` on ``device``, GFLOP/s: the median of
+    ``repeats`` timed products after two warm-up ones (on a shared 2-core CPU the mean of five ranged
+    over 65-119 GFLOP/s between runs). Measured at every call, not cached: its random operands draw
+    from the global generator after stage 03 seeds it, so a cached rate would change the adapter's
+    initialisation between a notebook run and a one-process run."""
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    a @ b
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(repeats):
+    times = []
+    for _ in range(2 + repeats):
+        t = time.perf_counter()
         a @ b
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return 2 * n**3 * repeats / (time.perf_counter() - t) / 1e9
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return 2 * n**3 / sorted(times[2:])[repeats // 2] / 1e9
 
 
 def estimate(cfg, model_path: str, train_tokens_per_epoch: int, n_train: int, mean_len: float,
@@ -130,7 +131,11 @@ def estimate(cfg, model_path: str, train_tokens_per_epoch: int, n_train: int, me
     dtype = resolve_dtype(cfg.model, device)
     gflops = (matmul_gflops(device, n=4096, dtype=dtype) if device.type == "cuda" and bytes_per == 2
               else matmul_gflops(device))
-    efficiency = 0.25 if device.type == "cpu" else 0.4
+    # the share of that rate a training step reaches. CPU: SmolLM2-135M LoRA on the demo's data (100
+    # steps × 8, packed, logits only at trained positions) took 797 s on all linear layers and 648 s on
+    # the attention projections, on a 2-core AVX2 host whose 1,024² product runs at 113-132 GFLOP/s
+    # (median): 0.48 and 0.58 of this count's rate (0.25, the figure before, estimated ~2,900 s)
+    efficiency = 0.5 if device.type == "cpu" else 0.4
     from ftkit.core.preference import reference_time_factor
 
     # DPO/KTO also run every sequence through the reference, forward only (time, no activations)

@@ -4,11 +4,18 @@ With ``data.general_path`` the general data comes from your file (any supported 
 without it, from **self-distillation**: the base model's own greedy answers to the general prompts
 shipped in ``ftkit/resources/general_prompts.jsonl``, generated under the same system prompt as
 training, so fine-tuning keeps rehearsing what the base model already did. Only answers that end
-on their own (end-of-turn reached) are used. Mixed into train only, marked ``meta.source``.
+on their own within ``data.general_max_new_tokens`` (end-of-turn reached) are used, never cut ones.
+Mixed into train only, marked ``meta.source``.
+
+The shipped prompts mix short questions (most answers end within the cap) with longer tasks spread
+evenly through them, so any mix size asks both. On the demo, 142 distinct answers (of 199 prompts
+asked) against 29 from the 60 long-form prompts shipped before took the forgetting check from +35%
+to +16% (bench/README.md).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import random
@@ -22,9 +29,20 @@ from ftkit.core.validation import validate
 log = logging.getLogger("ftkit")
 
 
+def _prompts_text() -> str:
+    return resources.files("ftkit").joinpath("resources/general_prompts.jsonl").read_text(encoding="utf-8")
+
+
 def general_prompts() -> list[str]:
-    text = resources.files("ftkit").joinpath("resources/general_prompts.jsonl").read_text(encoding="utf-8")
-    return [json.loads(line)["prompt"] for line in text.splitlines() if line.strip()]
+    return [json.loads(line)["prompt"] for line in _prompts_text().splitlines() if line.strip()]
+
+
+def cache_key(cfg) -> dict:
+    """What the cached answers depend on besides how many prompts were asked: the model, the system
+    prompt, the token cap and the shipped prompts themselves (a changed file asks again)."""
+    return {"model": cfg.model.name, "system_prompt": cfg.convert.system_prompt,
+            "max_new_tokens": cfg.data.general_max_new_tokens,
+            "prompts_sha256": hashlib.sha256(_prompts_text().encode()).hexdigest()[:16]}
 
 
 def from_file(path: str, encoding: str = "utf-8", skipped: list[str] | None = None) -> list[dict]:
@@ -55,7 +73,7 @@ def self_distilled(cfg, n: int, cache) -> list[dict]:
     from ftkit.core.modeling import load_model, load_tokenizer, resolve_model_path, stop_token_ids
 
     prompts = general_prompts()[:n]
-    key = {"model": cfg.model.name, "system_prompt": cfg.convert.system_prompt}
+    key = cache_key(cfg)
     if cache.exists():
         cached = read_jsonl(cache)
         meta = cached[0]["meta"] if cached else {}
@@ -67,7 +85,8 @@ def self_distilled(cfg, n: int, cache) -> list[dict]:
     tok = load_tokenizer(path, cfg.model)
     model = load_model(path, cfg.model)
     chats = [with_system_prompt([{"role": "user", "content": p}], cfg.convert.system_prompt) for p in prompts]
-    gens = generate(model, tok, chats, max_new_tokens=160, batch_size=64, stop_ids=stop_token_ids(tok))
+    gens = generate(model, tok, chats, max_new_tokens=cfg.data.general_max_new_tokens, batch_size=64,
+                    stop_ids=stop_token_ids(tok))
     out = [{"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": g["text"]}],
             "meta": {"source": "replay", **key, "asked": len(prompts)}}
            for p, g in zip(prompts, gens, strict=True) if g["stopped"] and g["text"].strip()]
