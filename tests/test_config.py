@@ -188,3 +188,21 @@ def test_floor_constraints_are_the_declared_floors(root):
     assert pinned and all(floors[name] == version.removesuffix(".0") or floors[name] == version
                           for name, version in pinned.items()), (floors, pinned)
     assert set(pinned) == {"transformers", "peft", "accelerate", "bitsandbytes"}
+
+
+def test_auto_dtype_is_bf16_where_the_cpu_computes_it(monkeypatch):
+    """`model.dtype: auto` on CPU: bfloat16 when the CPU multiplies bf16 natively (AVX512-BF16, AMX), except
+    for full fine-tuning (its small updates would round away in bf16 weights); float32 without."""
+    import torch
+
+    from ftkit.core import modeling
+    from ftkit.core.config import ModelConfig
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(modeling, "cpu_computes_bf16", lambda: True)
+    assert modeling.resolve_dtype(ModelConfig(), cpu) == torch.bfloat16
+    assert modeling.resolve_dtype(ModelConfig(), cpu, full_precision=True) == torch.float32
+    assert modeling.resolve_dtype(ModelConfig(dtype="float32"), cpu) == torch.float32
+    monkeypatch.setattr(modeling, "cpu_computes_bf16", lambda: False)
+    assert modeling.resolve_dtype(ModelConfig(), cpu) == torch.float32
+    assert modeling.resolve_dtype(ModelConfig(dtype="bfloat16"), cpu, full_precision=True) == torch.bfloat16

@@ -135,24 +135,30 @@ def test_unsupported_input_is_a_clear_error(tmp_path):
         prepare(DataConfig(path=str(tmp_path / "x.docx")), RunPaths(tmp_path, "e"), seed=0)
 
 
+def _seed_replay_cache(cfg, paths: RunPaths, answers: list[str]) -> None:
+    """The replay cache as the base model fills it: ``answers`` to the first shipped general prompts,
+    every prompt asked (a random model rarely stops by itself, so tests cannot generate these)."""
+    from ftkit.core.replay import cache_key, general_prompts
+
+    paths.replay_cache.parent.mkdir(parents=True, exist_ok=True)
+    paths.replay_cache.write_text("\n".join(json.dumps(
+        {"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": a}],
+         "meta": {"source": "replay", **cache_key(cfg), "asked": len(general_prompts())}})
+        for p, a in zip(general_prompts(), answers, strict=False)) + "\n")
+
+
 def test_forgetting_guard_self_distillation(tmp_path):
     """The base model's own answers to shipped general prompts join train only, marked as replay."""
     from ftkit.core.config import load_config
-    from ftkit.core.replay import cache_key, general_prompts, mix_general
+    from ftkit.core.replay import general_prompts, mix_general
 
     cfg = load_config(experiment="g", outputs_dir=str(tmp_path), model={"name": "tiny-random"},
                       data={"demo_size": 100, "general_mix": 0.1})
     paths = RunPaths(tmp_path, "g")
     res = prepare(cfg.data, paths, cfg.seed)
     n_train = res.split_sizes["train"]
-    cache = paths.data_dir / "replay.jsonl"
     # a random model rarely stops by itself: pre-seed the cache as a real base model would fill it
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    cache.write_text("\n".join(json.dumps({"messages": [{"role": "user", "content": p},
-                                                        {"role": "assistant", "content": "An answer."}],
-                                           "meta": {"source": "replay", **cache_key(cfg),
-                                                    "asked": len(general_prompts())}})
-                               for p in general_prompts()) + "\n")
+    _seed_replay_cache(cfg, paths, ["An answer."] * len(general_prompts()))
     info = mix_general(cfg, paths, res)
     train = read_jsonl(paths.split("train"))
     assert info["added"] == round(0.1 * n_train) and len(train) == n_train + info["added"]
@@ -165,18 +171,14 @@ def test_forgetting_guard_repeats_a_small_pool_to_the_configured_share(tmp_path)
     """Fewer usable general answers than the mix asks for: each is repeated in turn, and the report says how many
     were distinct."""
     from ftkit.core.config import load_config
-    from ftkit.core.replay import cache_key, general_prompts, mix_general
+    from ftkit.core.replay import mix_general
 
     cfg = load_config(experiment="g", outputs_dir=str(tmp_path), model={"name": "tiny-random"},
                       data={"demo_size": 100, "general_mix": 0.2})
     paths = RunPaths(tmp_path, "g")
     res = prepare(cfg.data, paths, cfg.seed)
     n_train = res.split_sizes["train"]
-    paths.replay_cache.parent.mkdir(parents=True, exist_ok=True)
-    paths.replay_cache.write_text("\n".join(json.dumps(
-        {"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": f"Answer {k}."}],
-         "meta": {"source": "replay", **cache_key(cfg), "asked": len(general_prompts())}})
-        for k, p in enumerate(general_prompts()[:3])) + "\n")
+    _seed_replay_cache(cfg, paths, [f"Answer {k}." for k in range(3)])
     info = mix_general(cfg, paths, res)
     replay = [r for r in read_jsonl(paths.split("train")) if r["meta"].get("source") == "replay"]
     assert info["wanted"] == info["added"] == len(replay) == round(0.2 * n_train) > 3 and info["distinct"] == 3
@@ -227,11 +229,39 @@ def test_self_distilled_answers_are_cached(tmp_path, monkeypatch):
     longer = load_config(model={"name": "tiny-random"}, data={"general_max_new_tokens": 8})
     self_distilled(longer, 4, cache)  # another token cap: other answers
     assert calls == [3, 3, 4, 4]
+    greedy = load_config(model={"name": "tiny-random"}, data={"general_max_new_tokens": 8, "general_temperature": 0})
+    self_distilled(greedy, 4, cache)  # greedy instead of sampled: other answers
+    assert calls == [3, 3, 4, 4, 4]
     from ftkit.core import replay
 
     monkeypatch.setattr(replay, "_prompts_text", lambda: '{"prompt": "What is 2 + 2?"}\n')
     self_distilled(longer, 4, cache)  # other shipped prompts (an upgrade): asked again
-    assert calls == [3, 3, 4, 4, 1]
+    assert calls == [3, 3, 4, 4, 4, 1]
+
+
+def test_self_distillation_samples_the_base_model_reproducibly(tmp_path, monkeypatch):
+    """At data.general_temperature > 0 the answers are sampled (at that temperature, top_p 1: the base
+    model's own distribution), and the same seed samples the same answers; 0 is greedy."""
+    from ftkit.core import generation
+    from ftkit.core.config import load_config
+    from ftkit.core.replay import self_distilled
+
+    seen = []
+    real = generation.generate
+
+    def recording(model, tok, chats, **kw):
+        gens = real(model, tok, chats, **kw)
+        seen.append((kw.get("do_sample", False), kw.get("temperature"), kw.get("top_p"), [g["text"] for g in gens]))
+        return [{**g, "text": g["text"] or "An answer.", "stopped": True} for g in gens]
+
+    monkeypatch.setattr(generation, "generate", recording)
+    for i, (seed, temperature) in enumerate([(0, 1.0), (0, 1.0), (1, 1.0), (0, 0.0)]):
+        cfg = load_config(model={"name": "tiny-random"}, seed=seed,
+                          data={"general_max_new_tokens": 12, "general_temperature": temperature})
+        self_distilled(cfg, 6, tmp_path / f"replay{i}.jsonl")
+    (s1, t1, p1, a), (_, _, _, b), (_, _, _, c), (s0, _, _, g) = seen
+    assert (s1, t1, p1) == (True, 1.0, 1.0) and s0 is False
+    assert a == b and a != c and a != g
 
 
 def test_unusable_general_records_are_named_not_dropped(tmp_path):

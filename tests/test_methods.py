@@ -8,6 +8,10 @@ import torch
 from ftkit.core.config import load_config
 from ftkit.core.paths import RunPaths
 
+# float32 whatever the CPU: these tests check maths identities (reloads, accumulation) that bf16
+# rounding would blur; model.dtype: auto is covered by the real-model and end-to-end tests
+EXACT_MODEL = {"name": "tiny-random", "dtype": "float32"}
+
 
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory, tiny_converted):
@@ -21,7 +25,7 @@ def base_dir(tmp_path_factory, tiny_converted):
 def _train(root, **train):
     from ftkit.train.training import run_training
 
-    cfg = load_config(experiment="m", outputs_dir=str(root), model={"name": "tiny-random"},
+    cfg = load_config(experiment="m", outputs_dir=str(root), model=EXACT_MODEL,
                       train={"max_steps": 6, "batch_size": 4, "learning_rate": 1e-2, "eval_steps": 0, "logging_steps": 1,
                              "resume": "never", **train})
     trainer, metrics = run_training(cfg, RunPaths(root, "m"))
@@ -78,7 +82,7 @@ def test_completion_objective_trains_every_token(base_dir):
 def test_preflight_stops_a_run_that_cannot_fit(base_dir):
     from ftkit.core.estimate import PreflightError, preflight
 
-    cfg = load_config(experiment="m", outputs_dir=str(base_dir), model={"name": "tiny-random"},
+    cfg = load_config(experiment="m", outputs_dir=str(base_dir), model=EXACT_MODEL,
                       convert={"max_seq_len": 1024}, train={"batch_size": 4})
     plan = preflight(cfg, RunPaths(base_dir, "m"))
     assert plan["parameters"] > 3_000_000 and 0 < plan["trainable_parameters"] < plan["parameters"]

@@ -8,6 +8,10 @@ from ftkit.core.config import load_config
 from ftkit.core.paths import RunPaths
 from ftkit.data import dataset as data
 
+# float32 whatever the CPU: these tests check maths identities (reloads, accumulation) that bf16
+# rounding would blur; model.dtype: auto is covered by the real-model and end-to-end tests
+EXACT_MODEL = {"name": "tiny-random", "dtype": "float32"}
+
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny_converted):
@@ -16,7 +20,7 @@ def trained(tmp_path_factory, tiny_converted):
     from ftkit.train.training import run_training
 
     out = tmp_path_factory.mktemp("train")
-    cfg = load_config(experiment="t", outputs_dir=str(out), model={"name": "tiny-random"},
+    cfg = load_config(experiment="t", outputs_dir=str(out), model=EXACT_MODEL,
                       data={"demo_size": TINY_DEMO_SIZE},
                       train={"max_steps": 16, "batch_size": 4, "learning_rate": 5e-3, "eval_steps": 8,
                              "logging_steps": 2, "max_eval_examples": 8, "lora": {"dropout": 0.0}})
@@ -66,6 +70,7 @@ def test_adapter_reload_matches(trained):
         after = reloaded(input_ids=ids).logits
         with reloaded.disable_adapter():
             base = reloaded(input_ids=ids).logits
+
     assert torch.allclose(before, after, atol=1e-5)
     assert not torch.allclose(base, after, atol=1e-4), "adapter has no effect"
 
@@ -128,7 +133,7 @@ def test_gradient_checkpointing_trains_and_is_on(tmp_path):
     """The path QLoRA takes on a GPU by default: checkpointed layers, adapters still learning."""
     from ftkit.train.training import run_training
 
-    cfg = load_config(experiment="ck", outputs_dir=str(tmp_path), model={"name": "tiny-random"},
+    cfg = load_config(experiment="ck", outputs_dir=str(tmp_path), model=EXACT_MODEL,
                       data={"demo_size": 60},
                       train={"max_steps": 6, "batch_size": 4, "learning_rate": 5e-3, "eval_steps": 0,
                              "logging_steps": 1, "gradient_checkpointing": True, "lora": {"dropout": 0.0}})

@@ -7,6 +7,10 @@ from ftkit.core.config import load_config
 from ftkit.train.loading import add_lora
 from ftkit.train.trainer import build_trainer, load_tokens, set_seed
 
+# float32 whatever the CPU: these tests check maths identities (reloads, accumulation) that bf16
+# rounding would blur; model.dtype: auto is covered by the real-model and end-to-end tests
+EXACT_MODEL = {"name": "tiny-random", "dtype": "float32"}
+
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory, tiny_converted):
@@ -15,7 +19,7 @@ def prepared(tmp_path_factory, tiny_converted):
     from ftkit.core.modeling import load_tokenizer
 
     out = tmp_path_factory.mktemp("tc")
-    cfg = load_config(experiment="tc", outputs_dir=str(out), model={"name": "tiny-random"},
+    cfg = load_config(experiment="tc", outputs_dir=str(out), model=EXACT_MODEL,
                       data={"demo_size": TINY_DEMO_SIZE})
     paths = copy_run(tiny_converted, out, cfg.experiment)
     return cfg, paths, load_tokenizer(str(paths.tokenizer_dir))
@@ -25,7 +29,7 @@ def _one_step(prepared, batch: int, accum: int, rows: list[dict], tmp: str):
     from ftkit.core.modeling import load_model, resolve_model_path
 
     cfg0, paths, tok = prepared
-    cfg = load_config(experiment="tc", outputs_dir=cfg0.outputs_dir, model={"name": "tiny-random"},
+    cfg = load_config(experiment="tc", outputs_dir=cfg0.outputs_dir, model=EXACT_MODEL,
                       train={"batch_size": batch, "gradient_accumulation_steps": accum, "max_steps": 1,
                              "optimizer": "sgd", "learning_rate": 1.0, "warmup_ratio": 0.0,
                              "lr_scheduler": "constant", "max_grad_norm": 1e9, "eval_steps": 0,
@@ -65,7 +69,7 @@ def test_same_seed_same_losses(prepared, tmp_path):
     cfg0, paths, _ = prepared
 
     def losses(sub):
-        cfg = load_config(experiment="tc", outputs_dir=cfg0.outputs_dir, model={"name": "tiny-random"},
+        cfg = load_config(experiment="tc", outputs_dir=cfg0.outputs_dir, model=EXACT_MODEL,
                           train={"max_steps": 6, "batch_size": 4, "logging_steps": 1, "eval_steps": 0,
                                  "learning_rate": 5e-3, "deterministic": True})
         trainer, _ = run_training(cfg, paths)
@@ -128,7 +132,7 @@ def test_logits_only_at_trained_positions_train_the_same(prepared):
     cfg0, paths, _ = prepared
 
     def run(on):
-        cfg = load_config(experiment="tc", outputs_dir=cfg0.outputs_dir, model={"name": "tiny-random"},
+        cfg = load_config(experiment="tc", outputs_dir=cfg0.outputs_dir, model=EXACT_MODEL,
                           train={"max_steps": 4, "batch_size": 2, "gradient_accumulation_steps": 2, "logging_steps": 1,
                                  "eval_steps": 0, "learning_rate": 5e-3, "deterministic": True,
                                  "trained_logits_only": on})

@@ -55,7 +55,8 @@ class ModelConfig:
     name: str = "smollm2-135m-instruct"
     """`smollm2-135m-instruct` (embedded), `tiny-random` (tests), a local path or a Hugging Face id."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """`auto`: bfloat16 on a GPU that supports it, float32 on CPU."""
+    """`auto`: bfloat16 on a GPU that supports it and on a CPU with AVX512-BF16 or AMX (full fine-tuning
+    there stays float32), float32 otherwise."""
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     trust_remote_code: bool = False
     """Run the Python code a model repository ships (its own modelling files) when loading it: code from
@@ -115,6 +116,10 @@ class DataConfig:
     general_max_new_tokens: int = 160
     """Self-distillation: the longest answer generated, in tokens; answers not ended by then are left
     out, never cut (each prompt costs up to this many generated tokens, once: they are cached)."""
+    general_temperature: float = 1.0
+    """Self-distillation: the sampling temperature of the base model's answers. 1.0 samples its own
+    distribution, so training on them keeps it (answers that stop early included); 0 takes its greedy
+    answers, which sharpen it towards its most likely reply (demo: forgetting +12% greedy, +6% at 1.0)."""
     min_chars: int = 1
     max_chars: int | None = None
     val_fraction: float = field(default=0.1, metadata={"slider": (0.0, 0.5, 0.01)})
@@ -716,6 +721,8 @@ def _check_values(cfg: ExperimentConfig) -> list[str]:
         errors.append("data.pii_types: 'order_id' needs data.order_id_pattern (a regex such as 'AC-\\d{6}')")
     if not 0 <= d.general_mix <= 1:
         errors.append(f"data.general_mix: a share of the training split in [0, 1], got {d.general_mix}")
+    if d.general_temperature < 0:
+        errors.append(f"data.general_temperature: 0 (greedy) or a positive temperature, got {d.general_temperature}")
     if d.general_max_new_tokens < 1:
         errors.append(f"data.general_max_new_tokens: a number of tokens, at least 1, got {d.general_max_new_tokens}")
     if d.near_duplicate_threshold is not None and not 0 < d.near_duplicate_threshold <= 1:

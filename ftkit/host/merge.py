@@ -30,7 +30,7 @@ def merge_adapter(cfg, paths: RunPaths, check_prompts: list[list[dict]]) -> dict
     """
     from ftkit.core.trained import load_adapter_model, trained_info
 
-    model, tok = load_adapter_model(cfg, paths)
+    model, tok = load_adapter_model(cfg, paths, full_precision=True)
     method = trained_info(paths).get("method", "lora")
     if method == "full":  # nothing to merge: the weights are the model
         model.generation_config.eos_token_id = stop_token_ids(tok)

@@ -86,7 +86,7 @@ def load_for_training(cfg: ExperimentConfig, base_path: str, plan: DevicePlan | 
         else:
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     else:
-        model = load_model(base_path, cfg.model)
+        model = load_model(base_path, cfg.model, full_precision=method == "full")
     model.config.use_cache = False
     applied = prepare_for_device(model, plan, recipe)
     if method == "full":

@@ -154,7 +154,7 @@ def fold_accumulation(cfg: ExperimentConfig, plan: DevicePlan, lengths: list[int
         largest = _largest(lengths, size)
         trial = dataclasses.replace(cfg, train=dataclasses.replace(t, batch_size=t.batch_size * k,
                                                                    gradient_accumulation_steps=accum // k))
-        est = estimate(trial, path, sum(lengths), len(lengths), largest / size, compiled=plan.compile)
+        est = estimate(trial, path, sum(lengths), len(lengths), largest / size, compiled=plan.compile, timed=False)
         if est.total_gb * 1024**3 <= headroom * free_bytes or k == 1:
             # the estimate for the micro-batch actually used (the pre-flight one is for the configured size)
             return dataclasses.replace(plan, micro_batch=t.batch_size * k, accumulation=accum // k,
@@ -174,7 +174,7 @@ def _checkpointing_for_budget(cfg: ExperimentConfig, plan: DevicePlan, lengths: 
         return cfg, plan
     size = min(t.batch_size, len(lengths))
     est = estimate(cfg, resolve_model_path(cfg.model.name), sum(lengths), len(lengths),
-                   _largest(lengths, size) / size, compiled=plan.compile)
+                   _largest(lengths, size) / size, compiled=plan.compile, timed=False)
     if est.total_gb * 1024**3 <= headroom * free_bytes:
         return cfg, plan
     return checkpointed(cfg), dataclasses.replace(plan, gradient_checkpointing=True)
