@@ -22,8 +22,8 @@ def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
 def rows_per_batch(model, rows: int, tokens_per_row: int, budget_bytes: int = 2 * 1024**3) -> int:
     """How many of ``rows`` prompts to generate for at once: all of them when their KV cache fits
     ``budget_bytes``, else as many as do. One batch decodes until its longest reply ends, so fewer,
-    larger batches cost less: on 2 CPU cores, SmolLM2-135M, 199 replies of up to 160 tokens in one batch
-    took 77 s against 124 s in batches of 64 (bf16)."""
+    larger batches cost less (on 2 CPU cores, SmolLM2-135M: 199 replies of up to 160 tokens in one
+    batch took 77 s in bf16; bench/README.md)."""
     per_row = kv_bytes_per_token(model.config, next(model.parameters()).dtype) * tokens_per_row
     return max(1, min(rows, budget_bytes // max(per_row, 1)))
 
