@@ -9,7 +9,6 @@ from ftkit.core import reasoning
 from ftkit.core.masking import render
 
 
-@torch.no_grad()
 def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
     """Bytes of keys and values one token holds in the cache, over every layer."""
     config = config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -28,6 +27,7 @@ def rows_per_batch(model, rows: int, tokens_per_row: int, budget_bytes: int = 2 
     return max(1, min(rows, budget_bytes // max(per_row, 1)))
 
 
+@torch.no_grad()
 def generate(model, tokenizer, prompts: list[list[dict]], *, max_new_tokens: int, batch_size: int,
              stop_ids: list[int], do_sample: bool = False, temperature: float = 0.7, top_p: float = 0.95,
              seed: int | None = None) -> list[dict]:

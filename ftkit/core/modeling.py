@@ -181,7 +181,7 @@ def resolve_device(cfg: ModelConfig) -> torch.device:
 
 
 def cpu_computes_bf16() -> bool:
-    """The CPU multiplies bf16 natively (AVX512-BF16 or AMX): a bf16 product then runs ~2.3x an fp32 one
+    """The CPU multiplies bf16 natively (AVX512-BF16 or AMX): a bf16 product then runs ~2.2x an fp32 one
     on 2 cores (AVX512-BF16 host, 3,000 x 576 x 1,536: 417 vs 190 GFLOP/s); without them bf16 is
     emulated and slower than fp32."""
     cpu = getattr(torch, "cpu", None)
