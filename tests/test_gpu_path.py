@@ -174,7 +174,7 @@ def test_fold_accumulation_sizes_micro_batches_by_memory(monkeypatch):
     # a stand-in estimate: 1 GB per 100 tokens in a micro-batch (half that for compiled layers)
     asked = []
 
-    def fake_estimate(cfg, path, tokens, n, mean, compiled=False):
+    def fake_estimate(cfg, path, tokens, n, mean, compiled=False, timed=True):
         asked.append(compiled)
         return types.SimpleNamespace(total_gb=cfg.train.batch_size * mean / 100 / (2 if compiled else 1))
 
@@ -204,7 +204,7 @@ def test_micro_batches_resized_when_layers_could_not_be_compiled(monkeypatch):
 
     import ftkit.core.estimate as est
 
-    monkeypatch.setattr(est, "estimate", lambda cfg, path, tokens, n, mean, compiled=False: types.SimpleNamespace(
+    monkeypatch.setattr(est, "estimate", lambda cfg, path, tokens, n, mean, compiled=False, timed=True: types.SimpleNamespace(
         total_gb=cfg.train.batch_size * mean / 100 / (2 if compiled else 1)))
     cfg = load_config(model={"device": "cpu"}, train={"batch_size": 2, "gradient_accumulation_steps": 8})
     planned = dataclasses.replace(planning.device_plan(cfg), merge_accumulation=True, compile=True)
@@ -306,7 +306,7 @@ def test_memory_budget_turns_checkpointing_on_only_where_needed(monkeypatch):
     import ftkit.core.estimate as est
 
     # a stand-in estimate: 1 GB per 100 tokens in a micro-batch, a quarter of that under checkpointing
-    monkeypatch.setattr(est, "estimate", lambda cfg, path, tokens, n, mean, compiled=False: types.SimpleNamespace(
+    monkeypatch.setattr(est, "estimate", lambda cfg, path, tokens, n, mean, compiled=False, timed=True: types.SimpleNamespace(
         total_gb=cfg.train.batch_size * mean / 100 / (4 if cfg.train.gradient_checkpointing else 1)))
     lengths = [100] * 64
 
