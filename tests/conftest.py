@@ -71,6 +71,10 @@ def python() -> str:
 
 TINY_DEMO_SIZE = 150
 
+# the tiny model in float32 whatever the CPU (model.dtype: auto is bf16 on one with AVX512-BF16), for tests
+# that check maths identities (reloads, accumulation, hand-computed losses) which bf16 rounding would blur
+EXACT_MODEL = {"name": "tiny-random", "dtype": "float32"}
+
 
 @pytest.fixture(scope="session")
 def tiny_converted(tmp_path_factory):

@@ -4,13 +4,10 @@ import json
 
 import pytest
 import torch
+from conftest import EXACT_MODEL
 
 from ftkit.core.config import load_config
 from ftkit.core.paths import RunPaths
-
-# float32 whatever the CPU: these tests check maths identities (reloads, accumulation) that bf16
-# rounding would blur; model.dtype: auto is covered by the real-model and end-to-end tests
-EXACT_MODEL = {"name": "tiny-random", "dtype": "float32"}
 
 
 @pytest.fixture(scope="module")

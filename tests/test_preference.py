@@ -172,8 +172,9 @@ def _tiny_dpo(tmp_path, objective="dpo", beta=0.1):
     from ftkit.train.preference import build_preference_trainer
 
     torch.manual_seed(0)
-    # float32 whatever the CPU: the losses are checked against hand-computed ones to 1e-4
-    cfg = load_config(experiment="d", outputs_dir=str(tmp_path), model={"name": "tiny-random", "dtype": "float32"},
+    from conftest import EXACT_MODEL  # the losses are checked against hand-computed ones to 1e-4
+
+    cfg = load_config(experiment="d", outputs_dir=str(tmp_path), model=EXACT_MODEL,
                       train={"objective": objective, "batch_size": 2, "max_steps": 2, "eval_steps": 0,
                              "preference": {"beta": beta}})
     path = resolve_model_path("tiny-random")

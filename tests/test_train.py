@@ -2,15 +2,12 @@
 
 import pytest
 import torch
+from conftest import EXACT_MODEL
 
 from ftkit.convert import conversion
 from ftkit.core.config import load_config
 from ftkit.core.paths import RunPaths
 from ftkit.data import dataset as data
-
-# float32 whatever the CPU: these tests check maths identities (reloads, accumulation) that bf16
-# rounding would blur; model.dtype: auto is covered by the real-model and end-to-end tests
-EXACT_MODEL = {"name": "tiny-random", "dtype": "float32"}
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +67,6 @@ def test_adapter_reload_matches(trained):
         after = reloaded(input_ids=ids).logits
         with reloaded.disable_adapter():
             base = reloaded(input_ids=ids).logits
-
     assert torch.allclose(before, after, atol=1e-5)
     assert not torch.allclose(base, after, atol=1e-4), "adapter has no effect"
 

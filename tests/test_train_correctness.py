@@ -2,14 +2,11 @@
 
 import pytest
 import torch
+from conftest import EXACT_MODEL
 
 from ftkit.core.config import load_config
 from ftkit.train.loading import add_lora
 from ftkit.train.trainer import build_trainer, load_tokens, set_seed
-
-# float32 whatever the CPU: these tests check maths identities (reloads, accumulation) that bf16
-# rounding would blur; model.dtype: auto is covered by the real-model and end-to-end tests
-EXACT_MODEL = {"name": "tiny-random", "dtype": "float32"}
 
 
 @pytest.fixture(scope="module")

@@ -92,7 +92,8 @@ def estimate(cfg, model_path: str, train_tokens_per_epoch: int, n_train: int, me
     t = cfg.train
     total, trainable, config = count_parameters_from_config(model_path, t.lora.target_modules, t.lora.r)
     device = resolve_device(cfg.model)
-    bytes_per = torch.finfo(resolve_dtype(cfg.model, device, full_precision=t.method == "full")).bits // 8
+    dtype = resolve_dtype(cfg.model, device, full_precision=t.method == "full")  # what training computes in
+    bytes_per = torch.finfo(dtype).bits // 8
     if t.method == "full":
         trainable = total
     steps_per_epoch = max(1, -(-n_train // (t.batch_size * t.gradient_accumulation_steps)))
@@ -130,7 +131,6 @@ def estimate(cfg, model_path: str, train_tokens_per_epoch: int, n_train: int, me
         ckpt_unit = 7 * (bytes_per / 2 if t.method != "qlora" else 1)
         act = per_batch * layers * h * (ckpt_unit + attn_scores) + per_batch * vocab * 10
     # the rate in the dtype training computes in: on a GPU a bf16 product runs ~15x faster than fp32
-    dtype = resolve_dtype(cfg.model, device, full_precision=t.method == "full")
     if not timed:
         gflops = float("nan")
     elif device.type == "cuda" and bytes_per == 2:
