@@ -72,7 +72,9 @@ def write_gguf(model_dir: str | Path, out: str | Path, qtype: str = "q8_0") -> d
     return {"path": str(out), "type": qtype, "bytes": out.stat().st_size}
 
 
-def _merged_logits(model_dir, prompts):
+def _merged_logits(model_dir, prompts, greedy: bool = True):
+    """The merged model's logits for ``prompts`` and, when ``greedy`` (only llama.cpp's check compares
+    generations), its greedy continuations; on the demo's 2 CPU cores those take half of this call."""
     from transformers import AutoModelForCausalLM
 
     from ftkit.core.masking import render
@@ -84,10 +86,10 @@ def _merged_logits(model_dir, prompts):
     ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
     with torch.no_grad():
         logits = [ref(input_ids=torch.tensor([x])).logits[0] for x in ids]
-        greedy = [ref.generate(torch.tensor([x]), max_new_tokens=GENERATE_TOKENS, do_sample=False,
-                               attention_mask=torch.ones(1, len(x), dtype=torch.long))[0, len(x):].tolist()
-                  for x in ids]
-    return tok, texts, ids, logits, greedy
+        continuations = [ref.generate(torch.tensor([x]), max_new_tokens=GENERATE_TOKENS, do_sample=False,
+                                      attention_mask=torch.ones(1, len(x), dtype=torch.long))[0, len(x):].tolist()
+                         for x in ids] if greedy else None
+    return tok, texts, ids, logits, continuations
 
 
 def _compare(ref_logits, got_logits, qtype: str, tolerance: dict = TOLERANCE) -> dict:
@@ -192,7 +194,7 @@ def export_all(merged_dir: str | Path, paths, qtypes, prompts: list[list[dict]],
             out["gguf_skipped"].append({"type": q, "reason": str(e)})
             continue
         log.info("wrote %s (%s MB); checking it against %s", written["path"], f"{written['bytes'] / 1e6:,.0f}", merged_dir)
-        ref = ref or _merged_logits(merged_dir, prompts)
+        ref = ref or _merged_logits(merged_dir, prompts, greedy=llama_cpp.bindings() is not None)
         tok, texts, ids, logits, greedy = ref
         hf = verify_transformers(tok, texts, ids, logits, Path(written["path"]), q)
         cpp = verify_llama_cpp(ids, logits, greedy, Path(written["path"]), q)
