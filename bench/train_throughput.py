@@ -282,7 +282,33 @@ def kernel_summary(prof, seconds: float, top: int = 25) -> str:
              + ", ".join(f"{k} {v:.3f} s ({v / seconds:.0%})" for k, v in sorted(by.items(), key=lambda x: -x[1]))]
     for name, s, n in sorted(rows, key=lambda r: -r[1])[:top]:
         lines.append(f"  {s:8.4f} s {s / seconds:5.1%} x{n:<6} [{cls(name)}] {name[:110]}")
+    lines += idle_gaps(prof)
     return "\n".join(lines)
+
+
+def idle_gaps(prof, top: int = 10) -> list[str]:
+    """Where the GPU sat idle in a profiled stretch: the gaps between kernels (merged over streams), by
+    size, and the largest with the kernels either side, so a host stall shows where in the step it is."""
+    try:
+        events = [(e.start_ns(), e.start_ns() + e.duration_ns(), e.name()) for e in prof.profiler.kineto_results.events()
+                  if e.device_type() == torch.autograd.DeviceType.CUDA and e.duration_ns() > 0]
+    except Exception as e:  # noqa: BLE001  (the profiler's result API differs between torch versions)
+        return [f"  idle gaps: not read ({type(e).__name__}: {e})"]
+    events.sort()
+    gaps, end, prev = [], None, ""
+    for start, stop, name in events:
+        if end is not None and start > end:
+            gaps.append(((start - end) / 1e6, prev, name))
+        if end is None or stop > end:
+            end, prev = stop, name
+    total = sum(g for g, _, _ in gaps)
+    bands = [(0, 0.05), (0.05, 1), (1, 10), (10, float("inf"))]
+    out = [f"  idle: {total / 1e3:.3f} s in {len(gaps)} gaps; " + ", ".join(
+        f"{lo}-{hi} ms: {sum(g for g, _, _ in gaps if lo <= g < hi) / 1e3:.3f} s ({sum(1 for g, _, _ in gaps if lo <= g < hi)})"
+        for lo, hi in bands)]
+    for g, a, b in sorted(gaps, reverse=True)[:top]:
+        out.append(f"  gap {g:8.2f} ms after {a[:60]} before {b[:60]}")
+    return out
 
 
 def free_gpu():
