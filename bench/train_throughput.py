@@ -302,10 +302,11 @@ def idle_gaps(prof, top: int = 10) -> list[str]:
         if end is None or stop > end:
             end, prev = stop, name
     total = sum(g for g, _, _ in gaps)
-    bands = [(0, 0.05), (0.05, 1), (1, 10), (10, float("inf"))]
-    out = [f"  idle: {total / 1e3:.3f} s in {len(gaps)} gaps; " + ", ".join(
-        f"{lo}-{hi} ms: {sum(g for g, _, _ in gaps if lo <= g < hi) / 1e3:.3f} s ({sum(1 for g, _, _ in gaps if lo <= g < hi)})"
-        for lo, hi in bands)]
+    bands = []
+    for lo, hi in [(0, 0.05), (0.05, 1), (1, 10), (10, float("inf"))]:
+        band = [g for g, _, _ in gaps if lo <= g < hi]
+        bands.append(f"{lo}-{hi} ms: {sum(band) / 1e3:.3f} s ({len(band)})")
+    out = [f"  idle: {total / 1e3:.3f} s in {len(gaps)} gaps; " + ", ".join(bands)]
     for g, a, b in sorted(gaps, reverse=True)[:top]:
         out.append(f"  gap {g:8.2f} ms after {a[:60]} before {b[:60]}")
     return out

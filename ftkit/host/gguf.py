@@ -195,9 +195,9 @@ def export_all(merged_dir: str | Path, paths, qtypes, prompts: list[list[dict]],
             continue
         log.info("wrote %s (%s MB); checking it against %s", written["path"], f"{written['bytes'] / 1e6:,.0f}", merged_dir)
         ref = ref or _merged_logits(merged_dir, prompts, greedy=llama_cpp.bindings() is not None)
-        tok, texts, ids, logits, greedy = ref
+        tok, texts, ids, logits, continuations = ref
         hf = verify_transformers(tok, texts, ids, logits, Path(written["path"]), q)
-        cpp = verify_llama_cpp(ids, logits, greedy, Path(written["path"]), q)
+        cpp = verify_llama_cpp(ids, logits, continuations, Path(written["path"]), q)
         checks = [c for c in (hf, cpp) if c["checked"]]
         written.update(transformers=hf, llama_cpp=cpp, checked_by=[n for n, c in (("transformers", hf),
                                                                                  ("llama.cpp", cpp)) if c["checked"]],
